@@ -1,0 +1,203 @@
+"""Evaluation sets (SPEC §2): a registry of named sets plus local files, each a list of texts in fixed order.
+
+Rendering is pure (``render_*``); loading goes through ``datasets.load_dataset`` for hub sets, which
+also takes a local copy (a directory or data file) through the ``*_SOURCE`` settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .hub import OfflineError, hub_offline
+
+
+@dataclass
+class EvalSet:
+    name: str
+    texts: list[str]
+    source: dict = field(default_factory=dict)  # provenance: dataset id, config, split, revision, n, file hash
+
+
+class EvalSetError(ValueError):
+    pass
+
+
+def render_wikitext(rows: Iterable[str], n: int) -> list[str]:
+    """Strip each row, drop empty rows, keep the first n."""
+    out = []
+    for row in rows:
+        text = (row or "").strip()
+        if text:
+            out.append(text)
+            if len(out) >= n:
+                break
+    return out
+
+
+def render_messages(messages: list[dict]) -> str:
+    """``{role}: {content}`` lines (both stripped), empty contents skipped, joined by newlines."""
+    lines = []
+    for m in messages or []:
+        content = (m.get("content") or "").strip()
+        if content:
+            lines.append(f"{(m.get('role') or '').strip()}: {content}")
+    return "\n".join(lines)
+
+
+def render_chats(rows: Iterable[list[dict]], n: int) -> list[str]:
+    out = []
+    for messages in rows:
+        text = render_messages(messages)
+        if text:
+            out.append(text)
+            if len(out) >= n:
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class HubSet:
+    name: str
+    path: str
+    config: str | None
+    split: str
+    kind: str  # "text" or "chat"
+    source_env: str  # env var that may point at a local copy
+
+
+REGISTRY: dict[str, HubSet] = {
+    "wikitext2": HubSet("wikitext2", "wikitext", "wikitext-2-raw-v1", "test", "text", "WIKITEXT_SOURCE"),
+    "ultrachat": HubSet(
+        "ultrachat", "HuggingFaceH4/ultrachat_200k", None, "test_sft", "chat", "ULTRACHAT_SOURCE"
+    ),
+}
+
+
+def load_rows(path: str, config: str | None, split: str, revision: str | None = None):
+    """``datasets.load_dataset`` on a hub id or a local directory/file; offline errors made plain."""
+    import datasets
+
+    local = Path(path)
+    try:
+        if local.is_file():
+            fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}[local.suffix]
+            return datasets.load_dataset(fmt, data_files={split: str(local)}, split=split)
+        if local.is_dir():
+            return datasets.load_dataset(str(local), split=split)
+        return datasets.load_dataset(path, config, split=split, revision=revision)
+    except Exception as exc:  # datasets raises many types when the hub cannot be reached
+        if hub_offline() or _looks_offline(exc):
+            raise OfflineError(
+                f"dataset {path!r} is not in the local cache and the hub cannot be reached"
+                " (HF_HUB_OFFLINE=1?): run once online with HF_HOME set to a shared cache,"
+                " or point the set's *_SOURCE variable at a local copy"
+            ) from None
+        raise EvalSetError(f"cannot load dataset {path!r} split {split!r}: {_one_line(exc)}") from None
+
+
+def _looks_offline(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("offline", "connection", "resolve", "network", "couldn't reach"))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_hub_set(spec: HubSet, n: int, source: str | None = None, revision: str | None = None) -> EvalSet:
+    path = source or os.environ.get(spec.source_env) or spec.path
+    ds = load_rows(path, spec.config if path == spec.path else None, spec.split, revision)
+    column = "text" if spec.kind == "text" else "messages"
+    if column not in ds.column_names:
+        raise EvalSetError(f"dataset {path!r} has no {column!r} column (has {ds.column_names})")
+    rows = (r[column] for r in ds)
+    texts = render_wikitext(rows, n) if spec.kind == "text" else render_chats(rows, n)
+    fingerprint = getattr(ds, "_fingerprint", None)
+    return EvalSet(
+        spec.name,
+        texts,
+        {"dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
+         "revision": revision, "n": n, "kind": spec.kind, "fingerprint": fingerprint},
+    )
+
+
+def read_local_texts(path: Path) -> list[str]:
+    """A .txt (one text per line), .jsonl or .parquet (a ``text`` column, or ``messages`` chats)."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return render_wikitext(path.read_text(encoding="utf-8").splitlines(), n=10**9)
+    if suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise EvalSetError(f"{path}:{i}: not valid JSON") from None
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:
+            raise EvalSetError(f"{path}: unreadable Parquet ({_one_line(exc)})") from None
+    else:
+        raise EvalSetError(f"{path}: unknown file type {suffix!r} (use .txt, .jsonl or .parquet)")
+    if rows and "messages" in rows[0]:
+        return render_chats((r.get("messages") for r in rows), n=10**9)
+    if rows and "text" in rows[0]:
+        return render_wikitext((r.get("text") for r in rows), n=10**9)
+    raise EvalSetError(f"{path}: rows need a 'text' or a 'messages' field")
+
+
+def load_local_set(name: str, path: Path, n: int | None = None) -> EvalSet:
+    if not path.is_file():
+        raise EvalSetError(f"evaluation file not found: {path}")
+    texts = read_local_texts(path)
+    if n is not None:
+        texts = texts[:n]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return EvalSet(name, texts, {"dataset": str(path), "split": None, "sha256": digest, "n": n})
+
+
+def parse_specs(spec: str) -> list[tuple[str, str | None]]:
+    """``wikitext2,ultrachat``, ``NAME=PATH`` or ``PATH`` items, separated by commas or spaces."""
+    items = [s for s in re.split(r"[,\s]+", spec or "") if s]
+    if not items:
+        raise EvalSetError("no evaluation set given")
+    out = []
+    for item in items:
+        if "=" in item:
+            name, path = item.split("=", 1)
+            out.append((name, path))
+        elif item in REGISTRY:
+            out.append((item, None))
+        elif Path(item).suffix.lower() in (".txt", ".jsonl", ".parquet"):
+            out.append((re.sub(r"[^A-Za-z0-9._+-]", "-", Path(item).stem), item))
+        else:
+            raise EvalSetError(
+                f"unknown evaluation set {item!r}: use one of {', '.join(REGISTRY)}, a .txt/.jsonl/"
+                ".parquet file, or NAME=PATH"
+            )
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise EvalSetError(f"evaluation set names repeat: {names}")
+    return out
+
+
+def load_set(name: str, path: str | None, limits: dict[str, int]) -> EvalSet:
+    if path is None:
+        spec = REGISTRY[name]
+        return load_hub_set(spec, limits.get(name, 200))
+    if name in REGISTRY and not Path(path).exists():
+        raise EvalSetError(f"evaluation file not found: {path}")
+    if name in REGISTRY and Path(path).is_dir():
+        return load_hub_set(REGISTRY[name], limits.get(name, 200), source=path)
+    return load_local_set(name, Path(path), limits.get(name))
+

@@ -1,0 +1,101 @@
+"""Aggregate stage: every metric of SPEC §4 from the Parquet archive alone (no model, no GPU)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import metrics, report, schema
+
+log = logging.getLogger("qscore.aggregate")
+COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "top1_logprob"]
+
+
+class AggregateError(RuntimeError):
+    pass
+
+
+def discover(results_dir: Path) -> dict[str, dict[str, Path]]:
+    """{label: {set: dataset dir}} for finished datasets (hidden staging dirs are not listed)."""
+    root = Path(results_dir) / "logprobs"
+    found: dict[str, dict[str, Path]] = {}
+    for mdir in sorted(root.glob("model=*")):
+        for ddir in sorted(mdir.glob("dataset=*")):
+            found.setdefault(mdir.name.split("=", 1)[1], {})[ddir.name.split("=", 1)[1]] = ddir
+    return found
+
+
+def load(found: dict[str, dict[str, Path]]):
+    data, meta = {}, {}
+    for label, sets in found.items():
+        for name, ddir in sets.items():
+            table, m = schema.read_dataset(ddir, COLUMNS)
+            data[(label, name)] = metrics.scored_tokens({c: table.column(c).to_numpy(zero_copy_only=False)
+                                                         for c in COLUMNS})
+            meta[(label, name)] = m
+    return data, meta
+
+
+def compute(data, baseline: str, n_boot: int, seed: int) -> dict:
+    labels = sorted({k[0] for k in data}, key=lambda m: (m != baseline, m))
+    all_sets = sorted({k[1] for k in data})
+    common = [s for s in all_sets if all((m, s) in data for m in labels)]
+    if not common:
+        raise AggregateError("no evaluation set was scored for every model: nothing to compare")
+    skipped = [s for s in all_sets if s not in common]
+    out = {"baseline": baseline, "sets": common, "sets_not_in_every_model": skipped,
+           "bootstrap": {"replicates": n_boot, "seed": seed, "unit": "text", "alpha": 0.05}, "models": {}}
+    for m in labels:
+        per_set = {s: metrics.set_stats(data[(m, s)]) for s in all_sets if (m, s) in data}
+        overall = metrics.overall_stats([per_set[s] for s in common])
+        out["models"][m] = {"sets": per_set, "overall": overall}
+    base_ppl = out["models"][baseline]["overall"]["ppl"]
+    for m in labels:
+        entry = out["models"][m]
+        entry["overall"]["score"] = metrics.score(base_ppl, entry["overall"]["ppl"])
+        if m == baseline:
+            continue
+        for s in common:
+            try:
+                entry["sets"][s]["paired"] = metrics.paired_stats([data[(baseline, s)]], [data[(m, s)]],
+                                                                  n_boot=n_boot, seed=seed)
+            except metrics.TokenStreamMismatch as exc:
+                raise AggregateError(f"{m} vs {baseline} on {s}: {exc}") from None
+        entry["overall"]["paired"] = metrics.paired_stats([data[(baseline, s)] for s in common],
+                                                          [data[(m, s)] for s in common], n_boot=n_boot, seed=seed)
+    return out
+
+
+def delta_logprobs(data, baseline: str, sets: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per set, per model: per-token logprob(model) − logprob(baseline) on the shared stream."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for s in sets:
+        for (m, name), t in data.items():
+            if name == s and m != baseline:
+                out.setdefault(s, {})[m] = t.logprob - data[(baseline, s)].logprob
+    return out
+
+
+def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int) -> Path:
+    results = Path(results_dir)
+    found = discover(results)
+    if not found:
+        raise AggregateError(f"no scored datasets under {results / 'logprobs'}: run the score stage first")
+    labels = sorted(found)
+    if baseline is None:
+        if "bf16" not in found:
+            raise AggregateError(f"no --baseline given and no model labelled 'bf16' (have {labels})")
+        baseline = "bf16"
+    if baseline not in found:
+        raise AggregateError(f"baseline {baseline!r} has no scored datasets (have {labels})")
+    if n_boot < 100:
+        raise AggregateError("--bootstrap needs at least 100 replicates for a 95 % interval")
+    data, meta = load(found)
+    summary = compute(data, baseline, n_boot, seed)
+    summary["provenance"] = report.provenance_table(meta)
+    out_dir = Path(report_dir) if report_dir else results / "report"
+    deltas = delta_logprobs(data, baseline, summary["sets"])
+    report.write_all(summary, deltas, out_dir)
+    log.info("wrote %s", out_dir / "report.md")
+    return out_dir

@@ -1,0 +1,90 @@
+"""Validate stage: the checkpoint loads, is quantized as its config claims, and generates finite, non-empty text."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import backends, hub, quantcheck, sampling, schema
+from ..checkpoint import inspect
+
+log = logging.getLogger("qscore.validate")
+
+PROMPTS = [
+    [{"role": "user", "content": "Write one sentence about rivers."}],
+    [{"role": "user", "content": "What is the capital of a small coastal town?"}],
+    [{"role": "user", "content": "Give me a short list of three colours."}],
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Explain in a few words what a ship is."}],
+]
+PROBE_TEXT = ("The river runs through the old town and past the harbour, where the ships of the northern "
+              "company were built in the years before the war.")
+
+
+class ValidationError(RuntimeError):
+    pass
+
+
+def quality_gate(engine, baseline_dir: Path, max_increase: float, n_texts: int) -> dict:
+    """Score the baseline's own token ids for its first texts and compare NLL on exactly those."""
+    table, meta = schema.read_dataset(baseline_dir, ["sample_id", "position", "token_id", "logprob"])
+    sid = table.column("sample_id").to_numpy()
+    keep_ids = list(dict.fromkeys(sid.tolist()))[:n_texts]
+    mask = np.isin(sid, keep_ids)
+    tok = table.column("token_id").to_numpy()[mask]
+    lp_base = table.column("logprob").to_numpy(zero_copy_only=False)[mask]
+    sid_m = sid[mask]
+    samples = [sampling.Sample(int(s), tuple(int(t) for t in tok[sid_m == s]), False) for s in keep_ids]
+    lps = np.concatenate([seq.logprob[1:] for seq in engine.score(samples)])
+    base = lp_base[~np.isnan(lp_base)]
+    nll_b, nll_m = float(-base.mean()), float(-lps.mean())
+    result = {"texts": len(samples), "tokens": int(len(lps)), "baseline_nll": nll_b, "nll": nll_m,
+              "delta_nll": nll_m - nll_b, "max_nll_increase": max_increase}
+    if nll_m - nll_b > max_increase:
+        raise ValidationError(
+            f"quality gate: NLL {nll_m:.4f} is {nll_m - nll_b:+.4f} above the baseline's {nll_b:.4f} on "
+            f"{len(samples)} texts of {baseline_dir} (allowed {max_increase})"
+        )
+    return result
+
+
+def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int,
+        baseline_logprobs: str | None, max_nll_increase: float, gate_texts: int, dtype: str,
+        engine_options: dict) -> dict:
+    path = hub.resolve(model, "model")
+    ckpt = inspect(path)
+    problems = quantcheck.check(ckpt.tensors, ckpt.quant, expect_scheme)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValidationError(f"{path}: not quantized as its config claims: {problems[0]}{more}")
+    log.info("layout matches the config: %s (%s, group %s, ignore %s)", ckpt.quant.scheme,
+             ckpt.quant.format, ckpt.quant.group_size, ckpt.quant.ignore)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        raise ValidationError(f"{path}: the tokenizer has no chat template")
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
+    engine = backends.load(backend, path, dtype=dtype, **engine_options)
+    report = {"model": str(path), "scheme": ckpt.quant.scheme, "backend": engine.describe()}
+    try:
+        probe = sampling.Sample(0, tuple(tok(PROBE_TEXT)["input_ids"]), False)
+        (seq,) = list(engine.score([probe]))
+        if not np.all(np.isfinite(seq.logprob[1:])):
+            raise ValidationError(f"{path}: non-finite logprobs on a plain sentence (broken weights?)")
+        report["probe_nll"] = float(-np.mean(seq.logprob[1:]))
+        gens = engine.generate(prompts, max_new_tokens)
+        for g in gens:
+            if not g.text.strip():
+                raise ValidationError(f"{path}: empty generation for prompt {g.prompt[-60:]!r}")
+            if not all(math.isfinite(x) for x in g.logprobs):
+                raise ValidationError(f"{path}: non-finite logprobs while generating")
+            log.info("generated: %r", g.text[:120])
+        report["generations"] = [g.text for g in gens]
+        if baseline_logprobs:
+            report["quality_gate"] = quality_gate(engine, Path(baseline_logprobs), max_nll_increase, gate_texts)
+    finally:
+        engine.close()
+    return report
