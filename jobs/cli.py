@@ -31,7 +31,12 @@ def stage(fn):
     def wrapper(*args, **kwargs):
         from .errors import KNOWN
 
+        from . import provenance
+
         signal.signal(signal.SIGTERM, _on_sigterm)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            provenance.record_command(ctx.info_name, ctx.params)
         try:
             return fn(*args, **kwargs)
         except KNOWN as exc:
@@ -64,7 +69,7 @@ def main(log_level):
     Stages: quantize → validate → score (once per model) → aggregate. Each writes files the next reads.
     """
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
 
 
 def engine_options(f):

@@ -114,13 +114,14 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 def pack_fp4(values: torch.Tensor) -> torch.Tensor:
     """Pack e2m1 values (floats that are exactly representable) two per byte along the last dim.
 
-    Element ``2j`` goes to the low nibble of byte ``j``, element ``2j+1`` to the high nibble.
+    Element ``2j`` goes to the low nibble of byte ``j``, element ``2j+1`` to the high nibble; -0.0
+    keeps its sign bit (code 8), as compressed-tensors packs it, so unpack -> pack is byte-exact.
     """
     if values.ndim == 0 or values.shape[-1] % 2:
         raise ValueError(f"pack_fp4: last dimension must be even, got shape {tuple(values.shape)}")
     if not values.is_floating_point():
         raise ValueError(f"pack_fp4: expected floating-point e2m1 values, got {values.dtype}")
-    codes = e2m1_codes(values)
+    codes = e2m1_codes(values) | (torch.signbit(values).to(torch.uint8) << 3)
     exact = E2M1_VALUES.to(values.device)[codes.long()] == values.float()
     if not bool(exact.all()):
         bad = values.flatten()[(~exact).flatten()][:3].tolist()
@@ -335,6 +336,11 @@ def dequantize_state_dict(
             except ValueError as exc:
                 raise ValueError(f"{mod}: {exc}") from None
             used.update({name, f"{mod}.weight_scale", f"{mod}.weight_global_scale"})
+        for name, t in tensors.items():  # FP8 layers of mixed-precision checkpoints
+            mod, leaf = _split(name)
+            if leaf == "weight" and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                out[name] = _dequantize_fp8(t, tensors.get(f"{mod}.weight_scale"), out_dtype, mod)
+                used.update({name, f"{mod}.weight_scale"})
     else:
         for name, t in tensors.items():
             mod, leaf = _split(name)
@@ -582,7 +588,7 @@ def matches_ignore(module: str, patterns: Iterable[str], fmt: str | None) -> boo
         elif p == module:
             return True
         elif fmt != "compressed-tensors":
-            if fnmatch(module, p) or (p.endswith("*") and fnmatch(module, p[:-1])) or p in module:
+            if fnmatch(module, p) or p in module:
                 return True
     return False
 
@@ -596,8 +602,11 @@ def _claims(quant_config: Mapping[str, Any], hf_quant_config: Mapping[str, Any] 
     """(format/algo claimed, group sizes claimed, ignore list, activations quantized?)"""
     if fmt == "compressed-tensors":
         groups = list((quant_config.get("config_groups") or {}).values())
-        formats = {quant_config.get("format")} | {g.get("format") for g in groups}
-        formats.discard(None)
+        top = quant_config.get("format")
+        formats = {g.get("format") or top for g in groups} - {None}
+        if top not in (None, "mixed-precision"):
+            formats |= {f"{top} (disagrees with group format {g['format']})"
+                        for g in groups if g.get("format") and g["format"] != top}
         sizes = {(g.get("weights") or {}).get("group_size") for g in groups}
         acts = any(
             (g.get("input_activations") or {}).get("num_bits") == 4
@@ -636,7 +645,7 @@ def check_quantization_claims(
         return ["config has no compressed-tensors or modelopt quantization_config"]
     claimed, sizes, ignore, w4a4 = _claims(quant_config or {}, hf_quant_config, fmt)
     problems: list[str] = []
-    if fmt == "compressed-tensors" and "nvfp4-pack-quantized" not in claimed:
+    if fmt == "compressed-tensors" and claimed != {"nvfp4-pack-quantized"}:
         problems.append(f"compressed-tensors format is {sorted(claimed) or 'missing'}, not nvfp4-pack-quantized")
     if fmt == "modelopt" and not claimed & {"NVFP4", "W4A16_NVFP4"}:
         problems.append(f"modelopt quant_algo is {sorted(claimed) or 'missing'}, not NVFP4")

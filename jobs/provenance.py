@@ -19,8 +19,25 @@ def versions(*names: str) -> dict[str, str | None]:
     return out
 
 
+_COMMAND: list[str] | None = None
+
+
+def record_command(stage: str, params: dict) -> None:
+    """The stage as invoked, with every effective setting (options read from the environment too)."""
+    global _COMMAND
+    args = ["python", "-m", "jobs", stage]
+    for key, value in params.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args += [flag, str(value)]
+    _COMMAND = args
+
+
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], "-m", "jobs", *sys.argv[1:]])
+    args = _COMMAND or [sys.executable.rsplit("/", 1)[-1], "-m", "jobs", *sys.argv[1:]]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def host() -> dict:

@@ -162,7 +162,10 @@ def run(model: str, label: str, datasets: str, tokenizer: str | None, max_model_
     if not todo:
         return [p.final for p in plans]
 
-    engine = backends.load(backend_name, model_path, dtype=dtype, max_model_len=max_model_len, **engine_options)
+    # Batches never straddle a part boundary, so a resumed run computes each part exactly as an
+    # uninterrupted one would (same batch shapes, same floating-point results).
+    engine = backends.load(backend_name, model_path, dtype=dtype, max_model_len=max_model_len,
+                           window=part_size, **engine_options)
     try:
         info = engine.describe()
         for p in todo:

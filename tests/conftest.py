@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny model and its quantized copies, built once per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub, here or in CI
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli(*args: str, env: dict | None = None):
+    """Run ``python -m jobs`` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from jobs.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def cli_subprocess(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """Built once (about a minute on 2 cores) into .cache/, reused while the recipe and data are unchanged."""
+    from jobs.tinymodel import build_tiny_model
+
+    return Path(build_tiny_model(ROOT / ".cache" / "tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_nvfp4(tiny_model, models_dir) -> Path:
+    out = models_dir / "tiny-nvfp4"
+    r = cli("quantize", "--model-id", tiny_model, "--output", out, "--scheme", "NVFP4",
+            "--calibration-dataset", DATA / "calib_mini.jsonl", "--num-calibration-samples", 32,
+            "--max-sequence-length", 128)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_modelopt(tiny_model, models_dir) -> Path:
+    out = models_dir / "tiny-modelopt"
+    r = cli("export-modelopt", "--model", tiny_model, "--output", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_files() -> str:
+    return f"wiki={DATA / 'wiki_mini.txt'},chat={DATA / 'chat_mini.jsonl'}"

@@ -1,0 +1,224 @@
+"""Bad inputs and interrupted runs: a one-line error, a non-zero exit, and nothing partial left to read."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA, ROOT, cli
+from jobs import schema
+
+pytestmark = pytest.mark.slow
+WIKI = f"wiki={DATA / 'wiki_mini.txt'}"
+# Small parts and small batches: many parts to interrupt between. Every run compared row for row uses
+# the same settings, since batch shapes move float32 results in the last bits.
+SLOW = ("--part-size", "8", "--max-batch-tokens", "256")
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code != 0, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+def no_datasets(results):
+    logprobs = results / "logprobs"
+    return not logprobs.exists() or not list(logprobs.glob("model=*/dataset=*"))
+
+
+def score(model, results, *extra, label="m", datasets=WIKI):
+    return cli("score", "--model", model, "--label", label, "--datasets", datasets, "--results-dir", results, *extra)
+
+
+def rows(results, label="m", name="wiki"):
+    table, _ = schema.read_dataset(schema.dataset_dir(results, label, name))
+    return table
+
+
+# -- bad models ---------------------------------------------------------------------------------------
+def test_missing_model_directory(tmp_path):
+    r = score(tmp_path / "nope", tmp_path / "res")
+    one_line_error(r, "model directory not found")
+    assert no_datasets(tmp_path / "res")
+
+
+def test_directory_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(score(tmp_path / "empty", tmp_path / "res"), "no config.json")
+
+
+def test_unreadable_weights(tiny_model, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    one_line_error(score(bad, tmp_path / "res"), "unreadable weights", "model.safetensors")
+    assert no_datasets(tmp_path / "res")
+
+
+def test_hub_id_while_offline_names_what_to_set(tmp_path):
+    r = cli("score", "--model", "Qwen/Qwen3-14B", "--label", "x", "--datasets", WIKI, "--results-dir", tmp_path,
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    one_line_error(r, "Qwen/Qwen3-14B", "HF_HUB_OFFLINE=1", "HF_HOME")
+
+
+def test_validate_refuses_a_checkpoint_not_quantized_as_claimed(tiny_model, tiny_nvfp4, tmp_path):
+    fake = tmp_path / "fake"
+    shutil.copytree(tiny_model, fake)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["quantization_config"] = json.loads((tiny_nvfp4 / "config.json").read_text())["quantization_config"]
+    (fake / "config.json").write_text(json.dumps(cfg))
+    one_line_error(cli("validate", "--model", fake), "not quantized as its config claims", "unpacked")
+    one_line_error(cli("validate", "--model", tiny_nvfp4, "--expect-scheme", "FP8_DYNAMIC"),
+                   "config says NVFP4, expected FP8_DYNAMIC")
+
+
+def test_nan_weights_are_caught_before_anything_is_written(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    t = load_file(broken / "model.safetensors")
+    name = next(k for k in t if k.endswith("layers.1.mlp.down_proj.weight"))
+    t[name][:] = float("nan")
+    save_file(t, broken / "model.safetensors", metadata={"format": "pt"})
+    r = score(broken, tmp_path / "res")
+    one_line_error(r, "non-finite logprob")
+    assert no_datasets(tmp_path / "res")
+    assert not list((tmp_path / "res").rglob("part-*.parquet"))
+    one_line_error(cli("validate", "--model", broken), "non-finite")
+
+
+# -- bad evaluation settings ----------------------------------------------------------------------------
+def test_unknown_evaluation_set(tiny_model, tmp_path):
+    one_line_error(score(tiny_model, tmp_path, datasets="wikitext3"), "unknown evaluation set 'wikitext3'")
+
+
+def test_set_left_empty_by_the_filters(tiny_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("a b\nshort line\n\n")
+    one_line_error(score(tiny_model, tmp_path / "res", datasets=f"short={short}"), "'short' is empty after filtering")
+    assert no_datasets(tmp_path / "res")
+
+
+def test_max_model_len_below_24(tiny_model, tmp_path):
+    one_line_error(score(tiny_model, tmp_path, "--max-model-len", 20), "max_model_len 20 is below 24")
+
+
+# -- bad archives --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_tokenizers(tiny_model, tmp_path_factory):
+    """The tiny model scored once with its own tokenizer and once with a differently trained one."""
+    from jobs.tinymodel import train_tokenizer
+
+    other = tmp_path_factory.mktemp("other-tok")
+    shutil.copytree(tiny_model, other, dirs_exist_ok=True)
+    texts = [l for l in (DATA / "wiki_mini.txt").read_text().splitlines() if l.strip()]
+    tok = train_tokenizer(texts[::-1][:60], vocab_size=400)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    tok.save_pretrained(other)
+    res = tmp_path_factory.mktemp("res-tok")
+    assert score(tiny_model, res, label="bf16").exit_code == 0
+    assert score(other, res, label="other").exit_code == 0
+    return res
+
+
+def test_different_tokenizers_are_refused_naming_the_first_text(two_tokenizers, tmp_path):
+    r = cli("aggregate", "--results-dir", two_tokenizers, "--baseline", "bf16", "--report-dir", tmp_path / "rep")
+    one_line_error(r, "other vs bf16 on wiki", "sample_id=")
+    assert not (tmp_path / "rep" / "summary.json").exists()
+
+
+def test_corrupt_parquet_is_named(tiny_model, tmp_path):
+    assert score(tiny_model, tmp_path, "--part-size", 40).exit_code == 0
+    part = sorted((tmp_path / "logprobs" / "model=m" / "dataset=wiki").glob("part-*.parquet"))[1]
+    part.write_bytes(part.read_bytes()[:-100])
+    r = cli("aggregate", "--results-dir", tmp_path, "--baseline", "m")
+    one_line_error(r, str(part))
+    assert not (tmp_path / "report" / "summary.json").exists()
+
+
+# -- interrupted and repeated runs ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clean_run(tiny_model, tmp_path_factory):
+    res = tmp_path_factory.mktemp("clean")
+    assert score(tiny_model, res, *SLOW).exit_code == 0
+    return rows(res)
+
+
+def test_disk_full_keeps_complete_parts_and_resumes(tiny_model, tmp_path, monkeypatch, clean_run):
+    real = pq.write_table
+    calls = {"n": 0}
+
+    def fill_up(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            real(table.slice(0, 3), where, **kw)  # a partial temp file, then the disk is full
+            raise OSError(28, "No space left on device", str(where))
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", fill_up)
+    r = score(tiny_model, tmp_path, *SLOW)
+    one_line_error(r, "no space left on device")
+    staging = tmp_path / "logprobs" / "model=m" / ".dataset=wiki.partial"
+    assert sorted(p.name for p in staging.glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
+    assert not list(staging.glob(".*tmp*")) and no_datasets(tmp_path)
+    monkeypatch.setattr(pq, "write_table", real)
+    r = score(tiny_model, tmp_path, *SLOW)
+    assert r.exit_code == 0, r.output
+    assert rows(tmp_path).equals(clean_run)
+    assert not staging.exists()
+
+
+def test_kill_mid_run_then_resume_matches_a_clean_run(tiny_model, tmp_path, clean_run):
+    """Fault injection: SIGKILL the scoring process once some parts are on disk, rerun, compare rows."""
+    args = [sys.executable, "-m", "jobs", "score", "--model", str(tiny_model), "--label", "m", "--datasets", WIKI,
+            "--results-dir", str(tmp_path), *SLOW]
+    staging = tmp_path / "logprobs" / "model=m" / ".dataset=wiki.partial"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(staging.glob("part-*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(staging.glob("part-*.parquet")))
+    assert proc.returncode == -signal.SIGKILL and done >= 2, "the run finished before it could be killed"
+    assert no_datasets(tmp_path)  # a reader sees nothing until the set is whole
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after {done} of" in r.stderr
+    assert rows(tmp_path).equals(clean_run)
+
+
+def test_sigterm_exits_cleanly_and_keeps_parts(tiny_model, tmp_path):
+    args = [sys.executable, "-m", "jobs", "score", "--model", str(tiny_model), "--label", "m", "--datasets", WIKI,
+            "--results-dir", str(tmp_path), "--part-size", "4", "--max-batch-tokens", "256"]
+    staging = tmp_path / "logprobs" / "model=m" / ".dataset=wiki.partial"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while len(list(staging.glob("part-*.parquet"))) < 1 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert list(staging.glob("part-*.parquet")) and not list(staging.glob(".*tmp*"))
+
+
+def test_rerun_skips_and_other_settings_are_refused(tiny_model, tmp_path):
+    assert score(tiny_model, tmp_path).exit_code == 0
+    first = [p.stat().st_mtime_ns for p in schema.part_files(schema.dataset_dir(tmp_path, "m", "wiki"))]
+    r = score(tiny_model, tmp_path)
+    assert r.exit_code == 0 and "already scored" in r.stderr
+    assert first == [p.stat().st_mtime_ns for p in schema.part_files(schema.dataset_dir(tmp_path, "m", "wiki"))]
+    one_line_error(score(tiny_model, tmp_path, "--max-model-len", 64), "other settings", "--overwrite")
+    r = score(tiny_model, tmp_path, "--max-model-len", 64, "--overwrite")
+    assert r.exit_code == 0
+    assert rows(tmp_path).column("position").to_numpy().max() == 64 - 8 - 1

@@ -1,0 +1,69 @@
+"""The quantize stage's schemes and options, each checked by reading back what it saved."""
+import json
+import shutil
+
+import pytest
+
+from conftest import DATA, cli
+from jobs import quantcheck
+from jobs.checkpoint import inspect
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_model, tmp_path_factory):
+    """A random model whose Linear dims divide by 128, for INT4's default group size."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    out = tmp_path_factory.mktemp("wide")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = Qwen3Config(vocab_size=((len(tok) + 15) // 16) * 16, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("scheme,fmt", [("NVFP4A16", "nvfp4-pack-quantized"), ("FP8_DYNAMIC", "float-quantized"),
+                                        ("W4A16", "pack-quantized")])
+def test_weight_only_and_dynamic_schemes(wide_model, tmp_path, scheme, fmt):
+    out = tmp_path / scheme
+    r = cli("quantize", "--model-id", wide_model, "--output", out, "--scheme", scheme, "--no-calibration")
+    assert r.exit_code == 0, r.output
+    assert f"Saving compressed model to: {out}" in r.stdout and r.stdout.rstrip().endswith("Done.")
+    ck = inspect(out)
+    assert ck.quant.scheme == scheme and ck.quant.format == fmt and ck.quant.ignore == ["lm_head"]
+    assert quantcheck.check(ck.tensors, ck.quant, scheme) == []
+    m = json.loads((out / "qscore.json").read_text())
+    assert m["calibration"] is None and m["scheme"] == scheme
+
+
+def test_spinquant_puts_rotations_before_quantization(tiny_model, tmp_path):
+    out = tmp_path / "spin"
+    r = cli("quantize", "--model-id", tiny_model, "--output", out, "--spinquant", "--calibration-dataset",
+            DATA / "calib_mini.jsonl", "--num-calibration-samples", 8, "--max-sequence-length", 64)
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out / "qscore.json").read_text())["recipe"]
+    assert recipe.index("SpinQuantModifier") < recipe.index("QuantizationModifier")
+    assert inspect(out).quant.scheme == "NVFP4"
+
+
+def test_indivisible_group_size_fails_cleanly(tiny_model, tmp_path):
+    out = tmp_path / "w4"
+    r = cli("quantize", "--model-id", tiny_model, "--output", out, "--scheme", "W4A16")
+    assert r.exit_code == 1 and "not divisible by group_size" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_existing_output_needs_overwrite(tiny_model, tmp_path):
+    (tmp_path / "o").mkdir()
+    r = cli("quantize", "--model-id", tiny_model, "--output", tmp_path / "o", "--scheme", "NVFP4A16")
+    assert r.exit_code == 1 and "--overwrite" in r.stderr
+
+
+def test_unknown_scheme(tiny_model, tmp_path):
+    r = cli("quantize", "--model-id", tiny_model, "--output", tmp_path / "x", "--scheme", "NVFP8")
+    assert r.exit_code == 1 and "unknown scheme 'NVFP8'" in r.stderr
