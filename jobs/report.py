@@ -132,7 +132,7 @@ def plot_scores(summary: dict, path: Path) -> None:
     ax.set_ylabel(f"score (baseline {summary['baseline']} = 100)")
     ax.set_title("Quality kept (95 % CI, bootstrap over texts)")
     for i, s in enumerate(scores):
-        ax.text(i, s, f"{s:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, s + hi[i], f"{s:.2f}", ha="center", va="bottom", fontsize=8)  # above the whisker
     fig.tight_layout()
     _save(fig, path)
 

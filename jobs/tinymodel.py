@@ -463,14 +463,20 @@ def build_tiny_model(output_dir, train_texts: Sequence[str] | None = None, steps
                          "tokenizers": tokenizers.__version__},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            output_dir.rename(old)
-        tmp.rename(output_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            output_dir.rename(old)  # a stale build (other recipe) or a partial directory
+        except FileNotFoundError:
+            pass
+        try:
+            tmp.rename(output_dir)
+        except OSError:
+            # a concurrent build of the same recipe got there first: keep it
+            if not cached(output_dir, digest):
+                raise
+            log(f"tiny model: {output_dir} was built concurrently; keeping that copy")
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"tiny model: saved to {output_dir}")

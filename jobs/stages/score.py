@@ -95,7 +95,7 @@ def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, 
     if plan.staging.exists():
         progress = plan.staging / PROGRESS
         old = json.loads(progress.read_text()).get("fingerprint") if progress.exists() else None
-        if old != fp or overwrite:
+        if old != fp:  # an interrupted run of the same inputs is always resumed, --overwrite or not
             if not overwrite:
                 raise ScoreError(
                     f"{plan.staging} holds an interrupted run with other settings; pass --overwrite "
