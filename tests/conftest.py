@@ -16,6 +16,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _hermetic_environment() -> None:
+    """Drop every variable a stage option reads: `make test` exports the pipeline's settings (TOKENIZER,
+    DATASETS, …) and a user's shell may hold more; tests must not pick them up."""
+    import click
+
+    from jobs.cli import main
+
+    cmds = [main, *main.commands.values()]
+    for name in {p.envvar for c in cmds for p in c.params if isinstance(p, click.Option) and p.envvar}:
+        os.environ.pop(name, None)
+    for name in ("WIKITEXT_SOURCE", "ULTRACHAT_SOURCE"):
+        os.environ.pop(name, None)
+
+
+_hermetic_environment()
+
+
 def cli(*args: str, env: dict | None = None):
     """Run ``python -m jobs`` in-process; returns click's Result (exit_code, stdout, stderr)."""
     from jobs.cli import main
