@@ -93,13 +93,10 @@ def recipe(vocab_size: int = 1024, steps: int = DEFAULT_STEPS, seed: int = 0) ->
 # Data
 # ------------------------------------------------------------------------------------------
 def render_chat(messages: Sequence[dict]) -> str:
-    """SPEC §2 rendering: ``{role}: {content}`` lines (stripped, empty contents skipped)."""
-    lines = []
-    for m in messages or []:
-        content = (m.get("content") or "").strip()
-        if content:
-            lines.append(f"{(m.get('role') or '').strip()}: {content}")
-    return "\n".join(lines)
+    """SPEC §2 rendering, the same one the ``ultrachat`` set is scored with."""
+    from .evalsets import render_messages
+
+    return render_messages(list(messages or []))
 
 
 def read_lines(path: Path) -> list[str]:
