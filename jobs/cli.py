@@ -5,6 +5,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -38,21 +39,35 @@ def stage(fn):
         if ctx is not None:
             provenance.record_command(ctx.info_name, ctx.params)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except KNOWN as exc:
             click.echo(f"error: {_line(exc)}", err=True)
-            sys.exit(1)
+            _exit(1)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 click.echo(f"error: no space left on device while writing {exc.filename or ''}".rstrip(), err=True)
             else:
                 click.echo(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", err=True)
-            sys.exit(1)
+            _exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: completed parts are kept; run the same command again to resume", err=True)
-            sys.exit(130)
+            _exit(130)
+        _exit(0)
+        return result
 
     return wrapper
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``. After vLLM ran, leave without interpreter teardown: its engine's threads can
+    abort the process there (exit 134, 'terminate called without an active exception') although the
+    stage succeeded and the engine was shut down."""
+    if "vllm" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def _line(exc: BaseException) -> str:
