@@ -55,9 +55,17 @@ RECIPE_VERSION = 2
 MAX_MODEL_LEN = 2048
 
 
-def recipe(vocab_size: int = 1024, steps: int = DEFAULT_STEPS, seed: int = 0) -> dict:
-    """Every parameter that shapes the model; its hash (with the data's) names a build."""
-    return {
+# The GPU tests' variant: vLLM's FlashAttention and FlashInfer paths want head_dim 64 or more, and
+# Marlin's FP4 tiles are 64 x 128, so the CPU recipe's 16-wide heads would test padding, not the kernels
+# real checkpoints take.
+GPU_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 64}
+
+
+def recipe(vocab_size: int = 1024, steps: int = DEFAULT_STEPS, seed: int = 0, shape: dict | None = None) -> dict:
+    """Every parameter that shapes the model; its hash (with the data's) names a build.
+    ``shape`` overrides model dimensions (e.g. ``GPU_SHAPE``)."""
+    spec = {
         "version": RECIPE_VERSION,
         "tokenizer": {"type": "byte-level BPE", "vocab_size": vocab_size, "special_tokens": list(SPECIAL_TOKENS)},
         "model": {
@@ -87,6 +95,8 @@ def recipe(vocab_size: int = 1024, steps: int = DEFAULT_STEPS, seed: int = 0) ->
         },
         "save_dtype": "bfloat16",
     }
+    spec["model"].update(shape or {})
+    return spec
 
 
 # ------------------------------------------------------------------------------------------
@@ -378,7 +388,7 @@ def cached(output_dir: Path, digest: str) -> bool:
 
 
 def build_tiny_model(output_dir, train_texts: Sequence[str] | None = None, steps: int = DEFAULT_STEPS,
-                     seed: int = 0, *, vocab_size: int = 1024, force: bool = False,
+                     seed: int = 0, *, vocab_size: int = 1024, shape: dict | None = None, force: bool = False,
                      log: Callable[[str], None] = print) -> Path:
     """Train (or reuse) the tiny BF16 Qwen3 model + tokenizer in ``output_dir``; return its path.
 
@@ -392,7 +402,7 @@ def build_tiny_model(output_dir, train_texts: Sequence[str] | None = None, steps
     from transformers import GenerationConfig, Qwen3ForCausalLM
 
     output_dir = Path(output_dir).resolve()
-    spec = recipe(vocab_size=vocab_size, steps=steps, seed=seed)
+    spec = recipe(vocab_size=vocab_size, steps=steps, seed=seed, shape=shape)
     digest = recipe_hash(spec, train_texts)
     if not force and cached(output_dir, digest):
         log(f"tiny model: {output_dir} is up to date (recipe {digest[:12]})")

@@ -99,6 +99,18 @@ class TransformersBackend:
         self.window = window  # samples sorted by length within a window: little padding, in-order output
         self._torch = torch
 
+    @classmethod
+    def from_model(cls, model, device: str, max_batch_tokens: int = 8192, window: int = 64):
+        """Wrap a model already in memory, with no checkpoint behind it (the benchmark's randomly
+        initialised ones): it scores and describes itself, nothing else."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.path, self.ckpt, self.model, self.device = None, None, model.eval(), device
+        self.dtype = next(model.parameters()).dtype
+        self.max_batch_tokens, self.window, self._torch = max_batch_tokens, window, torch
+        return self
+
     # -- scoring ---------------------------------------------------------------------------------
     def _batches(self, samples: Sequence[Sample]):
         for start in range(0, len(samples), self.window):
@@ -175,8 +187,8 @@ class TransformersBackend:
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(self.device)
             gpu = {"gpu_name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
-        q = self.ckpt.quant
-        kernel = "none (unquantized)" if q.method is None else (
+        q = self.ckpt.quant if self.ckpt else None
+        kernel = "none (unquantized)" if q is None or q.method is None else (
             f"dequantized to {str(self.dtype).replace('torch.', '')} on load ({q.scheme} weights "
             "expanded; no low-precision kernel)")
         return {

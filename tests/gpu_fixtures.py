@@ -1,0 +1,36 @@
+"""Build the GPU tests' checkpoints on any machine (CPU is fine): python tests/gpu_fixtures.py DIR.
+
+The GPU host has no llm-compressor beside vLLM (they pin different compressed-tensors releases), so
+the NVFP4 checkpoints are made here and carried there.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build(out: Path) -> Path:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from jobs.tinymodel import GPU_SHAPE, build_tiny_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    bf16 = Path(build_tiny_model(out / "tiny-bf16", steps=150, shape=GPU_SHAPE))
+    run = CliRunner().invoke
+    if not (out / "tiny-nvfp4").exists():
+        r = run(main, ["quantize", "--model-id", str(bf16), "--output", str(out / "tiny-nvfp4"), "--scheme", "NVFP4",
+                       "--calibration-dataset", str(ROOT / "data" / "calib_mini.jsonl"),
+                       "--num-calibration-samples", "64", "--max-sequence-length", "256"])
+        assert r.exit_code == 0, r.output
+    if not (out / "tiny-modelopt").exists():
+        r = run(main, ["export-modelopt", "--model", str(bf16), "--output", str(out / "tiny-modelopt")])
+        assert r.exit_code == 0, r.output
+    return out
+
+
+if __name__ == "__main__":
+    print(build(Path(sys.argv[1])))
