@@ -126,6 +126,18 @@ def bf16_peak_tflops() -> float:
     return rate
 
 
+def wait_for_free_gpu(limit_gib: float = 4.0, timeout_s: float = 60.0) -> None:
+    """An engine's memory is returned when its process has gone; the next engine checks what is free."""
+    import torch
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout_s:
+        free, total = torch.cuda.mem_get_info(0)
+        if (total - free) / 2**30 < limit_gib:
+            return
+        time.sleep(0.5)
+
+
 def random_samples(n: int, length: int, seed: int = 0):
     import numpy as np
 
@@ -166,8 +178,9 @@ def run_vllm(path: Path, samples, engine_kw: dict, results: Path) -> dict:
         staged = time.perf_counter() - t
         kernel = eng.describe()["kernel_path"]
         eng.close()
-    del eng
-    gc.collect()
+        del eng
+        gc.collect()
+        wait_for_free_gpu()
     return {"engine_start_s": round(start, 1), "bare_tok_s": tokens / bare, "stage_tok_s": tokens / staged,
             "vllm_gpu_peak_gib": mem.gib, "kernel_path": kernel}
 
