@@ -145,6 +145,8 @@ class VllmBackend:
                  load_format: str | None = None, **_ignored):
         # apply_model ships a function to the engine's worker; vLLM refuses pickled callables without this.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        # vLLM logs to stdout by default; stdout is the stages' JSON result, so its logs go to stderr.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
         kwargs = dict(model=str(model_path), dtype=dtype or "auto", max_model_len=max_model_len,
