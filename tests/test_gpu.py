@@ -141,15 +141,18 @@ def test_vllm_on_nvfp4_checkpoints(fixtures, results, fmt):
     score(model, f"hf-{fmt}", results, "transformers", "--dtype", "bfloat16", "--tokenizer", fixtures / "tiny-bf16")
     deltas = mean_abs_delta(results, f"vllm-{fmt}", f"hf-{fmt}")
     REPORT[f"vllm {fmt} vs hf {fmt} (dequantised)"] = deltas
-    for name, (mean, _, same) in deltas.items():
-        # Not bit-equal: see the note in bench/RESULTS.md; a broken FP4 path would be off by nats.
-        assert mean < 0.2 and same > 0.9, f"{name}: mean |Δ| {mean:.3f}, same top-1 {same:.3f}"
     _, meta = tokens(results, f"vllm-{fmt}")
     rt = meta["runtime"]
     cc = float(rt["compute_capability"])
     assert "FP4" in rt["kernel_path"], rt["kernel_path"]
-    if 9.0 <= cc < 10.0:
-        assert "Marlin" in rt["kernel_path"] and "W4A16" in rt["kernel_path"]  # Hopper has no FP4 arithmetic
+    weight_only = 9.0 <= cc < 10.0
+    if weight_only:  # Hopper has no FP4 arithmetic
+        assert "Marlin" in rt["kernel_path"] and "W4A16" in rt["kernel_path"], rt["kernel_path"]
+    # Marlin multiplies bf16 activations by the dequantised weights, as transformers does: the bf16 bound
+    # holds (H100: 0.007, bench/RESULTS.md). W4A4 also quantises activations; a broken path is off by nats.
+    bound = 0.01 if weight_only else 0.2
+    for name, (mean, _, same) in deltas.items():
+        assert mean <= bound and same > 0.9, f"{name}: mean |Δ| {mean:.4f} > {bound}, same top-1 {same:.3f}"
 
 
 @needs_vllm
