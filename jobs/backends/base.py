@@ -16,6 +16,18 @@ class Generation:
     logprobs: list[float]  # of each generated token
 
 
+def runtime_info(backend: str, backend_version: str, dtype, device: str, kernel_path: str, **extra) -> dict:
+    """The ``runtime`` provenance every backend records (SPEC §3), in one shape: what ran, on which GPU."""
+    import torch
+
+    info = {"backend": backend, "backend_version": backend_version, "torch_version": torch.__version__,
+            "dtype": str(dtype).replace("torch.", ""), "device": device, "kernel_path": kernel_path}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=props.name, compute_capability=f"{props.major}.{props.minor}")
+    return {**info, **extra}
+
+
 class Backend(Protocol):
     name: str
 

@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint, inspect
 from ..hub import CheckpointError
 from ..sampling import Sample
 from ..schema import SequenceScores
-from .base import Generation
+from .base import Generation, runtime_info
 
 
 def pick_device(device: str = "auto") -> str:
@@ -180,26 +180,13 @@ class TransformersBackend:
         return results
 
     def describe(self) -> dict:
-        torch = self._torch
         import transformers
 
-        gpu = {}
-        if self.device.startswith("cuda"):
-            props = torch.cuda.get_device_properties(self.device)
-            gpu = {"gpu_name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
         q = self.ckpt.quant if self.ckpt else None
         kernel = "none (unquantized)" if q is None or q.method is None else (
             f"dequantized to {str(self.dtype).replace('torch.', '')} on load ({q.scheme} weights "
             "expanded; no low-precision kernel)")
-        return {
-            "backend": "transformers",
-            "backend_version": transformers.__version__,
-            "torch_version": torch.__version__,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": self.device,
-            "kernel_path": kernel,
-            **gpu,
-        }
+        return runtime_info("transformers", transformers.__version__, self.dtype, self.device, kernel)
 
     def close(self) -> None:
         del self.model

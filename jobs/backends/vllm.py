@@ -20,7 +20,7 @@ import numpy as np
 
 from ..sampling import Sample
 from ..schema import SequenceScores
-from .base import Generation
+from .base import Generation, runtime_info
 
 log = logging.getLogger("qscore.vllm")
 
@@ -220,19 +220,9 @@ class VllmBackend:
         props = torch.cuda.get_device_properties(0)
         cc = f"{props.major}.{props.minor}"
         cfg = self.llm.llm_engine.model_config
-        return {
-            "backend": "vllm",
-            "backend_version": vllm.__version__,
-            "torch_version": torch.__version__,
-            "dtype": str(cfg.dtype).replace("torch.", ""),
-            "quantization": cfg.quantization,
-            "device": "cuda",
-            "gpu_name": props.name,
-            "compute_capability": cc,
-            "gpu_count": self.kwargs["tensor_parallel_size"],
-            "kernel_path": describe_kernels(self.kernels(), cc),
-            "engine": {k: v for k, v in self.kwargs.items() if k != "model"},
-        }
+        return runtime_info("vllm", vllm.__version__, cfg.dtype, "cuda", describe_kernels(self.kernels(), cc),
+                            quantization=cfg.quantization, gpu_count=self.kwargs["tensor_parallel_size"],
+                            engine={k: v for k, v in self.kwargs.items() if k != "model"})
 
     def close(self) -> None:
         """Stop the engine core before interpreter exit, so no 'EngineCore died' noise or stray process."""
