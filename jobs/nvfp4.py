@@ -256,13 +256,8 @@ def dequantize_compressed_tensors(
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """compressed-tensors NVFP4: ``w = e2m1 * (weight_scale / weight_global_scale)``, in fp32 then ``dtype``."""
-    what = "compressed-tensors NVFP4"
-    group = _check_nvfp4(weight_packed, weight_scale, what)
-    g = _scalar(weight_global_scale, "weight_global_scale", what)
-    scale = weight_scale.float()
-    if g is not None:
-        scale = scale / g.to(scale.device)
-    return _dequant(weight_packed, scale, dtype, group)
+    return _dequant_two_level(weight_packed, weight_scale, weight_global_scale, dtype,
+                              "compressed-tensors NVFP4", "weight_global_scale", divide=True)
 
 
 def dequantize_modelopt(
@@ -272,13 +267,21 @@ def dequantize_modelopt(
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """ModelOpt NVFP4: ``w = e2m1 * weight_scale * weight_scale_2``, in fp32 then ``dtype``."""
-    what = "ModelOpt NVFP4"
-    group = _check_nvfp4(weight, weight_scale, what)
-    s2 = _scalar(weight_scale_2, "weight_scale_2", what)
-    scale = weight_scale.float()
-    if s2 is not None:
-        scale = scale * s2.to(scale.device)
-    return _dequant(weight, scale, dtype, group)
+    return _dequant_two_level(weight, weight_scale, weight_scale_2, dtype, "ModelOpt NVFP4", "weight_scale_2",
+                              divide=False)
+
+
+def _dequant_two_level(packed, group_scale, tensor_scale, dtype, what: str, scale_name: str,
+                       divide: bool) -> torch.Tensor:
+    """The two formats differ only in how the per-tensor scale is stored: compressed-tensors keeps its
+    reciprocal (global scale), ModelOpt the scale itself."""
+    group = _check_nvfp4(packed, group_scale, what)
+    t = _scalar(tensor_scale, scale_name, what)
+    scale = group_scale.float()
+    if t is not None:
+        t = t.to(scale.device)
+        scale = scale / t if divide else scale * t
+    return _dequant(packed, scale, dtype, group)
 
 
 def _dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor | None, dtype, what: str) -> torch.Tensor:
