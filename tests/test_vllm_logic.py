@@ -1,4 +1,4 @@
-"""The vLLM backend's pure parts, on the CPU: prompt-logprob parsing and the kernel-path wording."""
+"""The vLLM backend on the CPU: logprob parsing, kernel-path wording, the engine loop against a stand-in."""
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,3 +93,76 @@ def test_kernel_path_wording():
     assert describe_kernels({"UnquantizedLinearMethod": 14, "UnquantizedEmbeddingMethod": 2},
                             "9.0").startswith("unquantized")
     assert describe_kernels({}, "9.0").startswith("unknown")
+
+
+# -- the engine loop, against a stand-in for vllm.LLM --------------------------------------------------
+class FakeLLM:
+    """Records how it was built; finishes requests out of order, under the ids vLLM's outputs carry."""
+
+    def __init__(self, **kwargs):
+        import os
+
+        self.kwargs = kwargs
+        self.logging_stream = os.environ.get("VLLM_LOGGING_STREAM")
+        self.llm_engine = self
+        self.queue = []
+
+    def enqueue(self, prompts, params, use_tqdm=False):
+        self.queue = list(enumerate(prompts))
+        return [f"{i}-1a2b3c4d" for i in range(len(prompts))]  # internal ids; outputs carry "0", "1", …
+
+    def has_unfinished_requests(self):
+        return bool(self.queue)
+
+    def step(self):  # the last two submitted finish first
+        done, self.queue = self.queue[-2:], self.queue[:-2]
+        outs = []
+        for i, prompt in reversed(done):
+            ids = prompt["prompt_token_ids"]
+            pl = [None] + [{t: Logprob(-0.5 - i, 2), 1: Logprob(-0.1, 1)} for t in ids[1:]]
+            outs.append(type("Out", (), {"request_id": str(i), "finished": True, "prompt_logprobs": pl}))
+        return outs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.SamplingParams = FakeLLM, lambda **kw: kw
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+    return mod
+
+
+def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
+    from jobs.backends.vllm import VllmBackend
+
+    backend = VllmBackend(tmp_path, max_model_len=64)
+    samples = [Sample(i, (5, 6 + i, 7), False) for i in range(5)]
+    out = list(backend.score(samples))
+    assert [s.sample_id for s in out] == [0, 1, 2, 3, 4]
+    assert [float(s.logprob[1]) for s in out] == [-0.5, -1.5, -2.5, -3.5, -4.5]  # each its own result
+    assert all(s.top1_id[1] == 1 and s.rank[1] == 2 for s in out)
+
+
+def test_engine_options(fake_vllm, tmp_path):
+    from jobs.backends.vllm import VllmBackend
+
+    kw = VllmBackend(tmp_path, max_model_len=64, max_num_batched_tokens=8192).llm.kwargs
+    assert kw["enable_prefix_caching"] is False  # a cached prefix would get no prompt logprobs
+    assert kw["skip_tokenizer_init"] is True  # no tokenizer files: token ids go in
+    assert kw["max_num_batched_tokens"] == 8192 and "quantization" not in kw  # detected from the checkpoint
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert "skip_tokenizer_init" not in VllmBackend(tmp_path).llm.kwargs
+
+
+def test_vllm_logs_leave_stdout_to_the_result(fake_vllm, tmp_path):
+    """validate prints its JSON result on stdout; vLLM's logs (stdout by default) must not mix in."""
+    from jobs.backends.vllm import VllmBackend
+
+    assert VllmBackend(tmp_path).llm.logging_stream == "ext://sys.stderr"
