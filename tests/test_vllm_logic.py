@@ -166,3 +166,22 @@ def test_vllm_logs_leave_stdout_to_the_result(fake_vllm, tmp_path):
     from jobs.backends.vllm import VllmBackend
 
     assert VllmBackend(tmp_path).llm.logging_stream == "ext://sys.stderr"
+
+
+def test_describe_records_gpu_and_kernel_path(fake_vllm, tmp_path, monkeypatch):
+    import torch
+
+    from jobs.backends.vllm import VllmBackend
+
+    props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    fake_vllm.__version__ = "0.26.0"
+    backend = VllmBackend(tmp_path, max_model_len=64)
+    backend.llm.model_config = type("Cfg", (), {"dtype": torch.bfloat16, "quantization": "modelopt_fp4"})
+    backend.llm.apply_model = lambda fn: [{"ModelOptNvFp4LinearMethod/MarlinNvFp4LinearKernel": 4}]
+    rt = backend.describe()
+    assert rt["backend"] == "vllm" and rt["backend_version"] == "0.26.0" and rt["dtype"] == "bfloat16"
+    assert (rt["gpu_name"], rt["compute_capability"], rt["quantization"]) == ("NVIDIA H100 80GB HBM3", "9.0",
+                                                                             "modelopt_fp4")
+    assert rt["kernel_path"].startswith("weight-only FP4 (W4A16) via Marlin") and "sm_90" in rt["kernel_path"]
+    assert rt["engine"]["enable_prefix_caching"] is False and "model" not in rt["engine"]
