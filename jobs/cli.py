@@ -30,9 +30,8 @@ def stage(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import KNOWN
-
         from . import provenance
+        from .errors import QscoreError
 
         signal.signal(signal.SIGTERM, _on_sigterm)
         ctx = click.get_current_context(silent=True)
@@ -40,7 +39,7 @@ def stage(fn):
             provenance.record_command(ctx.info_name, ctx.params)
         try:
             result = fn(*args, **kwargs)
-        except KNOWN as exc:
+        except QscoreError as exc:
             click.echo(f"error: {_line(exc)}", err=True)
             _exit(1)
         except OSError as exc:

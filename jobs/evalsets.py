@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .hub import OfflineError, hub_offline
+from .errors import EvalSetError, OfflineError
+from .hub import hub_offline
 
 
 @dataclass
@@ -21,10 +22,6 @@ class EvalSet:
     name: str
     texts: list[str]
     source: dict = field(default_factory=dict)  # provenance: dataset id, config, split, revision, n, file hash
-
-
-class EvalSetError(ValueError):
-    pass
 
 
 def render_wikitext(rows: Iterable[str], n: int) -> list[str]:

@@ -5,17 +5,11 @@ import os
 import re
 from pathlib import Path
 
+from .errors import CheckpointError, OfflineError
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a scorer needs from a hub snapshot; skipping *.bin/*.pth avoids fetching duplicate weight formats.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-
-
-class OfflineError(RuntimeError):
-    """A hub download was needed while the hub is unreachable or switched off."""
-
-
-class CheckpointError(ValueError):
-    """A model reference that is missing, not a checkpoint, or unreadable."""
 
 
 def hub_offline() -> bool:

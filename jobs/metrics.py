@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class TokenStreamMismatch(ValueError):
-    """Two models were scored on different token streams: their numbers cannot be paired."""
+from .errors import TokenStreamMismatch
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Quantization recipes: scheme name → llm-compressor modifiers, the way llm-compressor's examples write them."""
 from __future__ import annotations
 
+from .errors import SettingsError
+
 # Schemes whose activations are quantized with static scales need calibration data; the others
 # (weight-only, or dynamic per-token activations) are round-to-nearest on the weights alone.
 SCHEMES = {
@@ -17,7 +19,7 @@ SCHEMES = {
 def check_scheme(scheme: str) -> str:
     key = scheme.upper()
     if key not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+        raise SettingsError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     return key
 
 

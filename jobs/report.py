@@ -4,24 +4,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
+
 CSV_FIELDS = ["model", "dataset", "tokens", "texts", "nll", "ppl", "top1_acc", "conf_nll", "conf_ppl", "score",
               "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi",
               "same_top1", "delta_p"]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def provenance_table(meta: dict) -> dict:
@@ -165,7 +156,7 @@ def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def write_all(summary: dict, deltas: dict, out_dir: Path) -> list[Path]:
@@ -176,7 +167,7 @@ def write_all(summary: dict, deltas: dict, out_dir: Path) -> list[Path]:
         fname = f"delta_logprob_{name}.png"
         plot_deltas(name, d, summary["baseline"], out_dir / fname)
         plots.append(fname)
-    _atomic_write(out_dir / "summary.json", (json.dumps(summary, indent=2, sort_keys=False) + "\n").encode())
-    _atomic_write(out_dir / "summary.csv", render_csv(summary).encode())
-    _atomic_write(out_dir / "report.md", render_markdown(summary, plots).encode())
+    atomic.write_bytes(out_dir / "summary.json", (json.dumps(summary, indent=2, sort_keys=False) + "\n").encode())
+    atomic.write_bytes(out_dir / "summary.csv", render_csv(summary).encode())
+    atomic.write_bytes(out_dir / "report.md", render_markdown(summary, plots).encode())
     return [out_dir / p for p in ["summary.json", "summary.csv", "report.md", *plots]]

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .errors import SettingsError
+
 MIN_TOKENS = 16  # shorter texts say too little to score
 RESERVED = 8  # max_model_len - 8 leaves the engine room for the one generated token and specials
 MIN_MODEL_LEN = MIN_TOKENS + RESERVED
@@ -18,7 +20,7 @@ class Sample:
 
 def max_tokens(max_model_len: int) -> int:
     if max_model_len < MIN_MODEL_LEN:
-        raise ValueError(
+        raise SettingsError(
             f"max_model_len {max_model_len} is below {MIN_MODEL_LEN}: sequences are cut to "
             f"max_model_len - {RESERVED} tokens and texts under {MIN_TOKENS} tokens are dropped"
         )

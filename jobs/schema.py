@@ -16,6 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import atomic
+from .errors import ArchiveError, ScoreError, SettingsError
+
 SCHEMA_VERSION = "1"
 META_KEY = b"qscore"  # one JSON document under this key holds the metadata of SPEC §3
 
@@ -36,10 +39,6 @@ REQUIRED_COLUMNS = [f.name for f in _BASE_FIELDS]
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-class ArchiveError(ValueError):
-    """A logprob file or dataset that cannot be trusted: missing, truncated, corrupt or inconsistent."""
-
-
 def arrow_schema(topk: int = 1) -> pa.Schema:
     return pa.schema(_BASE_FIELDS + (_TOPK_FIELDS if topk > 1 else []))
 
@@ -47,7 +46,7 @@ def arrow_schema(topk: int = 1) -> pa.Schema:
 def check_label(kind: str, value: str) -> str:
     """Labels become Hive directory names, so they must be plain (no '/', '=', spaces)."""
     if not _LABEL_RE.match(value or ""):
-        raise ValueError(
+        raise SettingsError(
             f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '-' (it names a directory)"
         )
     return value
@@ -89,7 +88,7 @@ def sequences_to_table(seqs: Iterable[SequenceScores], topk: int = 1) -> pa.Tabl
             raise ValueError(f"sample {s.sample_id}: a scored sequence needs at least 2 tokens")
         if not np.all(np.isfinite(np.asarray(s.logprob[1:], dtype=np.float64))):
             bad = int(np.argmax(~np.isfinite(np.asarray(s.logprob[1:], dtype=np.float64)))) + 1
-            raise ValueError(
+            raise ScoreError(
                 f"non-finite logprob in sample {s.sample_id} at position {bad}: the checkpoint is broken"
             )
         cols["sample_id"].append(pa.array(np.full(n, s.sample_id, dtype=np.int32)))
@@ -122,20 +121,11 @@ def sequences_to_table(seqs: Iterable[SequenceScores], topk: int = 1) -> pa.Tabl
 
 def atomic_write_table(table: pa.Table, path: Path, metadata: dict) -> Path:
     """Write to a hidden temporary name in the same directory, fsync, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, sort_keys=True, default=str).encode()
-    try:
+    with atomic.atomic_file(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_metadata(path: Path) -> dict:

@@ -23,11 +23,11 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+
+from . import atomic
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TRAIN_FILES = ("train_mini.txt", "calib_mini.jsonl")
@@ -438,10 +438,7 @@ def build_tiny_model(output_dir, train_texts: Sequence[str] | None = None, steps
         + ", ".join(f"{k} {initial[k]:.3f} -> {v:.3f}" for k, v in final.items())
         + f" (uniform {math.log(config.vocab_size):.3f}); {seconds:.1f} s")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic.atomic_dir(output_dir) as tmp:  # a stale build (other recipe) or a partial one is replaced
         model.to(torch.bfloat16)
         model.config.dtype = torch.bfloat16
         model.generation_config = GenerationConfig(
@@ -470,21 +467,5 @@ def build_tiny_model(output_dir, train_texts: Sequence[str] | None = None, steps
                          "tokenizers": tokenizers.__version__},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        try:
-            output_dir.rename(old)  # a stale build (other recipe) or a partial directory
-        except FileNotFoundError:
-            pass
-        try:
-            tmp.rename(output_dir)
-        except OSError:
-            # a concurrent build of the same recipe got there first: keep it
-            if not cached(output_dir, digest):
-                raise
-            log(f"tiny model: {output_dir} was built concurrently; keeping that copy")
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"tiny model: saved to {output_dir}")
     return output_dir

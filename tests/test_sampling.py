@@ -1,6 +1,7 @@
 import pytest
 
 from jobs import sampling
+from jobs.errors import SettingsError
 
 
 def test_drops_texts_under_16_tokens_and_keeps_sample_ids():
@@ -21,7 +22,7 @@ def test_truncates_in_token_space_to_max_model_len_minus_8():
 
 @pytest.mark.parametrize("n", [0, 10, 23])
 def test_max_model_len_below_24_is_refused(n):
-    with pytest.raises(ValueError, match="below 24"):
+    with pytest.raises(SettingsError, match="below 24"):
         sampling.select([list(range(30))], max_model_len=n)
 
 

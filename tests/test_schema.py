@@ -3,6 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import schema
+from jobs.errors import ScoreError, SettingsError
 
 
 def seq(sid, n, k=1, seed=0):
@@ -44,7 +45,7 @@ def test_round_trip(tmp_path, k):
 def test_nan_logprob_is_refused():
     s = seq(0, 5)
     s.logprob[3] = np.nan
-    with pytest.raises(ValueError, match="non-finite logprob in sample 0 at position 3"):
+    with pytest.raises(ScoreError, match="non-finite logprob in sample 0 at position 3"):
         schema.sequences_to_table([s])
 
 
@@ -76,5 +77,5 @@ def test_incomplete_dataset_is_refused(tmp_path):
 
 @pytest.mark.parametrize("label", ["a/b", "x=y", "", "has space", "../up"])
 def test_labels_that_would_break_the_hive_layout(label):
-    with pytest.raises(ValueError, match="bad model label"):
+    with pytest.raises(SettingsError, match="bad model label"):
         schema.dataset_dir("results", label, "wiki")

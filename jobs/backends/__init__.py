@@ -1,6 +1,8 @@
 """Scoring backends: the same interface over transformers and vLLM (see base.py)."""
 from __future__ import annotations
 
+from ..errors import SettingsError
+
 BACKENDS = ("transformers", "vllm")
 
 
@@ -8,7 +10,7 @@ def pick(name: str) -> str:
     """``auto`` means vLLM where it is installed and a GPU is visible, else transformers."""
     if name != "auto":
         if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}: use auto, {', '.join(BACKENDS)}")
+            raise SettingsError(f"unknown backend {name!r}: use auto, {', '.join(BACKENDS)}")
         return name
     import importlib.util
 

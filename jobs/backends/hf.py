@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..checkpoint import Checkpoint, inspect
-from ..hub import CheckpointError
+from ..errors import CheckpointError, SettingsError
 from ..sampling import Sample
 from ..schema import SequenceScores
 from .base import Generation, runtime_info
@@ -36,7 +36,7 @@ def pick_dtype(dtype: str, device: str):
         return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
+        raise SettingsError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
 
 
 def load_model(ckpt: Checkpoint, dtype, device: str):

@@ -7,13 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics, report, schema
+from ..errors import AggregateError
 
 log = logging.getLogger("qscore.aggregate")
 COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "top1_logprob"]
-
-
-class AggregateError(RuntimeError):
-    pass
 
 
 def discover(results_dir: Path) -> dict[str, dict[str, Path]]:

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
-from .. import evalsets, hub, provenance, recipes
+from .. import atomic, evalsets, hub, provenance, recipes
+from ..errors import QuantizeError
 
 log = logging.getLogger("qscore.quantize")
 MANIFEST = "qscore.json"
-
-
-class QuantizeError(RuntimeError):
-    pass
 
 
 def calibration_set(source: str, split: str, n: int, max_len: int, tokenizer, seed: int = 42):
@@ -81,10 +76,8 @@ def run(model_id: str, output: str, scheme: str, calibration_dataset: str, calib
     kwargs = {"dataset": dataset, "num_calibration_samples": n_used, "max_seq_length": max_seq_len} if calibrate else {}
     oneshot(model=model, recipe=recipe, **kwargs)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f"Saving compressed model to: {out}", flush=True)
-    try:
+    with atomic.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
         recipe_yaml = (tmp / "recipe.yaml").read_text() if (tmp / "recipe.yaml").exists() else None
@@ -108,11 +101,5 @@ def run(model_id: str, output: str, scheme: str, calibration_dataset: str, calib
             "created": provenance.now(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print("Done.", flush=True)
     return out

@@ -15,16 +15,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import backends, evalsets, hub, provenance, sampling, schema
+from .. import atomic, backends, evalsets, hub, provenance, sampling, schema
 from ..checkpoint import inspect, tokenizer_hash
+from ..errors import ScoreError
 
 log = logging.getLogger("qscore.score")
 STAGING_SUFFIX = ".partial"
 PROGRESS = "_progress.json"
-
-
-class ScoreError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -181,7 +178,7 @@ def write_dataset(plan: Plan, engine, info, ckpt, model_ref, model_path, label, 
     from tqdm import tqdm
 
     plan.staging.mkdir(parents=True, exist_ok=True)
-    (plan.staging / PROGRESS).write_text(json.dumps({"fingerprint": plan.fingerprint}))
+    atomic.write_text(plan.staging / PROGRESS, json.dumps({"fingerprint": plan.fingerprint}))
     total_parts = n_parts(len(plan.samples), part_size)
     start = plan.done_parts * part_size
     if plan.done_parts:

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import backends, hub, quantcheck, sampling, schema
 from ..checkpoint import inspect
+from ..errors import ValidationError
 
 log = logging.getLogger("qscore.validate")
 
@@ -21,10 +22,6 @@ PROMPTS = [
 ]
 PROBE_TEXT = ("The river runs through the old town and past the harbour, where the ships of the northern "
               "company were built in the years before the war.")
-
-
-class ValidationError(RuntimeError):
-    pass
 
 
 def quality_gate(engine, baseline_dir: Path, max_increase: float, n_texts: int) -> dict:

@@ -1,0 +1,70 @@
+"""Write a file or a directory so that no reader ever sees it half-written: into a hidden temporary
+sibling first, renamed onto the real name only when complete (rename is atomic on one filesystem)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and replaces ``path``, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory to fill; on success it takes ``path``'s place (an older
+    ``path`` is removed only after that), on failure it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the finished directory ``src`` onto ``dst``; an existing ``dst`` goes only after that."""
+    old = None
+    if dst.exists():
+        old = _sibling(dst, "old")
+        dst.rename(old)
+    try:
+        src.rename(dst)
+    except BaseException:
+        if old is not None and not dst.exists():
+            old.rename(dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
