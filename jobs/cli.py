@@ -8,8 +8,12 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from .settings import EngineOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -33,7 +37,10 @@ def stage(fn):
         from . import provenance
         from .errors import QscoreError
 
+        from . import caches
+
         signal.signal(signal.SIGTERM, _on_sigterm)
+        caches.use(os.environ.get("CACHE_DIR"))
         ctx = click.get_current_context(silent=True)
         if ctx is not None:
             provenance.record_command(ctx.info_name, ctx.params)
@@ -87,13 +94,17 @@ def main(log_level):
 
 
 def engine_options(f):
-    """vLLM engine settings (the transformers backend ignores them)."""
+    """Settings of the engine that runs the model (vLLM's; the transformers backend reads dtype and context)."""
     for o in reversed([
+        opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32."),
+        opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048,
+            help="Context of the engine; texts are cut to max_model_len - 8 tokens."),
         opt("--gpu-memory-utilization", env="GPU_MEMORY_UTILIZATION", type=float, default=0.85,
             help="vLLM: share of GPU memory the engine may take."),
         opt("--tensor-parallel-size", env="TENSOR_PARALLEL_SIZE", type=int, default=1, help="vLLM: GPUs per model."),
-        opt("--enforce-eager/--no-enforce-eager", env="ENFORCE_EAGER", default=False,
-            help="vLLM: skip torch.compile and CUDA graphs (faster start, slower scoring)."),
+        opt("--enforce-eager/--no-enforce-eager", env="ENFORCE_EAGER", default=None,
+            help="vLLM: eager (no torch.compile) or compiled; unset: eager unless the run scores enough tokens "
+                 "for compiling to pay off."),
         opt("--max-num-batched-tokens", env="MAX_NUM_BATCHED_TOKENS", type=int, default=None,
             help="vLLM: tokens per engine step (default: vLLM's choice)."),
         opt("--quantization", env="QUANTIZATION", default=None,
@@ -103,9 +114,14 @@ def engine_options(f):
     return f
 
 
-def _engine_kw(kw: dict) -> dict:
-    keys = ("gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "max_num_batched_tokens", "quantization")
-    return {k: kw.pop(k) for k in keys}
+ENGINE_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+               "max_num_batched_tokens", "quantization")
+
+
+def _engine(kw: dict, **more) -> EngineOptions:
+    from .settings import EngineOptions
+
+    return EngineOptions.from_mapping({**{k: kw.pop(k) for k in ENGINE_KEYS}, **more})
 
 
 @main.command(context_settings=CONTEXT)
@@ -123,15 +139,21 @@ def _engine_kw(kw: dict) -> dict:
 @opt("--spinquant", env="SPINQUANT", is_flag=True, default=False,
      help="Apply SpinQuant Hadamard rotations (R1, R2) before quantizing.")
 @opt("--ignore", env="IGNORE", default="lm_head", help="Comma-separated modules left unquantized.")
+@opt("--pipeline", env="CALIBRATION_PIPELINE", default="auto", type=click.Choice(["auto", "basic", "sequential"]),
+     help="llm-compressor calibration pipeline; auto: basic (one pass) when the model fits on the GPU, "
+          "else sequential (layer by layer).")
+@opt("--calibration-batch-size", env="CALIBRATION_BATCH_SIZE", type=int, default=1,
+     help="Calibration samples per forward pass (llm-compressor's batch_size).")
+@opt("--offload", env="CALIBRATION_OFFLOAD", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+     help="Sequential pipeline: where layer inputs wait between layers; auto: the GPU when they fit.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
 @stage
-def quantize(model_id, output, scheme, calibration_dataset, calibration_split, num_calibration_samples,
-             max_sequence_length, no_calibration, spinquant, ignore, overwrite):
+def quantize(ignore, **kw):
     """Quantize a model with llm-compressor and save it compressed (with qscore.json beside the weights)."""
+    from .settings import QuantizeSettings
     from .stages import quantize as q
 
-    q.run(model_id, output, scheme, calibration_dataset, calibration_split, num_calibration_samples,
-          max_sequence_length, no_calibration, spinquant, [s for s in ignore.split(",") if s], overwrite)
+    q.run(settings=QuantizeSettings(ignore=tuple(x for x in ignore.split(",") if x), **kw))
 
 
 @main.command(context_settings=CONTEXT)
@@ -145,17 +167,16 @@ def quantize(model_id, output, scheme, calibration_dataset, calibration_split, n
 @opt("--max-nll-increase", env="MAX_NLL_INCREASE", type=float, default=0.1,
      help="Quality gate: largest NLL increase (nats/token) allowed over the baseline.")
 @opt("--gate-texts", env="GATE_TEXTS", type=int, default=16, help="Quality gate: texts of the baseline to score.")
-@opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
-@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048, help="vLLM: context length of the engine.")
 @engine_options
 @stage
-def validate(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, max_nll_increase, gate_texts,
-             dtype, max_model_len, **kw):
-    """Check that a checkpoint loads, matches its quantization config, and generates sane text."""
+def validate(**kw):
+    """Check that a checkpoint loads, matches its quantization config, and generates sane text.
+    NVFP4 is computed as the checkpoint declares (W4A4)."""
+    from .settings import ValidateSettings
     from .stages import validate as v
 
-    report = v.run(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, max_nll_increase,
-                   gate_texts, dtype, {**_engine_kw(kw), "max_model_len": max_model_len})
+    engine = _engine(kw)
+    report = v.run(settings=ValidateSettings(engine=engine, **kw))
     click.echo(json.dumps(report, indent=2))
     click.echo("OK", err=True)
 
@@ -169,28 +190,30 @@ def validate(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, m
 @opt("--n-ultrachat", env="N_ULTRACHAT", type=int, default=200, help="Texts kept from UltraChat test_sft.")
 @opt("--tokenizer", env="TOKENIZER", default=None,
      help="Tokenizer for the token stream; use the baseline's for every model of a comparison (default: the model's).")
-@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048,
-     help="Texts are cut to max_model_len - 8 tokens.")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
+@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
+     help="NVFP4 arithmetic: declared = as the checkpoint says (W4A4: native on Blackwell, emulated elsewhere); "
+          "weight-only = W4A16, what Marlin serves on Hopper.")
 @opt("--topk", env="TOPK", type=int, default=1, help="Candidates kept per position (>1 adds topk_* columns).")
 @opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
-@opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
 @opt("--part-size", env="PART_SIZE", type=int, default=32, help="Texts per Parquet part (the unit of resume).")
+@opt("--shard", env="SHARD", default=None,
+     help="i/N: score every N-th part of each set, starting with part i-1 (for N jobs in parallel).")
 @opt("--max-batch-tokens", env="MAX_BATCH_TOKENS", type=int, default=8192,
      help="transformers: padded tokens per forward pass.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False,
      help="Replace a dataset scored with other settings.")
 @engine_options
 @stage
-def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_len, backend, topk,
-          results_dir, dtype, part_size, max_batch_tokens, overwrite, **kw):
+def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw):
     """Score one model: per-token logprobs of each evaluation set to results/logprobs/model=LABEL/."""
+    from .settings import ScoreSettings, Shard
     from .stages import score as s
 
-    opts = {**_engine_kw(kw), "max_batch_tokens": max_batch_tokens}
-    paths = s.run(model, label, datasets, tokenizer, max_model_len, backend, topk, results_dir, dtype,
-                  part_size, overwrite, {"wikitext2": n_wikitext, "ultrachat": n_ultrachat}, opts)
+    engine = _engine(kw, nvfp4_compute=nvfp4_compute, max_batch_tokens=max_batch_tokens)
+    paths = s.run(settings=ScoreSettings(engine=engine, shard=Shard.parse(shard),
+                                         limits=(("wikitext2", n_wikitext), ("ultrachat", n_ultrachat)), **kw))
     for p in paths:
         click.echo(str(p))
 
@@ -202,11 +225,12 @@ def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_
 @opt("--bootstrap", env="BOOTSTRAP", type=int, default=1000, help="Bootstrap replicates (resampling texts).")
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
 @stage
-def aggregate(results_dir, baseline, report_dir, bootstrap, seed):
+def aggregate(**kw):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
+    from .settings import AggregateSettings
     from .stages import aggregate as a
 
-    out = a.run(results_dir, baseline, report_dir, bootstrap, seed)
+    out = a.run(settings=AggregateSettings(**kw))
     click.echo(str(out / "report.md"))
 
 
@@ -225,12 +249,14 @@ def build_tiny(output, steps):
 @main.command("export-modelopt", context_settings=CONTEXT)
 @opt("--model", env="MODEL", required=True, help="BF16 checkpoint directory.")
 @opt("--output", env="MODELOPT_OUTPUT", required=True, help="Directory for the ModelOpt NVFP4 checkpoint.")
+@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
 @stage
-def export_modelopt(model, output):
-    """Write a ModelOpt-format NVFP4 copy of a BF16 checkpoint (the demo's stand-in for NVIDIA's)."""
+def export_modelopt(model, output, overwrite):
+    """Quantize a BF16 checkpoint to NVFP4 with nvidia-modelopt and export it in ModelOpt's format
+    (the demo's stand-in for NVIDIA's own checkpoints)."""
     from .modelopt_export import export_modelopt_nvfp4
 
-    click.echo(str(export_modelopt_nvfp4(model, output)))
+    click.echo(str(export_modelopt_nvfp4(model, output, overwrite=overwrite)))
 
 
 if __name__ == "__main__":

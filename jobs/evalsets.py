@@ -75,11 +75,23 @@ REGISTRY: dict[str, HubSet] = {
 }
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+def check_local_source(ref: str, what: str) -> None:
+    """A reference that can only be a local path (absolute, ./, ../, ~, or a data file's suffix) must
+    exist: otherwise the hub would be asked for it and the error would blame the cache, not the path."""
+    looks_local = ref.startswith(("/", "./", "../", "~")) or Path(ref).suffix.lower() in LOCAL_SUFFIXES
+    if looks_local and not Path(ref).expanduser().exists():
+        raise EvalSetError(f"{what} file not found: {ref}")
+
+
 def load_rows(path: str, config: str | None, split: str, revision: str | None = None):
     """``datasets.load_dataset`` on a hub id or a local directory/file; offline errors made plain."""
     import datasets
 
-    local = Path(path)
+    check_local_source(path, "dataset")
+    local = Path(path).expanduser()
     try:
         if local.is_file():
             fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}[local.suffix]

@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import metrics, report, schema
 from ..errors import AggregateError
+from ..settings import AggregateSettings
 
 log = logging.getLogger("qscore.aggregate")
 COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "top1_logprob"]
@@ -74,24 +75,26 @@ def delta_logprobs(data, baseline: str, sets: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int) -> Path:
-    results = Path(results_dir)
+def run(*, settings: AggregateSettings) -> Path:
+    s = settings
+    results = Path(s.results_dir)
     found = discover(results)
     if not found:
         raise AggregateError(f"no scored datasets under {results / 'logprobs'}: run the score stage first")
     labels = sorted(found)
+    baseline = s.baseline
     if baseline is None:
         if "bf16" not in found:
             raise AggregateError(f"no --baseline given and no model labelled 'bf16' (have {labels})")
         baseline = "bf16"
     if baseline not in found:
         raise AggregateError(f"baseline {baseline!r} has no scored datasets (have {labels})")
-    if n_boot < 100:
+    if s.bootstrap < 100:
         raise AggregateError("--bootstrap needs at least 100 replicates for a 95 % interval")
     data, meta = load(found)
-    summary = compute(data, baseline, n_boot, seed)
+    summary = compute(data, baseline, s.bootstrap, s.seed)
     summary["provenance"] = report.provenance_table(meta)
-    out_dir = Path(report_dir) if report_dir else results / "report"
+    out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
     report.write_all(summary, deltas, out_dir)
     log.info("wrote %s", out_dir / "report.md")
