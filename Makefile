@@ -2,7 +2,11 @@
 #
 #   quantize ──> validate
 #       │
-#       └──────> eval (one scoring job per model × evaluation set) ──> report
+#       └──────> eval (one scoring job per model, every set through one engine) ──> report
+#
+# The scoring jobs come from `python3 -m jobs.plan` (MODELS, DATASETS, WEIGHT_ONLY, SHARDS and the
+# scoring settings, parsed by the same code the stages use); `make plan` prints them, `make k8s` and
+# `make slurm` hand the same jobs to a cluster.
 #
 # `make` (= `make help`) lists every target and variable with its current value.
 # Variables come from, strongest first: the command line, `.env` (copy .env.example), the
@@ -15,8 +19,9 @@
 #   quantize   <QUANT_OUTPUT>/qscore.json, written by the stage when the checkpoint is complete. It is
 #              never redone while it exists (hours of GPU): use another QUANT_OUTPUT, or delete it.
 #   validate   $(RESULTS_DIR)/.stamps/validate/<model>.<sum>.log (what the stage printed)
-#   score      $(RESULTS_DIR)/.stamps/score/<label>/<set>.<sum>.ok, one per (model, set); the job
-#              finishes by renaming $(RESULTS_DIR)/logprobs/model=<label>/dataset=<set>/ into place
+#   score      $(RESULTS_DIR)/.stamps/score/<label>/<set>.<sum>.ok, one per (model, set), all written by
+#              that model's one job, which renames each $(RESULTS_DIR)/logprobs/model=<label>/dataset=<set>/
+#              into place; a set added to DATASETS is the only one scored (the stage skips the others)
 #   report     $(RESULTS_DIR)/.stamps/report/<dir>.<sum>.ok, beside $(REPORT_DIR)/summary.json
 #   demo       models/.stamps/{build-tiny,export-modelopt}/... for its two fixtures
 # <sum> is a checksum of the stage's arguments: changing one (N_WIKITEXT, MAX_MODEL_LEN, BACKEND, ...)
@@ -76,6 +81,14 @@ $(call default,TOKENIZER,$(patsubst $(BASELINE)=%,%,$(filter $(BASELINE)=%,$(MOD
 $(call default,BACKEND,auto)
 ## TOPK: candidates kept per position (1 = top-1 only)
 $(call default,TOPK,1)
+## NVFP4_COMPUTE: NVFP4 arithmetic: declared (W4A4 as the checkpoint says) or weight-only (W4A16)
+$(call default,NVFP4_COMPUTE,declared)
+## WEIGHT_ONLY: labels of NVFP4 models in MODELS to score again in weight-only arithmetic, as <label>-w4a16
+WEIGHT_ONLY ?=
+## SHARDS: split each model's sets into this many jobs (one GPU each; the report merges them)
+$(call default,SHARDS,1)
+## TENSOR_PARALLEL_SIZE: GPUs per scoring job (vLLM tensor parallelism); empty: 1
+TENSOR_PARALLEL_SIZE ?=
 ## GPU_MEMORY_UTILIZATION: vLLM's share of GPU memory (empty: the CLI's default, 0.85)
 GPU_MEMORY_UTILIZATION ?=
 ## SCORE_ARGS: extra options for `jobs score` (e.g. --tensor-parallel-size 2 --enforce-eager)
@@ -98,8 +111,8 @@ $(call default,REPORT_DIR,$(RESULTS_DIR)/report)
 ifeq ($(strip $(RUNNER)),)
 override RUNNER := $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
 endif
-## GPUS: docker --gpus value: all, device=0, or '"device=0,1"'
-$(call default,GPUS,all)
+## GPUS: GPUs the jobs may use: all, device=0, '"device=0,1"' or 0,1; each scoring job takes its own (make -j); empty: none
+GPUS ?= all
 ## HF_HOME: Hugging Face cache on the host (mounted at /hf in containers)
 $(call default,HF_HOME,$(HOME)/.cache/huggingface)
 ## HF_TOKEN: Hugging Face token for gated models (passed to containers by name, never printed)
@@ -114,6 +127,14 @@ $(call default,IMAGE_PREFIX,qscore)
 QUANTIZE_BASE ?=
 ## DOCKER_ARGS: extra `docker run` options (e.g. --shm-size 16g)
 DOCKER_ARGS ?=
+## K8S_PVC: `make k8s`: the PersistentVolumeClaim holding models/, data/ and results/ (mounted at /workspace)
+$(call default,K8S_PVC,qscore-workspace)
+## K8S_REGISTRY: `make k8s`: registry prefix of the images, e.g. registry.example.com/team/ (empty: none)
+K8S_REGISTRY ?=
+## K8S_HF_SECRET: `make k8s`: Secret whose key `token` is the Hugging Face token (optional in the pods)
+$(call default,K8S_HF_SECRET,hf-token)
+## SLURM_PREFIX: `make slurm`: launcher before each job, e.g. srun --container-image=qscore-vllm.sqsh (empty: the local venv)
+SLURM_PREFIX ?=
 ## VENV: local venv (RUNNER=local and the demo), made by `make setup`
 $(call default,VENV,.venv)
 ## VLLM_VENV: local venv with vLLM for validate/score/serve when RUNNER=local (`make setup-vllm`); if absent, VENV is used
@@ -127,6 +148,7 @@ PYTHON3 ?= python3
 export MODEL_ID NVIDIA_MODEL SCHEME QUANT_OUTPUT CALIBRATION_DATASET CALIBRATION_SPLIT \
   NUM_CALIBRATION_SAMPLES MAX_SEQUENCE_LENGTH QUANTIZE_ARGS MODELS DATASETS N_WIKITEXT N_ULTRACHAT \
   MAX_MODEL_LEN BASELINE TOKENIZER BACKEND TOPK GPU_MEMORY_UTILIZATION SCORE_ARGS SERVE_MODEL PORT \
+  NVFP4_COMPUTE WEIGHT_ONLY SHARDS TENSOR_PARALLEL_SIZE K8S_PVC K8S_REGISTRY K8S_HF_SECRET SLURM_PREFIX \
   RESULTS_DIR REPORT_DIR RUNNER GPUS HF_HOME HF_TOKEN CACHE_DIR TAG IMAGE_PREFIX QUANTIZE_BASE \
   DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR MODEL LABEL OVERWRITE
 
@@ -185,14 +207,18 @@ model_dep = $(or $(PRODUCER.$(patsubst ./%,%,$(1))),$(if $(call is_local,$(1)),$
 ds_dir = $(RESULTS_DIR)/logprobs/model=$(1)/dataset=$(2)
 FORCE_IF_MISSING = $(if $(wildcard $(1)),,FORCE)
 
-# docker run for a stage: $(1)=image, $(2)=gpu|cpu, $(3)=models mount mode (rw|ro), $(4)=extra mounts
-docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(if $(filter gpu,$(2)),$(HF_HOME) $(CACHE_DIR)) && \
-  docker run --rm --pull never \
-  $(if $(filter gpu,$(2)),--gpus '$(GPUS)' --ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(filter gpu,$(2)),-e HF_TOKEN) \
+# docker run for a stage: $(1)=image, $(2)=gpu|slot|cpu (slot: the GPUs jobs.slots hands this job),
+# $(3)=models mount mode (rw|ro), $(4)=extra mounts. CACHE_DIR=/cache: every compile/JIT cache goes there.
+docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(if $(filter gpu slot,$(2)),$(HF_HOME) $(CACHE_DIR)) && \
+  $(if $(filter slot,$(2)),$(slot))docker run --rm --pull never \
+  $(if $(and $(filter gpu slot,$(2)),$(strip $(GPUS))),--gpus $(if $(filter slot,$(2)),{gpus},'$(GPUS)')) \
+  $(if $(filter gpu slot,$(2)),--ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(filter gpu slot,$(2)),-e HF_TOKEN) \
   -u $$(id -u):$$(id -g) \
-  $(if $(filter gpu,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e XDG_CACHE_HOME=/cache -e TRITON_CACHE_DIR=/cache/triton -v $(CACHE_DIR):/cache \
+  $(if $(filter gpu slot,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e CACHE_DIR=/cache -v $(CACHE_DIR):/cache \
   -v $(CURDIR)/models:/models$(if $(filter ro,$(3)),:ro) -v $(CURDIR)/data:/data:ro) -v $(abspath $(RESULTS_DIR)):/results \
   $(4) $(DOCKER_ARGS) $(1))
+# a scoring job on GPUs of its own: waits until jobs.slots holds them (one job per GPU under make -j)
+slot = $(if $(strip $(GPUS)),$(PYTHON3) -m jobs.slots --gpus '$(GPUS)' --per-job $(or $(TENSOR_PARALLEL_SIZE),1) -- )
 
 # ---------------------------------------------------------------------------------------------
 # Stage commands (arguments in local form hash the stamps, so a runner switch reruns nothing)
@@ -203,27 +229,31 @@ quant_args = $(strip --model-id $(call $(1),$(MODEL_ID)) --output $(call $(1),$(
   --max-sequence-length $(MAX_SEQUENCE_LENGTH) $(QUANTIZE_ARGS))
 validate_args = --model $(call $(1),$(QUANT_OUTPUT)) --backend $(BACKEND) --expect-scheme $(SCHEME) --max-model-len $(MAX_MODEL_LEN)$(if \
   $(GPU_MEMORY_UTILIZATION), --gpu-memory-utilization $(GPU_MEMORY_UTILIZATION))
-# $(1)=translation, $(2)=model path, $(3)=label, $(4)=comma-separated --datasets value, $(5)=set words
+# $(1)=translation, $(2)=model path, $(3)=label, $(4)=comma-separated --datasets value, $(5)=set words,
+# $(6)=job options (--nvfp4-compute, --shard) from the plan
 score_args = $(strip --model $(call $(1),$(2)) --label $(3) --datasets $(4)$(if $(TOKENIZER), --tokenizer $(call $(1),$(TOKENIZER))) \
   --max-model-len $(MAX_MODEL_LEN) --backend $(BACKEND) --topk $(TOPK) --results-dir $(if $(filter ctr_path,$(1)),/results,$(RESULTS_DIR)) \
   $(if $(filter wikitext2,$(5)),--n-wikitext $(N_WIKITEXT) )$(if $(filter ultrachat,$(5)),--n-ultrachat $(N_ULTRACHAT) )$(if \
-  $(GPU_MEMORY_UTILIZATION),--gpu-memory-utilization $(GPU_MEMORY_UTILIZATION) )$(SCORE_ARGS))
+  $(GPU_MEMORY_UTILIZATION),--gpu-memory-utilization $(GPU_MEMORY_UTILIZATION) )$(if $(filter-out 1,$(or $(TENSOR_PARALLEL_SIZE),1)),--tensor-parallel-size \
+  $(TENSOR_PARALLEL_SIZE) )$(6) $(SCORE_ARGS))
+# a plan job's own options: $(1)=job id
+job_opts = $(if $(filter-out declared,$(QS.$(1).mode)),--nvfp4-compute $(QS.$(1).mode) )$(if $(QS.$(1).shard),--shard $(QS.$(1).shard))
 aggregate_args = --results-dir $(results_tp) --baseline $(BASELINE) --report-dir $(report_tp)
 aggregate_args_local = --results-dir $(RESULTS_DIR) --baseline $(BASELINE) --report-dir $(REPORT_DIR)
 
 ifeq ($(RUNNER),docker)
 run_quantize = $(call docker_run,$(IMG_QUANTIZE),gpu,rw,$(call ctr_mount,$(MODEL_ID)) $(call ctr_mount,$(CALIBRATION_DATASET))) quantize $(call quant_args,ctr_path)$(overwrite_flag)
 run_validate = $(call docker_run,$(IMG_VLLM),gpu,ro) validate $(call validate_args,ctr_path)
-# $(1)=model path, $(2)=label, $(3)=set words
-run_score = $(call docker_run,$(IMG_VLLM),gpu,ro,$(call ctr_mount,$(1)) $(call ctr_mount,$(TOKENIZER)) $(foreach d,$(3),$(call ctr_mount,$(call ds_path,$(d))))) \
-  score $(call score_args,ctr_path,$(1),$(2),$(call commas,$(foreach d,$(3),$(call ds_arg,$(d),ctr_path))),$(3))$(overwrite_flag)
+# $(1)=model path, $(2)=label, $(3)=set words, $(4)=job options, $(5)=--overwrite or nothing
+run_score = $(call docker_run,$(IMG_VLLM),slot,ro,$(call ctr_mount,$(1)) $(call ctr_mount,$(TOKENIZER)) $(foreach d,$(3),$(call ctr_mount,$(call ds_path,$(d))))) \
+  score $(call score_args,ctr_path,$(1),$(2),$(call commas,$(foreach d,$(3),$(call ds_arg,$(d),ctr_path))),$(3),$(4))$(5)
 run_aggregate = $(if $(report_mount),mkdir -p $(REPORT_DIR) && )$(call docker_run,$(IMG_AGGREGATE),cpu,,$(report_mount)) aggregate $(aggregate_args)
 run_serve = $(call docker_run,$(IMG_VLLM),gpu,ro,$(call ctr_mount,$(SERVE_MODEL)) -p $(PORT):$(PORT) --entrypoint vllm) \
   serve $(call ctr_path,$(SERVE_MODEL)) --host 0.0.0.0 --port $(PORT) --max-model-len $(MAX_MODEL_LEN)
 else
 run_quantize = $(PY) -m jobs quantize $(call quant_args,lp)$(overwrite_flag)
 run_validate = $(VLLM_PY) -m jobs validate $(call validate_args,lp)
-run_score = $(VLLM_PY) -m jobs score $(call score_args,lp,$(1),$(2),$(call commas,$(foreach d,$(3),$(call ds_arg,$(d),lp))),$(3))$(overwrite_flag)
+run_score = $(slot)$(VLLM_PY) -m jobs score $(call score_args,lp,$(1),$(2),$(call commas,$(foreach d,$(3),$(call ds_arg,$(d),lp))),$(3),$(4))$(5)
 run_aggregate = $(PY) -m jobs aggregate $(aggregate_args)
 run_serve = $(VLLM_VENV)/bin/vllm serve $(SERVE_MODEL) --port $(PORT) --max-model-len $(MAX_MODEL_LEN)
 endif
@@ -253,20 +283,41 @@ DEMO_MODELOPT_STAMP := $(MSTAMPS)/export-modelopt/$(call san,$(DEMO_MODELOPT)).o
 PRODUCER.$(DEMO_BASE) := $(DEMO_BASE_STAMP)
 PRODUCER.$(DEMO_MODELOPT) := $(DEMO_MODELOPT_STAMP)
 
-# One scoring job per (model, evaluation set): $(1)=label=path, $(2)=set word
-define score_pair
-$(eval _l := $(call m_label,$(1)))
-$(eval _p := $(call m_path,$(1)))
-$(eval _d := $(call ds_name,$(2)))
-$(eval _s := $(STAMPS)/score/$(call san,$(_l))/$(call san,$(_d)).$(call hash,$(call score_args,lp,$(_p),$(_l),$(call ds_arg,$(2),lp),$(2))).ok)
-$(eval EVAL_STAMPS += $(_s))
-$(eval $(_s): S_MODEL := $(_p))
-$(eval $(_s): S_LABEL := $(_l))
-$(eval $(_s): S_SETS := $(2))
-$(eval $(_s): $(call model_dep,$(_p)) $(call model_dep,$(TOKENIZER)) $(call file_dep,$(call ds_path,$(2))) $(call FORCE_IF_MISSING,$(call ds_dir,$(_l),$(_d))) $(call NEEDS_VENV,$(VLLM_PY)))
+# The scoring jobs, from the job plan: one per model (or per model and shard), each writing one stamp
+# per (model, set) as a grouped target. The plan runs with the host's python3 (standard library only).
+define newline
+
+
 endef
-EVAL_STAMPS :=
-$(foreach m,$(MODELS),$(foreach d,$(DATASETS),$(call score_pair,$(m),$(d))))
+shq = '$(subst ','\'',$(1))'
+PLAN_ENV = $(foreach v,MODELS DATASETS WEIGHT_ONLY SHARDS RESULTS_DIR TOKENIZER MAX_MODEL_LEN BACKEND TOPK N_WIKITEXT \
+  N_ULTRACHAT GPU_MEMORY_UTILIZATION NVFP4_COMPUTE TENSOR_PARALLEL_SIZE SCORE_ARGS,$(v)=$(call shq,$($(v))))
+PLAN_OUT := $(shell $(PLAN_ENV) $(PYTHON3) -m jobs.plan --format make 2>&1; echo "@@QS_STATUS_$$?")
+ifneq ($(filter %@@QS_STATUS_0,$(lastword $(PLAN_OUT))),)
+$(eval $(subst @@,$(newline),$(subst @@QS_STATUS_0,,$(PLAN_OUT))))
+else ifneq ($(filter eval report plan k8s slurm demo,$(MAKECMDGOALS)),)
+$(error $(subst @@QS_STATUS_$(lastword $(subst _, ,$(lastword $(PLAN_OUT)))),,$(PLAN_OUT)))
+endif
+
+# $(1)=job id. The job's own stamp (named after all its settings) runs it; each (model, set) stamp follows
+# from it. (Not a grouped target: GNU make 4.3's `make -n` then skips what depends on them.)
+# --overwrite when a prerequisite (checkpoint, tokenizer, data file) is newer than the job's stamp: its
+# results are stale. A job run only because an output is missing (FORCE) resumes or skips what it has.
+job_stamp = $(STAMPS)/score/$(call san,$(QS.$(1).label))/_job$(if $(QS.$(1).shard),.shard-$(subst /,-of-,$(QS.$(1).shard))).$(call \
+  hash,$(QS.$(1).stamps)).ok
+define score_job
+$(call job_stamp,$(1)): $(call model_dep,$(QS.$(1).model)) $(call model_dep,$(TOKENIZER)) $(foreach d,$(QS.$(1).sets),$(call \
+  file_dep,$(call ds_path,$(d)))) $(foreach o,$(QS.$(1).outputs),$(call FORCE_IF_MISSING,$(o))) $(call NEEDS_VENV,$(VLLM_PY))
+	@mkdir -p $$(@D)
+	$$(call run_score,$(QS.$(1).model),$(QS.$(1).label),$(QS.$(1).sets),$(call job_opts,$(1)),$$(if $$(or $$(filter \
+	  1 yes true,$$(OVERWRITE)),$$(and $$(wildcard $$@),$$(filter-out FORCE,$$?))), --overwrite))
+	@touch $$@
+$(QS.$(1).stamps): $(call job_stamp,$(1))
+	@touch $$@
+endef
+$(foreach j,$(QS_JOBS),$(eval $(call score_job,$(j))))
+JOB_STAMPS := $(foreach j,$(QS_JOBS),$(call job_stamp,$(j)))
+EVAL_STAMPS := $(foreach j,$(QS_JOBS),$(QS.$(j).stamps))
 
 # `make score MODEL=... LABEL=...`: one job over every set in DATASETS
 SCORE_STAMP := $(STAMPS)/score/$(call san,$(LABEL))/_score.$(call hash,$(call score_args,lp,$(MODEL),$(LABEL),$(call commas,$(foreach d,$(DATASETS),$(call ds_arg,$(d),lp))),$(DATASETS))).ok
@@ -276,14 +327,14 @@ SCORE_MISSING := $(strip $(foreach d,$(DATASETS),$(call FORCE_IF_MISSING,$(call 
 # Targets
 # ---------------------------------------------------------------------------------------------
 .PHONY: help setup setup-vllm demo test images image-quantize image-vllm image-aggregate quantize \
-  validate eval score report aggregate serve clean FORCE
+  validate eval score report aggregate serve clean FORCE plan k8s slurm
 
 help: ## show this help (the default target)
 	@printf 'qscore: quantize a model, check that vLLM loads it, score checkpoints token by token, report.\n\n'
 	@printf 'Usage: make [TARGET ...] [VAR=value ...]      (RUNNER=%s; variables also from .env)\n\nTargets:\n' '$(RUNNER)'
-	@awk -F':.*## ' '/^[a-z][a-z%-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
+	@awk -F':.*## ' '/^[a-z][a-z0-9%-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
 	@printf '\nVariables (current value in brackets):\n'
-	@awk '/^## [A-Z_]+: / {n=$$2; sub(/:$$/, "", n); d=$$0; sub(/^## [A-Z_]+: /, "", d); print n "\t" d}' $(firstword $(MAKEFILE_LIST)) | \
+	@awk '/^## [A-Z0-9_]+: / {n=$$2; sub(/:$$/, "", n); d=$$0; sub(/^## [A-Z0-9_]+: /, "", d); print n "\t" d}' $(firstword $(MAKEFILE_LIST)) | \
 	while IFS=$$'\t' read -r name desc; do \
 	  if [ "$$name" = HF_TOKEN ]; then val=$$([ -n "$${HF_TOKEN:-}" ] && echo set || echo empty); else val="$${!name:-}"; fi; \
 	  printf '  %-24s %s\n  %-24s   [%s]\n' "$$name" "$$desc" "" "$$val"; \
@@ -314,6 +365,7 @@ demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3, local, CPU, offline 
 	  VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) SCHEME=NVFP4 \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
 	  MODELS="bf16=$(DEMO_BASE) llmc-nvfp4=$(DEMO_QUANT) modelopt-nvfp4=$(DEMO_MODELOPT)" \
+	  WEIGHT_ONLY="llmc-nvfp4 modelopt-nvfp4" NVFP4_COMPUTE=declared SHARDS=1 TENSOR_PARALLEL_SIZE= GPUS= \
 	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl" \
 	  BASELINE=bf16 TOKENIZER=$(DEMO_BASE) BACKEND=transformers MAX_MODEL_LEN=256 TOPK=1 \
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \
@@ -349,13 +401,25 @@ $(VALIDATE_STAMP): $(QUANT_STAMP) $(call NEEDS_VENV,$(VLLM_PY))
 	@mkdir -p $(@D)
 	$(run_validate) | tee $@
 
-eval: $(EVAL_STAMPS) ## score every model in MODELS on every set in DATASETS: one job per (model, set)
-ifneq ($(strip $(EVAL_STAMPS)),)
-$(EVAL_STAMPS):
-	@mkdir -p $(@D)
-	$(call run_score,$(S_MODEL),$(S_LABEL),$(S_SETS))
-	@touch $@
-endif
+eval: $(EVAL_STAMPS) ## score every model in MODELS on every set in DATASETS: one job per model (GPUS: one per GPU under make -j)
+
+plan: ## print the scoring jobs of MODELS x DATASETS (JSON lines: id, command, outputs)
+	@$(PLAN_ENV) $(PYTHON3) -m jobs.plan
+
+CLUSTER_ENV = $(PLAN_ENV) BASELINE=$(call shq,$(BASELINE)) TAG=$(call shq,$(TAG)) IMAGE_PREFIX=$(call shq,$(IMAGE_PREFIX)) \
+  K8S_PVC=$(call shq,$(K8S_PVC)) K8S_REGISTRY=$(call shq,$(K8S_REGISTRY)) K8S_HF_SECRET=$(call shq,$(K8S_HF_SECRET)) \
+  SLURM_PREFIX=$(call shq,$(SLURM_PREFIX))
+k8s: ## render the plan as a Kubernetes Indexed Job + aggregate Job: RESULTS_DIR/cluster/qscore-k8s.yaml
+	@mkdir -p $(RESULTS_DIR)/cluster
+	$(CLUSTER_ENV) $(PYTHON3) -m jobs.plan --format k8s > $(RESULTS_DIR)/cluster/qscore-k8s.yaml.tmp
+	@mv $(RESULTS_DIR)/cluster/qscore-k8s.yaml.tmp $(RESULTS_DIR)/cluster/qscore-k8s.yaml
+	@echo "kubectl apply -f $(RESULTS_DIR)/cluster/qscore-k8s.yaml"
+
+slurm: ## render the plan as a Slurm job array: RESULTS_DIR/cluster/qscore.sbatch
+	@mkdir -p $(RESULTS_DIR)/cluster
+	$(CLUSTER_ENV) $(PYTHON3) -m jobs.plan --format slurm > $(RESULTS_DIR)/cluster/qscore.sbatch.tmp
+	@mv $(RESULTS_DIR)/cluster/qscore.sbatch.tmp $(RESULTS_DIR)/cluster/qscore.sbatch
+	@echo 'jid=$$(sbatch --parsable $(RESULTS_DIR)/cluster/qscore.sbatch) && sbatch --dependency=afterok:$$jid $(RESULTS_DIR)/cluster/qscore.sbatch --aggregate'
 
 score: $(if $(filter score,$(MAKECMDGOALS)),$(SCORE_STAMP)) ## score one checkpoint: make score MODEL=path-or-id LABEL=name (one job, every set in DATASETS, nothing else)
 ifneq ($(filter score,$(MAKECMDGOALS)),)
@@ -364,7 +428,7 @@ $(error make score needs MODEL=<hub id or local path> LABEL=<name>)
 endif
 $(SCORE_STAMP): $(call file_dep,$(MODEL)/config.json) $(foreach d,$(DATASETS),$(call file_dep,$(call ds_path,$(d)))) $(SCORE_MISSING) $(call NEEDS_VENV,$(VLLM_PY))
 	@mkdir -p $(@D)
-	$(call run_score,$(MODEL),$(LABEL),$(DATASETS))
+	$(call run_score,$(MODEL),$(LABEL),$(DATASETS),$(if $(filter-out declared,$(NVFP4_COMPUTE)),--nvfp4-compute $(NVFP4_COMPUTE)),$(overwrite_flag))
 	@touch $@
 endif
 

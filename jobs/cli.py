@@ -249,14 +249,16 @@ def build_tiny(output, steps):
 @main.command("export-modelopt", context_settings=CONTEXT)
 @opt("--model", env="MODEL", required=True, help="BF16 checkpoint directory.")
 @opt("--output", env="MODELOPT_OUTPUT", required=True, help="Directory for the ModelOpt NVFP4 checkpoint.")
+@opt("--calibration-file", env="MODELOPT_CALIBRATION", default=None,
+     help="Local .txt/.jsonl/.parquet texts or chats to calibrate on (default: the bundled data/calib_mini.jsonl).")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
 @stage
-def export_modelopt(model, output, overwrite):
+def export_modelopt(model, output, calibration_file, overwrite):
     """Quantize a BF16 checkpoint to NVFP4 with nvidia-modelopt and export it in ModelOpt's format
     (the demo's stand-in for NVIDIA's own checkpoints)."""
-    from .modelopt_export import export_modelopt_nvfp4
+    from .modelopt_export import DEFAULT_CALIBRATION, export_modelopt_nvfp4
 
-    click.echo(str(export_modelopt_nvfp4(model, output, overwrite=overwrite)))
+    click.echo(str(export_modelopt_nvfp4(model, output, calibration_file or DEFAULT_CALIBRATION, overwrite=overwrite)))
 
 
 if __name__ == "__main__":

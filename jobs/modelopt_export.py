@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import atomic, quantcheck
+from . import atomic, evalsets, quantcheck
 from .checkpoint import inspect
 from .errors import CheckpointError, QscoreError
 
@@ -31,34 +31,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 _NOT_COPIED = {"config.json", "hf_quant_config.json", "model.safetensors.index.json",
                "pytorch_model.bin.index.json", METADATA_FILE,
                "qscore-tiny.json"}  # the tiny model's build manifest describes the BF16 source, not this
-
-#: used when no calibration texts are given: varied English prose, code and chat, a few hundred tokens
-DEFAULT_CALIBRATION_TEXTS: tuple[str, ...] = (
-    "The history of the printing press begins in the fifteenth century, when movable metal type made "
-    "books cheaper to produce and spread literacy across Europe within a few generations.",
-    "user: How do I reverse a list in Python?\nassistant: Use slicing, `items[::-1]`, which returns a new "
-    "list, or call `items.reverse()` to reverse it in place.",
-    "Photosynthesis converts light energy into chemical energy: chlorophyll absorbs mostly blue and red "
-    "light, and the plant stores the energy as glucose while releasing oxygen.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-    "In 1969 the Apollo 11 mission landed two astronauts on the Moon; the descent stage still stands in "
-    "the Sea of Tranquility, and the retroreflectors they left are used to measure its distance.",
-    "user: Summarise the causes of inflation in two sentences.\nassistant: Inflation rises when demand "
-    "outpaces supply or when costs such as energy and wages increase. Expectations can then feed it.",
-    "Mix the flour, sugar and a pinch of salt, rub in the cold butter until the mixture looks like "
-    "breadcrumbs, then add an egg and bring the dough together without kneading it too much.",
-    "The theorem states that every continuous function on a closed interval attains a maximum and a "
-    "minimum; the proof uses the completeness of the real numbers.",
-    "SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id) GROUP BY name "
-    "ORDER BY orders DESC LIMIT 10;",
-    "Rivers carve valleys over millions of years, and the sediment they carry builds deltas where they "
-    "meet the sea; floods renew the soil of the plains along their banks.",
-    "user: Write a haiku about autumn.\nassistant: Maple leaves drifting / a cold wind hums through bare "
-    "trees / the lake holds the sky",
-    "Der schnelle braune Fuchs springt über den faulen Hund. Le vif renard brun saute par-dessus le "
-    "chien paresseux. El veloz zorro marrón salta sobre el perro perezoso.",
-)
-
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calib_mini.jsonl"
 
 def modelopt_version() -> str | None:
     """The installed nvidia-modelopt version, or None (without importing it)."""
@@ -70,39 +43,20 @@ def modelopt_version() -> str | None:
         return None
 
 
-def _load_tokenizer(model_dir: Path):
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
+def _calibration_batches(model_dir: Path, texts: Sequence[str], max_length: int, max_texts: int):
+    """Token-id batches ([1, L] each) for calibration, and how many tokens they hold."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _calibration_batches(model_dir: Path, texts: Sequence[str] | None, vocab_size: int, max_length: int,
-                         max_texts: int):
-    """Token-id batches ([1, L] each) for calibration, and a description of where they came from."""
-    import torch
-
-    if texts is not None and len(texts) == 0:
-        return [], {"source": "none", "texts": 0, "tokens": 0}
-    tok = _load_tokenizer(model_dir)
-    source = "user" if texts is not None else "builtin"
-    if tok is None:
-        if texts is not None:
-            raise CheckpointError(f"{model_dir}: no tokenizer files to encode the calibration texts")
-        g = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, vocab_size, (1, 64), generator=g) for _ in range(8)]
-        source = "random-token-ids"
-    else:
-        batches = []
-        for text in list(texts if texts is not None else DEFAULT_CALIBRATION_TEXTS)[:max_texts]:
-            ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
-            ids = ids[:, :max_length]
-            if ids.numel():
-                batches.append(ids.long().clamp_(0, vocab_size - 1))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        raise CheckpointError(f"{model_dir}: no tokenizer to encode the calibration texts") from None
+    batches = [tok(t, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+               for t in list(texts)[:max_texts]]
+    batches = [b for b in batches if b.numel()]
     if not batches:
         raise QscoreError("calibration texts encode to no tokens")
-    return batches, {"source": source, "texts": len(batches), "tokens": int(sum(b.numel() for b in batches))}
+    return batches, {"texts": len(batches), "tokens": int(sum(b.numel() for b in batches))}
 
 
 def _model_dtype(config: dict):
@@ -147,9 +101,7 @@ def _run_modelopt(model_dir: Path, out_dir: Path, texts: Sequence[str] | None, i
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_model_dtype(config))
     model.eval()
-    batches, calib = _calibration_batches(model_dir, texts, model.config.vocab_size, max_length, max_texts)
-    if not batches:
-        raise QscoreError("nvidia-modelopt needs calibration data (it calibrates activation scales)")
+    batches, calib = _calibration_batches(model_dir, texts, max_length, max_texts)
 
     cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -228,12 +180,13 @@ def _verify(out_dir: Path) -> dict:
     return {"quantized_layers": len(mods) - len(dense), "dense_layers": dense}
 
 
-def export_modelopt_nvfp4(model_dir, output_dir, calibration_texts: Sequence[str] | None = None,
+def export_modelopt_nvfp4(model_dir, output_dir, calibration: str | Path = DEFAULT_CALIBRATION,
                           ignore: Sequence[str] = ("lm_head",), *, max_length: int = 512, max_texts: int = 512,
                           overwrite: bool = False) -> Path:
     """Quantize the BF16 checkpoint ``model_dir`` to NVFP4 with nvidia-modelopt and export it to ``output_dir``.
 
-    ``calibration_texts``: None uses ``DEFAULT_CALIBRATION_TEXTS``. ``ignore``: Linear modules kept dense
+    ``calibration``: a local .txt/.jsonl/.parquet file of texts or chats (ModelOpt calibrates the
+    activations' scales on them). ``ignore``: Linear modules kept dense
     (matched as ModelOpt's exclude_modules are, see quantcheck.matches_ignore); ModelOpt's own config
     excludes more on top (lm_head, routers). Written to a temporary sibling and renamed when complete.
     """
@@ -248,7 +201,8 @@ def export_modelopt_nvfp4(model_dir, output_dir, calibration_texts: Sequence[str
     version = modelopt_version()
     if version is None:
         raise QscoreError("nvidia-modelopt is not installed (pip install nvidia-modelopt; see requirements/dev.txt)")
-    texts = None if calibration_texts is None else [str(t) for t in calibration_texts]
+    evalsets.check_local_source(str(calibration), "calibration")
+    texts = evalsets.read_local_texts(Path(calibration))
     with atomic.atomic_dir(dst) as tmp:
         info = _run_modelopt(src, tmp, texts, [str(p) for p in ignore], max_length, max_texts)
         exclude = _normalise_configs(tmp)
@@ -264,6 +218,7 @@ def export_modelopt_nvfp4(model_dir, output_dir, calibration_texts: Sequence[str
             "source_model": str(src),
             "group_size": GROUP_SIZE,
             "ignore": list(ignore),
+            "calibration_file": str(calibration),
             "exclude_modules": exclude,
             "copied_files": copied,
             **summary,

@@ -210,7 +210,7 @@ def _read_shards(directory: Path, shards: list[Path], columns: Sequence[str] | N
         raise ArchiveError(f"{directory}: {problem}")
     tables, metas = [], []
     for d in shards:
-        t, m = _read_parts(d, list(dict.fromkeys(["sample_id", "position", *(columns or REQUIRED_COLUMNS)])))
+        t, m = _read_parts(d, list(dict.fromkeys(["sample_id", "position", *columns])) if columns else None)
         tables.append(t)
         metas.append(m)
     first = metas[0]

@@ -21,8 +21,11 @@ MAKEFILE = ROOT / "Makefile"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
 TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "images", "image-quantize", "image-vllm",
-           "image-aggregate", "quantize", "validate", "eval", "score", "report", "aggregate", "serve", "clean"]
-PAIRS = [(m, d) for m in ("bf16", "llmc-nvfp4", "nvidia-nvfp4") for d in ("wikitext2", "ultrachat")]
+           "image-aggregate", "quantize", "validate", "eval", "score", "report", "aggregate", "serve", "clean",
+           "plan", "k8s", "slurm"]
+LABELS = ("bf16", "llmc-nvfp4", "nvidia-nvfp4")
+PAIRS = [(m, d) for m in LABELS for d in ("wikitext2", "ultrachat")]
+BOTH = "wikitext2,ultrachat"
 
 
 def documented_vars() -> list[str]:
@@ -48,6 +51,8 @@ class Repo:
             if (ROOT / name).exists():
                 shutil.copy2(ROOT / name, path / name)
         shutil.copytree(ROOT / "requirements", path / "requirements")
+        # the Makefile takes its scoring jobs from the job plan (python3 -m jobs.plan)
+        shutil.copytree(ROOT / "jobs", path / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
         (path / "data").mkdir()
         (path / "data" / "mini.txt").write_text("one text per line\n")
         self.env = clean_env(self.home)
@@ -95,7 +100,7 @@ def opt(line: str, name: str) -> str:
 def test_help_is_the_default_and_lists_every_target_and_variable(repo):
     out = repo.make().stdout
     assert out == repo.make("help").stdout
-    listed = set(re.findall(r"^  ([a-z][a-z%-]*) ", out, re.M))
+    listed = set(re.findall(r"^  ([a-z][a-z0-9%-]*) ", out, re.M))
     phony = set(re.search(r"^\.PHONY:(.*?)(?<!\\)\n", MAKEFILE.read_text(), re.M | re.S).group(1)
                 .replace("\\\n", " ").split()) - {"FORCE"}
     assert set(TARGETS) <= phony
@@ -190,7 +195,7 @@ def test_docker_commands_of_the_pipeline(repo):
         assert s in v, f"{s!r} not in {v}"
 
     scores = stage_lines(lines, "score")
-    assert len(scores) == 6
+    assert len(scores) == 3  # one job, one engine, per model: every set goes through it
     seen = set()
     for ln in scores:
         for s in common + gpu + [f"-v {path}/models:/models:ro", "qscore-vllm:latest score",
@@ -198,7 +203,7 @@ def test_docker_commands_of_the_pipeline(repo):
             assert s in ln, f"{s!r} not in {ln}"
         seen.add((opt(ln, "--label"), opt(ln, "--datasets")))
         assert "--overwrite" not in ln
-    assert seen == set(PAIRS)
+    assert seen == {(m, BOTH) for m in LABELS}
     models = {opt(ln, "--label"): opt(ln, "--model") for ln in scores}
     assert models == {"bf16": "Qwen/Qwen3-14B", "llmc-nvfp4": "/models/Qwen3-14B-NVFP4",
                       "nvidia-nvfp4": "nvidia/Qwen3-14B-NVFP4"}
@@ -219,7 +224,9 @@ def test_docker_image_names_gpus_and_extra_options(repo):
                      "eval", "aggregate")
     for ln in stage_lines(lines, "score"):
         assert "reg.example/qs-vllm:v7 score" in ln
-        assert "--gpus '\"device=0,1\"'" in ln and "--shm-size 16g" in ln
+        # each job waits for a GPU of its own among GPUS, which jobs.slots puts in place of {gpus}
+        assert "python3 -m jobs.slots --gpus '\"device=0,1\"' --per-job 1 -- docker run" in ln
+        assert "--gpus {gpus}" in ln and "--shm-size 16g" in ln
         assert "--gpu-memory-utilization 0.7" in ln and ln.rstrip().endswith("--enforce-eager")
     assert "reg.example/qs-aggregate:v7 aggregate" in stage_lines(lines, "aggregate")[0]
 
@@ -243,12 +250,12 @@ def test_docker_paths_are_translated(repo, tmp_path):
     [q] = stage_lines(lines, "quantize")
     assert "--calibration-dataset /data/calib.jsonl" in q and "--calibration-split" not in q
     scores = stage_lines(lines, "score")
-    assert len(scores) == 9  # one job per (model, set)
-    by = {(opt(s, "--label"), opt(s, "--datasets")): s for s in scores}
-    assert set(by) == {(m, d) for m in ("base", "new", "hub") for d in ("wikitext2", "ultrachat", "mine=/data/mini.txt")}
-    assert opt(by[("base", "wikitext2")], "--model") == "/models/base"
-    assert opt(by[("hub", "wikitext2")], "--model") == "org/Model"
-    new = by[("new", "wikitext2")]
+    assert len(scores) == 3  # one job per model
+    by = {opt(s, "--label"): s for s in scores}
+    assert {opt(s, "--datasets") for s in scores} == {"wikitext2,ultrachat,mine=/data/mini.txt"}
+    assert opt(by["base"], "--model") == "/models/base"
+    assert opt(by["hub"], "--model") == "org/Model"
+    new = by["new"]
     assert opt(new, "--model") == f"/mnt/host{ckpt}" and f"-v {ckpt}:/mnt/host{ckpt}:ro" in new
     assert all(opt(s, "--tokenizer") == "/models/base" for s in scores)
     # a bare path names its set after the file, and the name is passed explicitly
@@ -300,15 +307,16 @@ def test_local_commands(repo):
     [v] = stage_lines(lines, "validate")
     assert v.startswith(".venv/bin/python -m jobs validate --model models/Qwen3-14B-NVFP4 --backend auto")
     scores = stage_lines(lines, "score")
-    assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == set(PAIRS)
-    assert all(s.startswith(".venv/bin/python -m jobs score") and opt(s, "--results-dir") == "results" for s in scores)
+    assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {(m, BOTH) for m in LABELS}
+    assert all(s.startswith("python3 -m jobs.slots --gpus 'all' --per-job 1 -- .venv/bin/python -m jobs score")
+               and opt(s, "--results-dir") == "results" for s in scores)
     [a] = stage_lines(lines, "aggregate")
     assert a == ".venv/bin/python -m jobs aggregate --results-dir results --baseline bf16 --report-dir results/report"
     # a vLLM venv, when there is one, runs validate and score
     (repo.path / ".venv-vllm" / "bin").mkdir(parents=True)
     (repo.path / ".venv-vllm" / "bin" / "python").write_text("")
     lines = repo.dry("RUNNER=local", "validate", "eval", "serve")
-    assert all(ln.startswith(".venv-vllm/bin/python -m jobs") for ln in stage_lines(lines, "score"))
+    assert all(".venv-vllm/bin/python -m jobs score" in ln for ln in stage_lines(lines, "score"))
     assert stage_lines(lines, "validate")[0].startswith(".venv-vllm/bin/python -m jobs validate")
     assert stage_lines(lines, "quantize")[0].startswith(".venv/bin/python -m jobs quantize")
     assert any(ln.startswith(".venv-vllm/bin/vllm serve models/Qwen3-14B-NVFP4 --port 8000") for ln in lines)
@@ -339,11 +347,15 @@ def test_demo_is_local_cpu_and_offline(repo):
     assert (".venv/bin/python -m jobs export-modelopt --model models/tiny-qwen3 "
             "--output models/tiny-qwen3-modelopt-nvfp4") in lines
     scores = stage_lines(lines, "score")
+    sets = "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl"
     assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {
-        (m, d) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4")
-        for d in ("wiki_mini=data/wiki_mini.txt", "chat_mini=data/chat_mini.jsonl")}
+        (m, sets) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16")}
     assert all(opt(s, "--tokenizer") == "models/tiny-qwen3" and opt(s, "--backend") == "transformers"
                for s in scores)
+    # both NVFP4 models as declared (W4A4), and again weight-only beside them; no GPU asked for
+    assert {opt(s, "--label") for s in scores if "--nvfp4-compute weight-only" in s} == {
+        "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16"}
+    assert not any("jobs.slots" in s for s in scores)
     [a] = stage_lines(lines, "aggregate")
     assert "--baseline bf16" in a
     # every fixture is made before it is used
@@ -363,6 +375,10 @@ def _complete(repo: Repo, *args: str) -> list[str]:
     qscore.write_text("{}")
     t = time.time() - 1000
     os.utime(qscore, (t, t))
+    for job in repo.var("JOB_STAMPS", *args).split():  # each model's job, then its (model, set) stamps
+        Path(repo.path, job).parent.mkdir(parents=True, exist_ok=True)
+        Path(repo.path, job).write_text("")
+        os.utime(Path(repo.path, job), (t + 5, t + 5))
     stamps = repo.var("EVAL_STAMPS", *args).split()
     results = repo.var("RESULTS_DIR", *args)
     for k, stamp in enumerate(stamps):
@@ -387,9 +403,9 @@ def _complete(repo: Repo, *args: str) -> list[str]:
 @pytest.mark.parametrize("runner", ["docker", "local"])
 def test_second_run_does_nothing(repo, runner):
     first = repo.dry(f"RUNNER={runner}", "quantize", "eval", "report")
-    assert len(stage_lines(first, "score")) == 6
+    assert len(stage_lines(first, "score")) == 3
     stamps = _complete(repo, f"RUNNER={runner}")
-    assert len(stamps) == len(set(stamps)) == 6  # one file per job: make -j never writes one twice
+    assert len(stamps) == len(set(stamps)) == 6  # one file per (model, set): make -j never writes one twice
     assert repo.dry(f"RUNNER={runner}", "eval") == []
     assert repo.dry(f"RUNNER={runner}", "quantize", "eval", "report") == []
     assert "Nothing to be done for 'eval'" in repo.make(f"RUNNER={runner}", "-n", "eval").stdout
@@ -404,23 +420,26 @@ def test_stale_and_missing_outputs_rerun_only_what_they_affect(repo):
     os.utime(root / "models" / "Qwen3-14B-NVFP4" / "qscore.json")
     lines = repo.dry("RUNNER=docker", "eval", "report")
     scores = stage_lines(lines, "score")
-    assert {opt(s, "--label") for s in scores} == {"llmc-nvfp4"} and len(scores) == 2
+    assert {opt(s, "--label") for s in scores} == {"llmc-nvfp4"} and len(scores) == 1
     assert all(s.endswith("--overwrite") for s in scores)
     assert stage_lines(lines, "aggregate")
-    _complete_again = [Path(root, s) for s in repo.var("EVAL_STAMPS", "RUNNER=docker").split()]
+    _complete_again = [Path(root, s) for v in ("JOB_STAMPS", "EVAL_STAMPS") for s in repo.var(v, "RUNNER=docker").split()]
     for p in _complete_again:
         p.touch()
-    # a deleted dataset directory: that one job reruns
+    # a deleted dataset directory: that model's job reruns, without --overwrite: the stage skips the
+    # set it still has (same inputs) and scores only the missing one
     shutil.rmtree(root / "results" / "logprobs" / "model=bf16" / "dataset=ultrachat")
     [s] = stage_lines(repo.dry("RUNNER=docker", "eval"), "score")
-    assert (opt(s, "--label"), opt(s, "--datasets")) == ("bf16", "ultrachat")
+    assert (opt(s, "--label"), opt(s, "--datasets")) == ("bf16", BOTH) and "--overwrite" not in s
     (root / "results" / "logprobs" / "model=bf16" / "dataset=ultrachat").mkdir()
     # another argument: the jobs it changes run again, and the stage decides (skip, resume or refuse)
     scores = stage_lines(repo.dry("RUNNER=docker", "eval", "N_WIKITEXT=50"), "score")
-    assert {opt(s, "--datasets") for s in scores} == {"wikitext2"} and len(scores) == 3
-    assert not any("--overwrite" in s for s in scores)
+    assert len(scores) == 3 and not any("--overwrite" in s for s in scores)
     scores = stage_lines(repo.dry("RUNNER=docker", "eval", "N_WIKITEXT=50", "OVERWRITE=1"), "score")
     assert len(scores) == 3 and all(s.endswith("--overwrite") for s in scores)
+    # a set added to DATASETS: every model's job runs for it (the stage skips the sets it has)
+    scores = stage_lines(repo.dry("RUNNER=docker", "eval", "DATASETS=wikitext2 ultrachat mine=data/mini.txt"), "score")
+    assert len(scores) == 3 and not any("--overwrite" in s for s in scores)
     # the quantized model is never redone while its qscore.json is there
     assert stage_lines(repo.dry("RUNNER=docker", "quantize", "NUM_CALIBRATION_SAMPLES=64"), "quantize") == []
 
@@ -465,10 +484,54 @@ def test_cuda_host_doc_names_every_target_and_its_commands_work(repo):
 
 
 def test_cuda_host_doc_example_is_what_make_prints(repo):
-    block = re.search(r"```\n(docker run .*?)```", DOC.read_text(), re.S).group(1)
+    block = re.search(r"```\n(python3 -m jobs.slots .*?)```", DOC.read_text(), re.S).group(1)
     documented = " ".join(block.replace("\\\n", " ").split())
     shutil.copy2(ROOT / ".env.example", repo.path / ".env")
-    [line] = [ln for ln in stage_lines(repo.dry("RUNNER=docker", "eval"), "score")
-              if "--label llmc-nvfp4" in ln and "--datasets wikitext2" in ln]
+    [line] = [ln for ln in stage_lines(repo.dry("RUNNER=docker", "eval"), "score") if "--label llmc-nvfp4" in ln]
     line = line.split(" && ", 1)[1].replace(str(repo.home), "~").replace(str(repo.path), "$PWD")
     assert documented == line
+
+
+# --- GPUs, shards and the job plan ------------------------------------------------------------------
+
+def test_no_gpus_means_no_gpu_asked_for(repo):
+    """GPUS= on a host without GPUs: no --gpus (docker would refuse it, exit 125), no slot wrapper."""
+    lines = repo.dry("RUNNER=docker", "GPUS=", "quantize", "validate", "eval", "report")
+    for stage in ("quantize", "validate", "score", "aggregate"):
+        for ln in stage_lines(lines, stage):
+            assert "--gpus" not in ln and "jobs.slots" not in ln, ln
+    lines = repo.dry("RUNNER=local", "GPUS=", "eval")
+    assert all(s.startswith(".venv/bin/python -m jobs score") for s in stage_lines(lines, "score"))
+
+
+def test_large_models_take_several_gpus_and_shards_split_a_model(repo):
+    lines = repo.dry("RUNNER=docker", "TENSOR_PARALLEL_SIZE=2", "GPUS=0,1,2,3", "eval")
+    for s in stage_lines(lines, "score"):
+        assert "jobs.slots --gpus '0,1,2,3' --per-job 2 --" in s and "--tensor-parallel-size 2" in s
+    scores = stage_lines(repo.dry("RUNNER=local", "SHARDS=2", "MODELS=big=models/big", "eval"), "score")
+    assert sorted(opt(s, "--shard") for s in scores) == ["1/2", "2/2"]
+    assert len(repo.var("EVAL_STAMPS", "SHARDS=2", "MODELS=big=models/big").split()) == 4  # (set, shard)
+
+
+def test_plan_lists_the_jobs_make_runs(repo):
+    import json
+
+    jobs = [json.loads(ln) for ln in repo.make("plan", "WEIGHT_ONLY=llmc-nvfp4").stdout.splitlines()]
+    assert [j["id"] for j in jobs] == ["score.bf16", "score.llmc-nvfp4", "score.nvidia-nvfp4", "score.llmc-nvfp4-w4a16"]
+    assert jobs[3]["args"][-2:] == ["--nvfp4-compute", "weight-only"] and jobs[3]["model"] == "models/Qwen3-14B-NVFP4"
+    assert jobs[0]["outputs"] == ["results/logprobs/model=bf16/dataset=wikitext2", "results/logprobs/model=bf16/dataset=ultrachat"]
+    stamps = repo.var("EVAL_STAMPS", "WEIGHT_ONLY=llmc-nvfp4").split()
+    assert stamps == [s for j in jobs for s in j["stamps"]]
+    r = repo.make("-n", "eval", "MODELS=oops", check=False)
+    assert r.returncode != 0 and "MODELS entry 'oops' is not label=path" in r.stderr
+    r = repo.make("-n", "eval", "WEIGHT_ONLY=nope", check=False)
+    assert r.returncode != 0 and "WEIGHT_ONLY names labels that are not in MODELS" in r.stderr
+
+
+def test_cluster_renders(repo):
+    repo.make("k8s", "SHARDS=2")
+    text = (repo.path / "results" / "cluster" / "qscore-k8s.yaml").read_text()
+    assert "completionMode: \"Indexed\"" in text and "completions: 6" in text
+    repo.make("slurm")
+    text = (repo.path / "results" / "cluster" / "qscore.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in text and "SLURM_ARRAY_TASK_ID" in text
