@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 case "${1:-tests}" in
   tests)
     QSCORE_GPU_REPORT=$out/gpu-report.json \
-      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest-gpu.log"
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu*.py "${@:2}" 2>&1 | tee "$out/pytest-gpu.log"
     rc=${PIPESTATUS[0]};;
   bench)
     shift; python3 bench/bench_score.py "$@" 2>&1 | tee -a "$out/bench.log" | grep -E "^BENCH|Error|error:|Traceback"

@@ -55,13 +55,15 @@ def choose_pipeline(asked: str, *, cuda_bytes: int | None, weight_bytes: int, sa
                     hidden: int) -> tuple[str, str, str]:
     """(pipeline, offload device, why) for llm-compressor's calibration (pure).
 
-    llm-compressor's default, ``sequential``, calibrates one decoder layer at a time and then runs that
-    layer again with its quantization on, so every later layer is calibrated on the quantized model's
-    activations (measured on an H100, 14B shape, 1024 x 2048 tokens: 31 s per layer, ~21 min). ``basic``
-    runs the whole model once per sample with quantization off: one forward pass instead of two per layer,
-    no layer-by-layer onloading, so the model must fit on the GPU. The two compute the same weight scales
-    (weights are observed without data); the activations' global scales differ, by how much the
-    quantization of earlier layers moves a layer's input maximum (docs/quantize.md has the measurement).
+    llm-compressor's default, ``sequential``, calibrates one decoder layer at a time over every sample, then
+    runs the layer again to pass its outputs on (measured on an H100, 14B shape, 1024 x 2048 tokens: 31 s
+    per layer, ~21 min). ``basic`` runs the whole model once per sample: no layer-by-layer onloading and no
+    second pass, so the model must fit on the GPU. Both calibrate with quantization disabled
+    (llmcompressor/pipelines/*/pipeline.py, ``DisableQuantization``), and the QuantizationModifier changes
+    no weight while calibrating, so they observe the same activations and write the same checkpoint: on
+    the demo's model the two wrote identical bytes (docs/quantize.md). For the same reason the sequential
+    pipeline's propagation pass is skipped (``propagate_error=False``): it would recompute the outputs
+    the calibration pass already produced.
     """
     act_bytes = samples * seq_len * max(hidden, 1) * 2
     if asked in ("basic", "sequential"):
@@ -129,7 +131,7 @@ def run(*, settings: QuantizeSettings) -> Path:
         kwargs = {"dataset": dataset, "num_calibration_samples": n_used, "max_seq_length": s.max_sequence_length,
                   "pipeline": arg, "batch_size": s.calibration_batch_size}
         if pipeline == "sequential":
-            kwargs["sequential_offload_device"] = offload
+            kwargs.update(sequential_offload_device=offload, propagate_error=False)
         log.info("calibration: %s pipeline (%s), activations offloaded to %s, batch size %d", pipeline, why,
                  offload if pipeline == "sequential" else "-", s.calibration_batch_size)
     t_data = time.time()

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,6 +229,7 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     }
     todo = plan.todo
     queue = [(k, x) for k in todo for x in plan.part_samples(k)]
+    t0, n_tokens = time.perf_counter(), sum(len(x.token_ids) for _, x in queue)
     bar = tqdm(total=len(queue), desc=f"{s.label}/{plan.name}", unit="text", file=sys.stderr, disable=None)
     buffer: list = []
     remaining = list(todo)
@@ -241,8 +243,10 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     bar.close()
     if remaining:
         raise ScoreError(f"{plan.name}: the backend returned no results for parts {remaining}")
+    seconds = time.perf_counter() - t0
     finish(plan)
-    log.info("wrote %s (%d parts, %d rows)", plan.final, len(plan.parts), plan.rows_total)
+    log.info("wrote %s (%d parts, %d rows): %d tokens scored in %.1f s, %.0f tokens/s", plan.final, len(plan.parts),
+             plan.rows_total, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
 
 
 def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:
