@@ -145,17 +145,22 @@ def quantize(model_id, output, scheme, calibration_dataset, calibration_split, n
 @opt("--max-nll-increase", env="MAX_NLL_INCREASE", type=float, default=0.1,
      help="Quality gate: largest NLL increase (nats/token) allowed over the baseline.")
 @opt("--gate-texts", env="GATE_TEXTS", type=int, default=16, help="Quality gate: texts of the baseline to score.")
+@opt("--baseline-tasks", env="BASELINE_TASKS", default=None,
+     help="Task quality gate: a baseline's task results (results/tasks/model=L, or one task=T in it), rerun here.")
+@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+     help="Task quality gate: smallest accuracy recovery (model / baseline) allowed on every task and metric.")
 @opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
 @opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048, help="vLLM: context length of the engine.")
 @engine_options
 @stage
 def validate(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, max_nll_increase, gate_texts,
-             dtype, max_model_len, **kw):
+             baseline_tasks, recovery_min, dtype, max_model_len, **kw):
     """Check that a checkpoint loads, matches its quantization config, and generates sane text."""
     from .stages import validate as v
 
     report = v.run(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, max_nll_increase,
-                   gate_texts, dtype, {**_engine_kw(kw), "max_model_len": max_model_len})
+                   gate_texts, dtype, {**_engine_kw(kw), "max_model_len": max_model_len},
+                   baseline_tasks=baseline_tasks, recovery_min=recovery_min)
     click.echo(json.dumps(report, indent=2))
     click.echo("OK", err=True)
 
@@ -201,13 +206,62 @@ def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_
 @opt("--report-dir", env="REPORT_DIR", default=None, help="Where the report goes (default: RESULTS_DIR/report).")
 @opt("--bootstrap", env="BOOTSTRAP", type=int, default=1000, help="Bootstrap replicates (resampling texts).")
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
+@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+     help="Task accuracy: recovery (model / baseline) below which a task fails (llm-compressor's CI: 0.95).")
 @stage
-def aggregate(results_dir, baseline, report_dir, bootstrap, seed):
+def aggregate(results_dir, baseline, report_dir, bootstrap, seed, recovery_min):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
     from .stages import aggregate as a
 
-    out = a.run(results_dir, baseline, report_dir, bootstrap, seed)
+    out = a.run(results_dir, baseline, report_dir, bootstrap, seed, recovery_min=recovery_min)
     click.echo(str(out / "report.md"))
+
+
+@main.command(context_settings=CONTEXT)
+@opt("--model", env="MODEL", required=True, help="Checkpoint directory or hub id.")
+@opt("--label", env="LABEL", required=True, help="Name of the model in results (model=<label>).")
+@opt("--tasks", env="TASKS", default="gsm8k,arc_challenge",
+     help="Comma/space list of lm-eval tasks, groups or tags (or YAML files); qscore_local: the bundled offline tasks.")
+@opt("--limit", env="LIMIT", type=int, default=None,
+     help="First N documents of each task: a quick look, not comparable with full runs (default: all).")
+@opt("--num-fewshot", env="NUM_FEWSHOT", type=int, default=None,
+     help="Few-shot examples per prompt (default: each task's own, gsm8k 5; tasks pinned to 0 stay 0).")
+@opt("--chat-template", env="CHAT_TEMPLATE", default="none",
+     help="none (plain prompts, as llm-compressor's CI), default (the tokenizer's), or a named template.")
+@opt("--fewshot-as-multiturn/--no-fewshot-as-multiturn", env="FEWSHOT_AS_MULTITURN", default=False,
+     help="With a chat template: few-shot examples as earlier conversation turns.")
+@opt("--add-bos-token/--no-add-bos-token", env="ADD_BOS_TOKEN", default=True,
+     help="Prepend the tokenizer's BOS token (lm-eval's add_bos_token; no-op for tokenizers without one, e.g. Qwen).")
+@opt("--include-path", env="TASKS_INCLUDE_PATH", default=None,
+     help="Directory of lm-eval YAML tasks (default: the bundled data/tasks).")
+@opt("--batch-size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
+@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048, help="Context length (prompts are cut from the left).")
+@opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
+     help="auto: vLLM where installed with a GPU, else transformers.")
+@opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
+@opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
+@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace a task evaluated with other settings.")
+@opt("--engine-kwargs", env="ENGINE_KWARGS", default=None,
+     help='vLLM: extra engine arguments as JSON, e.g. \'{"max_num_seqs": 128}\'.')
+@engine_options
+@stage
+def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_multiturn, add_bos_token,
+          include_path, batch_size, max_model_len, backend, dtype, results_dir, overwrite, engine_kwargs, **kw):
+    """Task accuracy with lm-evaluation-harness: per-sample results to results/tasks/model=LABEL/task=T/."""
+    from .errors import SettingsError
+    from .stages import tasks as t
+
+    try:
+        extra = json.loads(engine_kwargs) if engine_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"--engine-kwargs is not JSON: {exc}") from None
+    settings = t.TasksSettings(
+        model=model, label=label, tasks=tuple(tasks.replace(",", " ").split()), limit=limit, num_fewshot=num_fewshot,
+        chat_template=chat_template, fewshot_as_multiturn=fewshot_as_multiturn, add_bos_token=add_bos_token,
+        backend=backend, dtype=dtype, max_model_len=max_model_len, batch_size=batch_size, include_path=include_path,
+        results_dir=results_dir, overwrite=overwrite, engine_options={**_engine_kw(kw), "engine_kwargs": extra})
+    for p in t.run(settings=settings):
+        click.echo(str(p))
 
 
 @main.command("build-tiny", context_settings=CONTEXT)

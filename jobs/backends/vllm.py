@@ -164,6 +164,14 @@ class VllmBackend:
         self.llm = LLM(**kwargs)
         self._kernels: dict[str, int] | None = None
 
+    @classmethod
+    def from_llm(cls, llm, kwargs: dict):
+        """Wrap an engine built elsewhere (lm-eval's VLLM model, by the tasks stage) with the ``kwargs`` it
+        was built with: it describes itself (kernel path) and shuts down like one built here."""
+        self = cls.__new__(cls)
+        self.kwargs, self.llm, self._kernels = {"tensor_parallel_size": 1, **kwargs}, llm, None
+        return self
+
     def _run(self, prompts: list, params) -> Iterator[tuple[int, object]]:
         """Submit every prompt at once (the engine schedules them); yield (index, output) as each finishes."""
         ids = self.llm.enqueue(prompts, params, use_tqdm=False)

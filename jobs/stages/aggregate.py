@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics, report, schema
+from .. import metrics, report, schema, taskreport
 from ..errors import AggregateError
 
 log = logging.getLogger("qscore.aggregate")
@@ -74,7 +74,8 @@ def delta_logprobs(data, baseline: str, sets: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int) -> Path:
+def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int,
+        recovery_min: float = 0.95) -> Path:
     results = Path(results_dir)
     found = discover(results)
     if not found:
@@ -91,8 +92,12 @@ def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: 
     data, meta = load(found)
     summary = compute(data, baseline, n_boot, seed)
     summary["provenance"] = report.provenance_table(meta)
+    if taskreport.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
+        summary["tasks"] = taskreport.summarize(taskreport.load(results), baseline, recovery_min, n_boot, seed)
     out_dir = Path(report_dir) if report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
     report.write_all(summary, deltas, out_dir)
+    if "tasks" in summary:
+        taskreport.write_csv(summary["tasks"], out_dir)
     log.info("wrote %s", out_dir / "report.md")
     return out_dir

@@ -49,7 +49,7 @@ def quality_gate(engine, baseline_dir: Path, max_increase: float, n_texts: int) 
 
 def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int,
         baseline_logprobs: str | None, max_nll_increase: float, gate_texts: int, dtype: str,
-        engine_options: dict) -> dict:
+        engine_options: dict, baseline_tasks: str | None = None, recovery_min: float = 0.95) -> dict:
     path = hub.resolve(model, "model")
     ckpt = inspect(path)
     problems = quantcheck.check(ckpt.tensors, ckpt.quant, expect_scheme)
@@ -84,4 +84,9 @@ def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int
             report["quality_gate"] = quality_gate(engine, Path(baseline_logprobs), max_nll_increase, gate_texts)
     finally:
         engine.close()
+    if baseline_tasks:  # lm-eval builds its own model, so only after this one is gone
+        from .tasks import quality_gate as task_gate
+
+        report["task_gate"] = task_gate(model=str(path), baseline=baseline_tasks, recovery_min=recovery_min,
+                                        backend=backend, dtype=dtype, engine_options=engine_options)
     return report
