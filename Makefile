@@ -142,6 +142,21 @@ $(call default,VLLM_VENV,.venv-vllm)
 ## DEMO_RESULTS_DIR: where `make demo` writes its logprobs and report
 $(call default,DEMO_RESULTS_DIR,results/demo)
 
+# --- task accuracy (lm-evaluation-harness): `make tasks` ------------------------------------------
+## TASKS: lm-eval tasks, groups or tags `make tasks` runs for every model of MODELS (qscore_local: the bundled offline tasks)
+$(call default,TASKS,gsm8k arc_challenge)
+## LIMIT: `make tasks`: first N documents of each task, a quick look not comparable with full runs (empty: all)
+LIMIT ?=
+## NUM_FEWSHOT: `make tasks`: few-shot examples per prompt (empty: each task's own, gsm8k 5)
+NUM_FEWSHOT ?=
+## CHAT_TEMPLATE: `make tasks`: none (plain prompts, as llm-compressor's CI), default (the tokenizer's) or a template's name
+$(call default,CHAT_TEMPLATE,none)
+## RECOVERY_MIN: task accuracy recovery (model / baseline) below which the report marks a task failed (empty: 0.95)
+RECOVERY_MIN ?=
+## TASKS_ARGS: extra options for `jobs tasks` (e.g. --no-add-bos-token, --num-fewshot 0)
+TASKS_ARGS ?=
+export TASKS LIMIT NUM_FEWSHOT CHAT_TEMPLATE RECOVERY_MIN TASKS_ARGS
+
 VLLM_VERSION := 0.26.0
 PYTHON3 ?= python3
 
@@ -238,8 +253,8 @@ score_args = $(strip --model $(call $(1),$(2)) --label $(3) --datasets $(4)$(if 
   $(TENSOR_PARALLEL_SIZE) )$(6) $(SCORE_ARGS))
 # a plan job's own options: $(1)=job id
 job_opts = $(if $(filter-out declared,$(QS.$(1).mode)),--nvfp4-compute $(QS.$(1).mode) )$(if $(QS.$(1).shard),--shard $(QS.$(1).shard))
-aggregate_args = --results-dir $(results_tp) --baseline $(BASELINE) --report-dir $(report_tp)
-aggregate_args_local = --results-dir $(RESULTS_DIR) --baseline $(BASELINE) --report-dir $(REPORT_DIR)
+aggregate_args = --results-dir $(results_tp) --baseline $(BASELINE) --report-dir $(report_tp)$(if $(RECOVERY_MIN), --recovery-min $(RECOVERY_MIN))
+aggregate_args_local = --results-dir $(RESULTS_DIR) --baseline $(BASELINE) --report-dir $(REPORT_DIR)$(if $(RECOVERY_MIN), --recovery-min $(RECOVERY_MIN))
 
 ifeq ($(RUNNER),docker)
 run_quantize = $(call docker_run,$(IMG_QUANTIZE),gpu,rw,$(call ctr_mount,$(MODEL_ID)) $(call ctr_mount,$(CALIBRATION_DATASET))) quantize $(call quant_args,ctr_path)$(overwrite_flag)
@@ -263,6 +278,20 @@ empty :=
 space := $(empty) $(empty)
 comma := ,
 commas = $(subst $(space),$(comma),$(strip $(1)))
+
+# --- tasks: lm-eval task accuracy of one model ------------------------------------------------------
+# $(1)=translation, $(2)=model path, $(3)=label. In a container the bundled tasks are /data/tasks.
+tasks_arg = $(call commas,$(foreach t,$(TASKS),$(if $(call is_local,$(t)),$(call $(1),$(t)),$(t))))
+tasks_args = $(strip --model $(call $(1),$(2)) --label $(3) --tasks $(call tasks_arg,$(1)) --backend $(BACKEND) \
+  --max-model-len $(MAX_MODEL_LEN) --chat-template $(CHAT_TEMPLATE) --results-dir $(if $(filter ctr_path,$(1)),/results --include-path /data/tasks,$(RESULTS_DIR)) \
+  $(if $(LIMIT),--limit $(LIMIT) )$(if $(NUM_FEWSHOT),--num-fewshot $(NUM_FEWSHOT) )$(if \
+  $(GPU_MEMORY_UTILIZATION),--gpu-memory-utilization $(GPU_MEMORY_UTILIZATION) )$(TASKS_ARGS))
+ifeq ($(RUNNER),docker)
+run_tasks = $(call docker_run,$(IMG_VLLM),gpu,ro,$(call ctr_mount,$(1)) $(foreach t,$(TASKS),$(call ctr_mount,$(t)))) \
+  tasks $(call tasks_args,ctr_path,$(1),$(2))$(overwrite_flag)
+else
+run_tasks = $(VLLM_PY) -m jobs tasks $(call tasks_args,lp,$(1),$(2))$(overwrite_flag)
+endif
 
 # ---------------------------------------------------------------------------------------------
 # Stamps
@@ -323,11 +352,28 @@ EVAL_STAMPS := $(foreach j,$(QS_JOBS),$(QS.$(j).stamps))
 SCORE_STAMP := $(STAMPS)/score/$(call san,$(LABEL))/_score.$(call hash,$(call score_args,lp,$(MODEL),$(LABEL),$(call commas,$(foreach d,$(DATASETS),$(call ds_arg,$(d),lp))),$(DATASETS))).ok
 SCORE_MISSING := $(strip $(foreach d,$(DATASETS),$(call FORCE_IF_MISSING,$(call ds_dir,$(LABEL),$(call ds_name,$(d))))))
 
+# One tasks job per model of MODELS: $(1)=label=path. Its stamp is $(STAMPS)/tasks/<label>.<sum>.ok; the
+# job renames each finished $(RESULTS_DIR)/tasks/model=<label>/task=<task>/ into place (delete the
+# model=<label> directory to redo them). An edited bundled task redoes the job, replacing its results.
+define tasks_job
+$(eval _l := $(call m_label,$(1)))
+$(eval _p := $(call m_path,$(1)))
+$(eval _s := $(STAMPS)/tasks/$(call san,$(_l)).$(call hash,$(call tasks_args,lp,$(_p),$(_l))).ok)
+$(eval TASKS_STAMPS += $(_s))
+$(eval $(_s): T_MODEL := $(_p))
+$(eval $(_s): T_LABEL := $(_l))
+$(eval $(_s): $(call model_dep,$(_p)) $(foreach t,$(TASKS),$(call file_dep,$(t))) $(wildcard data/tasks/*.yaml data/tasks/*.jsonl data/tasks/*.py) $(call FORCE_IF_MISSING,$(RESULTS_DIR)/tasks/model=$(_l)) $(call NEEDS_VENV,$(VLLM_PY)))
+endef
+TASKS_STAMPS :=
+$(foreach m,$(MODELS),$(call tasks_job,$(m)))
+# the report shows task results: after `make tasks` when both are asked for, and whenever one is newer
+$(REPORT_STAMP): $(if $(filter tasks,$(MAKECMDGOALS)),$(TASKS_STAMPS)) $(wildcard $(RESULTS_DIR)/tasks/model=*/task=*)
+
 # ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
 .PHONY: help setup setup-vllm demo test images image-quantize image-vllm image-aggregate quantize \
-  validate eval score report aggregate serve clean FORCE plan k8s slurm
+  validate eval score tasks report aggregate serve clean FORCE plan k8s slurm
 
 help: ## show this help (the default target)
 	@printf 'qscore: quantize a model, check that vLLM loads it, score checkpoints token by token, report.\n\n'
@@ -360,7 +406,7 @@ $(VLLM_SETUP_STAMP): requirements/vllm.txt
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 	$(PY) -m pytest -m "not gpu"
 
-demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3, local, CPU, offline -> DEMO_RESULTS_DIR/report
+demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), local, CPU, offline -> DEMO_RESULTS_DIR/report
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory RUNNER=local \
 	  VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) SCHEME=NVFP4 \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
@@ -369,7 +415,8 @@ demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3, local, CPU, offline 
 	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl" \
 	  BASELINE=bf16 TOKENIZER=$(DEMO_BASE) BACKEND=transformers MAX_MODEL_LEN=256 TOPK=1 \
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \
-	  validate report
+	  TASKS=qscore_local LIMIT= NUM_FEWSHOT= CHAT_TEMPLATE=none RECOVERY_MIN= TASKS_ARGS= \
+	  validate tasks report
 
 $(DEMO_BASE_STAMP): $(call FORCE_IF_MISSING,$(DEMO_BASE)/config.json) | $(SETUP_STAMP)
 	@mkdir -p $(@D)
@@ -432,6 +479,14 @@ $(SCORE_STAMP): $(call file_dep,$(MODEL)/config.json) $(foreach d,$(DATASETS),$(
 	@touch $@
 endif
 
+tasks: $(TASKS_STAMPS) ## task accuracy (lm-eval TASKS) of every model in MODELS: one job per model, per-sample Parquet
+ifneq ($(strip $(TASKS_STAMPS)),)
+$(TASKS_STAMPS):
+	@mkdir -p $(@D)
+	$(call run_tasks,$(T_MODEL),$(T_LABEL))
+	@touch $@
+endif
+
 report: $(REPORT_STAMP) ## aggregate every result in RESULTS_DIR against BASELINE into REPORT_DIR (runs eval first)
 $(REPORT_STAMP): $(EVAL_STAMPS) $(REPORT_INPUTS) $(call FORCE_IF_MISSING,$(REPORT_DIR)/summary.json) $(call NEEDS_VENV,$(PY))
 	@mkdir -p $(@D)
@@ -444,8 +499,8 @@ aggregate: $(call NEEDS_VENV,$(PY)) ## aggregate what RESULTS_DIR holds now, wit
 serve: $(call model_dep,$(SERVE_MODEL)) ## serve SERVE_MODEL (default QUANT_OUTPUT) with vLLM on PORT
 	$(run_serve)
 
-clean: ## delete results (logprobs, report, stamps) and the demo's models; keeps other models and caches
-	rm -rf $(RESULTS_DIR)/logprobs $(REPORT_DIR) $(STAMPS) $(DEMO_RESULTS_DIR) \
+clean: ## delete results (logprobs, task results, report, stamps) and the demo's models; keeps other models and caches
+	rm -rf $(RESULTS_DIR)/logprobs $(REPORT_DIR) $(STAMPS) $(DEMO_RESULTS_DIR) $(RESULTS_DIR)/tasks \
 	  $(DEMO_BASE) $(DEMO_QUANT) $(DEMO_MODELOPT) $(MSTAMPS)/build-tiny $(MSTAMPS)/export-modelopt
 
 FORCE:

@@ -167,6 +167,10 @@ def quantize(ignore, **kw):
 @opt("--max-nll-increase", env="MAX_NLL_INCREASE", type=float, default=0.1,
      help="Quality gate: largest NLL increase (nats/token) allowed over the baseline.")
 @opt("--gate-texts", env="GATE_TEXTS", type=int, default=16, help="Quality gate: texts of the baseline to score.")
+@opt("--baseline-tasks", env="BASELINE_TASKS", default=None,
+     help="Task quality gate: a baseline's task results (results/tasks/model=L, or one task=T in it), rerun here.")
+@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+     help="Task quality gate: smallest accuracy recovery (model / baseline) allowed on every task and metric.")
 @engine_options
 @stage
 def validate(**kw):
@@ -224,6 +228,8 @@ def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw)
 @opt("--report-dir", env="REPORT_DIR", default=None, help="Where the report goes (default: RESULTS_DIR/report).")
 @opt("--bootstrap", env="BOOTSTRAP", type=int, default=1000, help="Bootstrap replicates (resampling texts).")
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
+@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+     help="Task accuracy: recovery (model / baseline) below which a task fails (llm-compressor's CI: 0.95).")
 @stage
 def aggregate(**kw):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
@@ -232,6 +238,56 @@ def aggregate(**kw):
 
     out = a.run(settings=AggregateSettings(**kw))
     click.echo(str(out / "report.md"))
+
+
+@main.command(context_settings=CONTEXT)
+@opt("--model", env="MODEL", required=True, help="Checkpoint directory or hub id.")
+@opt("--label", env="LABEL", required=True, help="Name of the model in results (model=<label>).")
+@opt("--tasks", env="TASKS", default="gsm8k,arc_challenge",
+     help="Comma/space list of lm-eval tasks, groups or tags (or YAML files); qscore_local: the bundled offline tasks.")
+@opt("--limit", env="LIMIT", type=int, default=None,
+     help="First N documents of each task: a quick look, not comparable with full runs (default: all).")
+@opt("--num-fewshot", env="NUM_FEWSHOT", type=int, default=None,
+     help="Few-shot examples per prompt (default: each task's own, gsm8k 5; tasks pinned to 0 stay 0).")
+@opt("--chat-template", env="CHAT_TEMPLATE", default="none",
+     help="none (plain prompts, as llm-compressor's CI), default (the tokenizer's), or a named template.")
+@opt("--fewshot-as-multiturn/--no-fewshot-as-multiturn", env="FEWSHOT_AS_MULTITURN", default=False,
+     help="With a chat template: few-shot examples as earlier conversation turns.")
+@opt("--add-bos-token/--no-add-bos-token", env="ADD_BOS_TOKEN", default=True,
+     help="Prepend the tokenizer's BOS token (lm-eval's add_bos_token; no-op for tokenizers without one, e.g. Qwen).")
+@opt("--include-path", env="TASKS_INCLUDE_PATH", default=None,
+     help="Directory of lm-eval YAML tasks (default: the bundled data/tasks).")
+@opt("--batch-size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
+@opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
+     help="auto: vLLM where installed with a GPU, else transformers.")
+@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
+     help="NVFP4 arithmetic, as for score: declared (W4A4) or weight-only (W4A16).")
+@opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
+@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace a task evaluated with other settings.")
+@opt("--engine-kwargs", env="ENGINE_KWARGS", default=None,
+     help='vLLM: extra engine arguments as JSON, e.g. \'{"max_num_seqs": 128}\'.')
+@engine_options
+@stage
+def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_multiturn, add_bos_token,
+          include_path, batch_size, backend, nvfp4_compute, results_dir, overwrite, engine_kwargs, **kw):
+    """Task accuracy with lm-evaluation-harness: per-sample results to results/tasks/model=LABEL/task=T/."""
+    from .errors import SettingsError
+    from .settings import engine_dict
+    from .stages import tasks as t
+
+    engine = _engine(kw, nvfp4_compute=nvfp4_compute)
+    try:
+        extra = json.loads(engine_kwargs) if engine_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"--engine-kwargs is not JSON: {exc}") from None
+    settings = t.TasksSettings(
+        model=model, label=label, tasks=tuple(tasks.replace(",", " ").split()), limit=limit, num_fewshot=num_fewshot,
+        chat_template=chat_template, fewshot_as_multiturn=fewshot_as_multiturn, add_bos_token=add_bos_token,
+        backend=backend, dtype=engine.dtype, max_model_len=engine.max_model_len, batch_size=batch_size,
+        include_path=include_path, results_dir=results_dir, overwrite=overwrite,
+        engine_options={**engine_dict(engine), "engine_kwargs": extra})
+    for p in t.run(settings=settings):
+        click.echo(str(p))
 
 
 @main.command("build-tiny", context_settings=CONTEXT)

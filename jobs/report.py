@@ -91,6 +91,10 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
     if summary.get("sets_not_in_every_model"):
         L += [f"Sets left out of the overall figures (not scored for every model): "
               f"{', '.join(summary['sets_not_in_every_model'])}.", ""]
+    if summary.get("tasks"):
+        from .taskreport import markdown as task_markdown
+
+        L += task_markdown(summary["tasks"])
     L += ["## Provenance", "", "| model | checkpoint | hash | quantization | backend | dtype | GPU (cc) | low-precision kernel path |",
           "|---|---|---|---|---|---|---|---|"]
     for m, p in summary.get("provenance", {}).items():

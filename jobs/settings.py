@@ -109,6 +109,8 @@ class ValidateSettings:
     baseline_logprobs: str | None = None
     max_nll_increase: float = 0.1
     gate_texts: int = 16
+    baseline_tasks: str | None = None  # task quality gate: a baseline's results/tasks/model=L
+    recovery_min: float = 0.95
     engine: EngineOptions = field(default_factory=EngineOptions)
 
 
@@ -141,3 +143,12 @@ class AggregateSettings:
     report_dir: str | None = None
     bootstrap: int = 1000
     seed: int = 0
+    recovery_min: float = 0.95  # task accuracy: recovery below which a task fails
+
+
+def engine_dict(options: EngineOptions) -> dict:
+    """The vLLM engine settings the tasks stage hands lm-eval's VLLM model (plus the NVFP4 mode)."""
+    return {"gpu_memory_utilization": options.gpu_memory_utilization,
+            "tensor_parallel_size": options.tensor_parallel_size, "enforce_eager": options.enforce_eager,
+            "max_num_batched_tokens": options.max_num_batched_tokens, "quantization": options.quantization,
+            "nvfp4_compute": options.nvfp4_compute}

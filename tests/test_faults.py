@@ -1,13 +1,11 @@
 """Bad inputs and interrupted runs: a one-line error, a non-zero exit, and nothing partial left to read."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 

@@ -21,7 +21,7 @@ MAKEFILE = ROOT / "Makefile"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
 TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "images", "image-quantize", "image-vllm",
-           "image-aggregate", "quantize", "validate", "eval", "score", "report", "aggregate", "serve", "clean",
+           "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "report", "aggregate", "serve", "clean",
            "plan", "k8s", "slurm"]
 LABELS = ("bf16", "llmc-nvfp4", "nvidia-nvfp4")
 PAIRS = [(m, d) for m in LABELS for d in ("wikitext2", "ultrachat")]
@@ -362,6 +362,83 @@ def test_demo_is_local_cpu_and_offline(repo):
     i = {k: next(n for n, ln in enumerate(lines) if k in ln) for k in ("build-tiny", "export-modelopt")}
     assert i["build-tiny"] < lines.index(q) < min(lines.index(s) for s in scores)
     assert i["export-modelopt"] < min(lines.index(s) for s in scores if "modelopt" in opt(s, "--label"))
+
+
+# --- tasks (lm-evaluation-harness) -----------------------------------------------------------------
+
+def test_tasks_runs_one_container_per_model(repo):
+    home, path = repo.home, repo.path
+    lines = repo.dry("RUNNER=docker", "tasks")
+    runs = stage_lines(lines, "tasks")
+    assert len(runs) == 3 and not stage_lines(lines, "score")
+    for ln in runs:
+        for s in ["docker run --rm", "--gpus 'all'", f"-v {home}/.cache/huggingface:/hf", f"-v {path}/data:/data:ro",
+                  f"-v {path}/models:/models:ro", f"-v {path}/results:/results", "qscore-vllm:latest tasks",
+                  "--tasks gsm8k,arc_challenge", "--backend auto", "--max-model-len 2048", "--chat-template none",
+                  "--results-dir /results --include-path /data/tasks"]:
+            assert s in ln, f"{s!r} not in {ln}"
+        assert "--limit" not in ln and "--num-fewshot" not in ln and "--overwrite" not in ln
+    assert {opt(ln, "--label"): opt(ln, "--model") for ln in runs} == {
+        "bf16": "Qwen/Qwen3-14B", "llmc-nvfp4": "/models/Qwen3-14B-NVFP4", "nvidia-nvfp4": "nvidia/Qwen3-14B-NVFP4"}
+    # the quantized model is made first
+    lines = repo.dry("RUNNER=docker", "tasks", "quantize")
+    [q] = stage_lines(lines, "quantize")
+    assert lines.index(q) < min(lines.index(ln) for ln in stage_lines(lines, "tasks") if "/models/" in ln)
+
+
+def test_tasks_settings_and_local_task_files(repo):
+    (repo.path / "data" / "mine.yaml").write_text("task: mine\n")
+    args = ("TASKS=qscore_local data/mine.yaml", "LIMIT=50", "NUM_FEWSHOT=0", "CHAT_TEMPLATE=default",
+            "TASKS_ARGS=--no-add-bos-token", "MODELS=base=models/base", "tasks")
+    [d] = stage_lines(repo.dry("RUNNER=docker", *args), "tasks")
+    assert "--tasks qscore_local,/data/mine.yaml " in d
+    assert "--limit 50 --num-fewshot 0" in d and "--chat-template default" in d and d.endswith("--no-add-bos-token")
+    [loc] = stage_lines(repo.dry("RUNNER=local", *args), "tasks")
+    assert loc.startswith(".venv/bin/python -m jobs tasks --model models/base --label base "
+                          "--tasks qscore_local,data/mine.yaml --backend auto")
+    assert "--results-dir results " in loc and "--include-path" not in loc  # the package finds data/tasks
+
+
+def test_tasks_stamps_and_the_report(repo):
+    (repo.path / ".venv").mkdir()
+    (repo.path / ".venv" / ".qscore-setup").write_text("")
+    qscore = repo.path / "models" / "Qwen3-14B-NVFP4" / "qscore.json"
+    qscore.parent.mkdir(parents=True)
+    qscore.write_text("{}")
+    t = time.time() - 1000
+    os.utime(qscore, (t - 10, t - 10))
+    stamps = repo.var("TASKS_STAMPS", "RUNNER=local").split()
+    assert len(stamps) == len(set(stamps)) == 3  # one file per job
+    for k, stamp in enumerate(stamps):
+        label = Path(stamp).name.split(".")[0]
+        d = repo.path / "results" / "tasks" / f"model={label}" / "task=gsm8k"
+        d.mkdir(parents=True)
+        os.utime(d, (t + k, t + k))
+        os.utime(d.parent, (t + k, t + k))
+        Path(repo.path, stamp).parent.mkdir(parents=True, exist_ok=True)
+        Path(repo.path, stamp).write_text("")
+    assert repo.dry("RUNNER=local", "tasks") == []
+    # another setting names other stamps: every job runs again, and the stage skips what is done
+    assert len(stage_lines(repo.dry("RUNNER=local", "tasks", "LIMIT=10"), "tasks")) == 3
+    # a deleted model directory redoes that model's job only
+    shutil.rmtree(repo.path / "results" / "tasks" / "model=bf16")
+    [ln] = stage_lines(repo.dry("RUNNER=local", "tasks"), "tasks")
+    assert opt(ln, "--label") == "bf16"
+    # `make tasks report` aggregates after the task jobs; RECOVERY_MIN reaches the report
+    lines = repo.dry("RUNNER=local", "tasks", "report", "RECOVERY_MIN=0.9")
+    [a] = stage_lines(lines, "aggregate")
+    assert lines.index(a) > max(lines.index(ln) for ln in stage_lines(lines, "tasks"))
+    assert a.endswith("--report-dir results/report --recovery-min 0.9")
+
+
+def test_demo_runs_the_bundled_tasks_before_its_report(repo):
+    lines = repo.dry("demo")
+    runs = stage_lines(lines, "tasks")
+    assert {opt(ln, "--label") for ln in runs} == {"bf16", "llmc-nvfp4", "modelopt-nvfp4"}
+    for ln in runs:
+        assert "--tasks qscore_local --backend transformers --max-model-len 256" in ln and "docker" not in ln
+    [a] = stage_lines(lines, "aggregate")
+    assert lines.index(a) > max(lines.index(ln) for ln in runs)
 
 
 # --- stamps ---------------------------------------------------------------------------------------

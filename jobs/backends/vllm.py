@@ -274,6 +274,18 @@ class VllmBackend:
                  {k: v for k, v in self.start.items() if k != "engine_start_s"},
                  "eager" if kwargs["enforce_eager"] else "compiled", self.compile_reason)
 
+    @classmethod
+    def from_llm(cls, llm, kwargs: dict, arithmetic: arith_mod.Arithmetic):
+        """Wrap an engine built elsewhere (lm-eval's VLLM model, by the tasks stage) with the ``kwargs`` it
+        was built with: it describes itself (kernel path) and shuts down like one built here."""
+        self = cls.__new__(cls)
+        self.kwargs, self.llm, self._kernels = {"tensor_parallel_size": 1, **kwargs}, llm, None
+        self.arithmetic, self.compile_reason, self.start = arithmetic, "lm-eval's engine", {}
+        problem = arith_mod.kernel_problem(arithmetic, self.kernels())
+        if problem:
+            raise ScoreError(f"{kwargs.get('model')}: {problem}; vLLM did not compute the arithmetic asked for")
+        return self
+
     def _run(self, prompts: list, params) -> Iterator[tuple[int, object]]:
         """Submit every prompt at once (the engine schedules them); yield (index, output) as each finishes."""
         ids = self.llm.enqueue(prompts, params, use_tqdm=False)

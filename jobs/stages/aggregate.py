@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics, report, schema
+from .. import metrics, report, schema, taskreport
 from ..errors import AggregateError
 from ..settings import AggregateSettings
 
@@ -94,8 +94,12 @@ def run(*, settings: AggregateSettings) -> Path:
     data, meta = load(found)
     summary = compute(data, baseline, s.bootstrap, s.seed)
     summary["provenance"] = report.provenance_table(meta)
+    if taskreport.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
+        summary["tasks"] = taskreport.summarize(taskreport.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
     report.write_all(summary, deltas, out_dir)
+    if "tasks" in summary:
+        taskreport.write_csv(summary["tasks"], out_dir)
     log.info("wrote %s", out_dir / "report.md")
     return out_dir

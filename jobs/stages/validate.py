@@ -10,7 +10,7 @@ import numpy as np
 from .. import backends, hub, quantcheck, sampling, schema
 from ..checkpoint import check_max_model_len, inspect
 from ..errors import ValidationError
-from ..settings import ValidateSettings
+from ..settings import ValidateSettings, engine_dict
 
 log = logging.getLogger("qscore.validate")
 
@@ -87,4 +87,10 @@ def run(*, settings: ValidateSettings) -> dict:
             report["quality_gate"] = quality_gate(engine, Path(s.baseline_logprobs), s.max_nll_increase, s.gate_texts)
     finally:
         engine.close()
+    if s.baseline_tasks:  # lm-eval builds its own model, so only after this one is gone
+        from .tasks import quality_gate as task_gate
+
+        report["task_gate"] = task_gate(model=str(path), baseline=s.baseline_tasks, recovery_min=s.recovery_min,
+                                        backend=s.backend, dtype=s.engine.dtype,
+                                        engine_options=engine_dict(s.engine.replace(nvfp4_compute="declared")))
     return report
