@@ -173,24 +173,30 @@ def validate(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, m
      help="Texts are cut to max_model_len - 8 tokens.")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
-@opt("--topk", env="TOPK", type=int, default=1, help="Candidates kept per position (>1 adds topk_* columns).")
+@opt("--topk", env="TOPK", type=int, default=20,
+     help="Candidates kept per position (topk_* columns; 1 = top-1 only). The report's KL divergence and "
+          "top-k agreement need them on both sides of a comparison.")
 @opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
 @opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
 @opt("--part-size", env="PART_SIZE", type=int, default=32, help="Texts per Parquet part (the unit of resume).")
 @opt("--max-batch-tokens", env="MAX_BATCH_TOKENS", type=int, default=8192,
      help="transformers: padded tokens per forward pass.")
+@opt("--doc-stride", env="DOC_STRIDE", type=int, default=0,
+     help="Document-level sets (wikitext2_doc): tokens newly scored per rolling window; 0 = disjoint windows "
+          "as lm-eval (max_model_len - 9), smaller overlaps them so every token has longer context.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False,
      help="Replace a dataset scored with other settings.")
 @engine_options
 @stage
 def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_len, backend, topk,
-          results_dir, dtype, part_size, max_batch_tokens, overwrite, **kw):
+          results_dir, dtype, part_size, max_batch_tokens, doc_stride, overwrite, **kw):
     """Score one model: per-token logprobs of each evaluation set to results/logprobs/model=LABEL/."""
     from .stages import score as s
 
     opts = {**_engine_kw(kw), "max_batch_tokens": max_batch_tokens}
     paths = s.run(model, label, datasets, tokenizer, max_model_len, backend, topk, results_dir, dtype,
-                  part_size, overwrite, {"wikitext2": n_wikitext, "ultrachat": n_ultrachat}, opts)
+                  part_size, overwrite, {"wikitext2": n_wikitext, "ultrachat": n_ultrachat}, opts,
+                  doc_stride=doc_stride)
     for p in paths:
         click.echo(str(p))
 
@@ -201,12 +207,15 @@ def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_
 @opt("--report-dir", env="REPORT_DIR", default=None, help="Where the report goes (default: RESULTS_DIR/report).")
 @opt("--bootstrap", env="BOOTSTRAP", type=int, default=1000, help="Bootstrap replicates (resampling texts).")
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
+@opt("--tokenizer", "report_tokenizer", env="REPORT_TOKENIZER", default=None,
+     help="tokenizer.json (or its directory) to decode the worst tokens' context (default: the baseline's "
+          "tokenizer recorded in its Parquet metadata, where readable here; else ids only).")
 @stage
-def aggregate(results_dir, baseline, report_dir, bootstrap, seed):
+def aggregate(results_dir, baseline, report_dir, bootstrap, seed, report_tokenizer):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
     from .stages import aggregate as a
 
-    out = a.run(results_dir, baseline, report_dir, bootstrap, seed)
+    out = a.run(results_dir, baseline, report_dir, bootstrap, seed, report_tokenizer)
     click.echo(str(out / "report.md"))
 
 

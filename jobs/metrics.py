@@ -23,6 +23,8 @@ class Tokens:
     rank: np.ndarray
     top1_id: np.ndarray
     top1_logprob: np.ndarray
+    topk_ids: np.ndarray | None = None  # (N, K), with --topk > 1
+    topk_logprobs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.logprob)
@@ -37,6 +39,10 @@ def scored_tokens(columns: dict) -> Tokens:
     def col(name, dtype):
         return np.asarray(columns[name])[keep][order].astype(dtype)
 
+    topk = {}
+    if columns.get("topk_ids") is not None:  # (N, K) arrays: rows follow the same selection
+        topk = {"topk_ids": np.asarray(columns["topk_ids"])[keep][order].astype(np.int32),
+                "topk_logprobs": np.asarray(columns["topk_logprobs"])[keep][order].astype(np.float32)}
     return Tokens(
         sample_id=col("sample_id", np.int64),
         position=col("position", np.int64),
@@ -45,6 +51,7 @@ def scored_tokens(columns: dict) -> Tokens:
         rank=col("rank", np.int64),
         top1_id=col("top1_id", np.int64),
         top1_logprob=col("top1_logprob", np.float64),
+        **topk,
     )
 
 

@@ -36,7 +36,7 @@ _TOPK_FIELDS = [
     pa.field("topk_logprobs", pa.list_(pa.float32())),
 ]
 REQUIRED_COLUMNS = [f.name for f in _BASE_FIELDS]
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")  # "~": <baseline>~noise
 
 
 def arrow_schema(topk: int = 1) -> pa.Schema:
@@ -47,7 +47,7 @@ def check_label(kind: str, value: str) -> str:
     """Labels become Hive directory names, so they must be plain (no '/', '=', spaces)."""
     if not _LABEL_RE.match(value or ""):
         raise SettingsError(
-            f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '-' (it names a directory)"
+            f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '~', '-' (it names a directory)"
         )
     return value
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics, report, schema
+from .. import metrics, quantstats, report, schema
 from ..errors import AggregateError
 
 log = logging.getLogger("qscore.aggregate")
@@ -27,9 +27,13 @@ def load(found: dict[str, dict[str, Path]]):
     data, meta = {}, {}
     for label, sets in found.items():
         for name, ddir in sets.items():
-            table, m = schema.read_dataset(ddir, COLUMNS)
-            data[(label, name)] = metrics.scored_tokens({c: table.column(c).to_numpy(zero_copy_only=False)
-                                                         for c in COLUMNS})
+            topk = quantstats.has_topk(ddir)
+            table, m = schema.read_dataset(ddir, COLUMNS + (quantstats.TOPK_COLUMNS if topk else []))
+            cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+            if topk:
+                cols.update(quantstats.topk_matrices(table, ddir))
+            del table
+            data[(label, name)] = metrics.scored_tokens(cols)
             meta[(label, name)] = m
     return data, meta
 
@@ -74,7 +78,8 @@ def delta_logprobs(data, baseline: str, sets: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int) -> Path:
+def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int,
+        tokenizer: str | None = None) -> Path:
     results = Path(results_dir)
     found = discover(results)
     if not found:
@@ -93,6 +98,8 @@ def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: 
     summary["provenance"] = report.provenance_table(meta)
     out_dir = Path(report_dir) if report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
-    report.write_all(summary, deltas, out_dir)
+    # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
+    extra = quantstats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=seed, tokenizer=tokenizer)
+    report.write_all(summary, deltas, out_dir, extra)
     log.info("wrote %s", out_dir / "report.md")
     return out_dir
