@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic, backends, evalsets, hub, provenance, sampling, schema
+from .. import atomic, backends, evalsets, hub, provenance, rolling, sampling, schema
 from ..checkpoint import inspect, tokenizer_hash
 from ..errors import ScoreError
 
@@ -34,6 +34,7 @@ class Plan:
     fingerprint: str
     done_parts: int = 0
     skip: bool = False
+    rolling: tuple[int, int] | None = None  # (window, stride): a document-level set, scored in rolling windows
 
 
 def staging_dir(final: Path) -> Path:
@@ -67,17 +68,23 @@ def load_tokenizer(ref: str):
     return tok, path
 
 
-def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, overwrite, part_size) -> Plan:
-    ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
-    samples = sampling.select(ids, max_model_len)
+def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, overwrite, part_size,
+                 doc_stride: int = 0) -> Plan:
+    roll = None
+    if evalset.source.get("kind") == "document":
+        samples, roll = document_samples(evalset, tok, max_model_len, doc_stride)
+    else:
+        ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
+        samples = sampling.select(ids, max_model_len)
     if not samples:
         raise ScoreError(
             f"evaluation set {name!r} is empty after filtering ({len(evalset.texts)} texts, none with "
             f"at least {sampling.MIN_TOKENS} tokens)"
         )
-    fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples), "part_size": part_size})
+    fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples), "part_size": part_size,
+                      **({"rolling": roll} if roll else {})})
     final = schema.dataset_dir(results_dir, label, name)
-    plan = Plan(name, samples, evalset, final, staging_dir(final), fp)
+    plan = Plan(name, samples, evalset, final, staging_dir(final), fp, rolling=roll)
     if final.exists():
         parts = schema.part_files(final)
         old = schema.read_metadata(parts[0]).get("fingerprint") if parts else None
@@ -107,6 +114,19 @@ def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, 
     return plan
 
 
+def document_samples(evalset, tok, max_model_len: int, doc_stride: int):
+    """lm-eval's rolling loglikelihood inputs: each document tokenized without special tokens, after one
+    prefix token (BOS, else EOS), cut into windows of max_model_len - 8 tokens."""
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prefix is None:
+        raise ScoreError(f"{evalset.name}: the tokenizer has neither a BOS nor an EOS token to start a document")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in evalset.texts]
+    window = sampling.max_tokens(max_model_len)
+    sampling.rolling_windows(2, window, doc_stride)  # a bad stride fails here, before any model is loaded
+    evalset.source["rolling"] = {"window": window, "stride": doc_stride or window - 1, "prefix_token": int(prefix)}
+    return sampling.documents(ids, prefix), (window, doc_stride or window - 1)
+
+
 def finish(plan: Plan) -> None:
     """Move the completed staging directory into place; an older dataset goes only after that."""
     old = None
@@ -123,7 +143,7 @@ def finish(plan: Plan) -> None:
 
 def run(model: str, label: str, datasets: str, tokenizer: str | None, max_model_len: int,
         backend: str, topk: int, results_dir: str, dtype: str, part_size: int, overwrite: bool,
-        limits: dict, engine_options: dict) -> list[Path]:
+        limits: dict, engine_options: dict, doc_stride: int = 0) -> list[Path]:
     schema.check_label("model label", label)
     if topk < 1:
         raise ScoreError("--topk must be at least 1")
@@ -143,7 +163,8 @@ def run(model: str, label: str, datasets: str, tokenizer: str | None, max_model_
     plans = []
     for name, path in specs:
         evalset = evalsets.load_set(name, path, limits)
-        plans.append(plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, overwrite, part_size))
+        plans.append(plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, overwrite, part_size,
+                                  doc_stride))
     vocab = ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size")
     for p in plans:
         top = max(max(s.token_ids) for s in p.samples)
@@ -162,7 +183,7 @@ def run(model: str, label: str, datasets: str, tokenizer: str | None, max_model_
     # Batches never straddle a part boundary, so a resumed run computes each part exactly as an
     # uninterrupted one would (same batch shapes, same floating-point results).
     engine = backends.load(backend_name, model_path, dtype=dtype, max_model_len=max_model_len,
-                           window=part_size, **engine_options)
+                           window=part_size, max_logprobs=topk, **engine_options)
     try:
         info = engine.describe()
         for p in todo:
@@ -206,7 +227,7 @@ def write_dataset(plan: Plan, engine, info, ckpt, model_ref, model_path, label, 
     bar = tqdm(total=len(plan.samples), initial=start, desc=f"{label}/{plan.name}", unit="text",
                file=sys.stderr, disable=None)
     buffer, part = [], plan.done_parts
-    for seq in engine.score(remaining, topk=topk):
+    for seq in _scores(plan, engine, remaining, topk, part_size):
         buffer.append(seq)
         bar.update(1)
         if len(buffer) == part_size:
@@ -221,6 +242,15 @@ def write_dataset(plan: Plan, engine, info, ckpt, model_ref, model_path, label, 
         raise ScoreError(f"{plan.name}: the backend returned {part} of {total_parts} parts")
     finish(plan)
     log.info("wrote %s (%d texts, %d rows)", plan.final, len(plan.samples), rows_total)
+
+
+def _scores(plan: Plan, engine, samples, topk: int, part_size: int):
+    if plan.rolling is None:
+        yield from engine.score(samples, topk=topk)
+        return
+    window, stride = plan.rolling
+    for i in range(0, len(samples), part_size):  # one part's windows at a time: a resumed run batches alike
+        yield from rolling.score_documents(engine, samples[i:i + part_size], topk, window, stride)
 
 
 def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:
