@@ -142,7 +142,7 @@ class VllmBackend:
     def __init__(self, model_path, dtype: str = "auto", max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, enforce_eager: bool = False,
                  max_num_batched_tokens: int | None = None, quantization: str | None = None,
-                 load_format: str | None = None, **_ignored):
+                 load_format: str | None = None, max_logprobs: int | None = None, **_ignored):
         # apply_model ships a function to the engine's worker; vLLM refuses pickled callables without this.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         # vLLM logs to stdout by default; stdout is the stages' JSON result, so its logs go to stderr.
@@ -158,6 +158,8 @@ class VllmBackend:
             kwargs["max_num_batched_tokens"] = max_num_batched_tokens
         if quantization:
             kwargs["quantization"] = quantization
+        if max_logprobs and max_logprobs > 20:  # vLLM refuses more prompt logprobs than max_logprobs (20)
+            kwargs["max_logprobs"] = max_logprobs
         if load_format:  # "dummy": random weights from the config alone (bench/, never for results)
             kwargs["load_format"] = load_format
         self.kwargs = kwargs
