@@ -271,9 +271,10 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     out["ln_ppl_ratio"] = {**_ci(ln_ratio, -lay(reps, "delta") / rn), "se_token": se,
                            "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
     out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
-    out["ln_ppl_correlation_tokens"] = float(np.corrcoef(np.concatenate([p.base_lp for p in pairs]),
-                                                         np.concatenate([p.model_lp for p in pairs]))[0, 1]) \
-        if len(d) > 1 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):  # constant logprobs: no correlation (NaN)
+        out["ln_ppl_correlation_tokens"] = float(np.corrcoef(np.concatenate([p.base_lp for p in pairs]),
+                                                             np.concatenate([p.model_lp for p in pairs]))[0, 1]) \
+            if len(d) > 1 else float("nan")
     out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True)
     out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False)
     return out
