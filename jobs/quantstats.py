@@ -40,25 +40,37 @@ def has_topk(ddir: Path) -> bool:
 
 
 def topk_matrices(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
-    """The list columns as (N, K) arrays; rows whose list is null or short (position 0) are padded."""
+    """The list columns as (N_scored, K) arrays, one row per position > 0, in table order.
+
+    Parquet keeps no slots for the null lists of position 0, so the rows that have a list must be exactly
+    the scored ones; ``metrics.scored_tokens`` takes arrays of that length as already selected. Filled
+    chunk by chunk into one array (no combine_chunks copy)."""
+    scored = table.column("position").to_numpy() > 0
+    n = int(scored.sum())
     out = {}
-    for name, fill, dtype in (("topk_ids", -1, np.int32), ("topk_logprobs", np.nan, np.float32)):
-        arr = table.column(name).combine_chunks()
-        offsets = arr.offsets.to_numpy()
-        lengths = np.diff(offsets)
-        k = int(lengths.max()) if len(lengths) else 1
-        values = arr.values.to_numpy(zero_copy_only=False)
-        if len(lengths) and np.all(lengths == k):
-            mat = values[offsets[0]:offsets[-1]].reshape(-1, k).astype(dtype, copy=False)
-        else:
-            mat = np.full((len(lengths), k), fill, dtype=dtype)
-            row = np.repeat(np.arange(len(lengths)), lengths)
-            col = np.arange(len(row)) - np.repeat(offsets[:-1] - offsets[0], lengths)
-            mat[row, col] = values[offsets[0]:offsets[-1]]
-        out[name] = mat
-    pos = table.column("position").to_numpy()
-    if np.any((out["topk_ids"][pos > 0] < 0).any(axis=1)):
-        raise ArchiveError(f"{where}: top-K lists shorter than K at scored positions")
+    for name, dtype in (("topk_ids", np.int32), ("topk_logprobs", np.float32)):
+        col = table.column(name)
+        valid = np.concatenate([c.is_valid().to_numpy(zero_copy_only=False) for c in col.chunks]) \
+            if col.num_chunks else np.zeros(0, bool)
+        if not np.array_equal(valid, scored):
+            raise ArchiveError(f"{where}: {name} is null at scored positions or set at position 0")
+        mat, row = None, 0
+        for chunk in col.chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            rows = len(chunk) - chunk.null_count
+            if rows == 0:
+                continue
+            if len(values) % rows:
+                raise ArchiveError(f"{where}: {name} lists of different lengths")
+            k = len(values) // rows
+            if mat is None:
+                mat = np.empty((n, k), dtype=dtype)
+            if k != mat.shape[1] or not np.all(np.diff(chunk.offsets.to_numpy())[
+                    chunk.is_valid().to_numpy(zero_copy_only=False)] == k):
+                raise ArchiveError(f"{where}: {name} lists of different lengths")
+            mat[row:row + rows] = values.reshape(rows, k)
+            row += rows
+        out[name] = mat if mat is not None else np.zeros((0, 1), dtype=dtype)
     return out
 
 
