@@ -76,11 +76,12 @@ $(call default,MAX_MODEL_LEN,2048)
 ## BASELINE: label the report compares against; default the first label of MODELS
 $(call default,BASELINE,$(firstword $(subst =, ,$(firstword $(MODELS)))))
 ## TOKENIZER: one tokenizer for every model scored; default the BASELINE model's
-$(call default,TOKENIZER,$(patsubst $(BASELINE)=%,%,$(filter $(BASELINE)=%,$(MODELS))))
+BASELINE_MODEL = $(patsubst $(BASELINE)=%,%,$(filter $(BASELINE)=%,$(MODELS)))
+$(call default,TOKENIZER,$(BASELINE_MODEL))
 ## BACKEND: auto | vllm | transformers (validate and score)
 $(call default,BACKEND,auto)
-## TOPK: candidates kept per position (1 = top-1 only)
-$(call default,TOPK,1)
+## TOPK: candidates kept per position (top-K ids and logprobs for KL divergence and top-k agreement; 1 = top-1 only)
+$(call default,TOPK,20)
 ## NVFP4_COMPUTE: NVFP4 arithmetic: declared (W4A4 as the checkpoint says) or weight-only (W4A16)
 $(call default,NVFP4_COMPUTE,declared)
 ## WEIGHT_ONLY: labels of NVFP4 models in MODELS to score again in weight-only arithmetic, as <label>-w4a16
@@ -141,6 +142,12 @@ $(call default,VENV,.venv)
 $(call default,VLLM_VENV,.venv-vllm)
 ## DEMO_RESULTS_DIR: where `make demo` writes its logprobs and report
 $(call default,DEMO_RESULTS_DIR,results/demo)
+## NOISE_LABEL: `make noise-floor`: label of the baseline scored a second time (the report's noise-floor row); default <BASELINE>~noise
+$(call default,NOISE_LABEL,$(BASELINE)~noise)
+## NOISE_BACKEND: `make noise-floor`: backend of that second scoring (the other path than vLLM's)
+$(call default,NOISE_BACKEND,transformers)
+## NOISE_ARGS: `make noise-floor`: extra `jobs score` options for it (e.g. --dtype float32, --max-batch-tokens 2048)
+NOISE_ARGS ?=
 
 # --- task accuracy (lm-evaluation-harness): `make tasks` ------------------------------------------
 ## TASKS: lm-eval tasks, groups or tags `make tasks` runs for every model of MODELS (qscore_local: the bundled offline tasks)
@@ -165,7 +172,7 @@ export MODEL_ID NVIDIA_MODEL SCHEME QUANT_OUTPUT CALIBRATION_DATASET CALIBRATION
   MAX_MODEL_LEN BASELINE TOKENIZER BACKEND TOPK GPU_MEMORY_UTILIZATION SCORE_ARGS SERVE_MODEL PORT \
   NVFP4_COMPUTE WEIGHT_ONLY SHARDS TENSOR_PARALLEL_SIZE K8S_PVC K8S_REGISTRY K8S_HF_SECRET SLURM_PREFIX \
   RESULTS_DIR REPORT_DIR RUNNER GPUS HF_HOME HF_TOKEN CACHE_DIR TAG IMAGE_PREFIX QUANTIZE_BASE \
-  DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR MODEL LABEL OVERWRITE
+  DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR MODEL LABEL OVERWRITE NOISE_LABEL NOISE_BACKEND NOISE_ARGS
 
 ifeq ($(filter docker local,$(RUNNER)),)
 $(error RUNNER must be docker or local, not '$(RUNNER)')
@@ -373,7 +380,7 @@ $(REPORT_STAMP): $(if $(filter tasks,$(MAKECMDGOALS)),$(TASKS_STAMPS)) $(wildcar
 # Targets
 # ---------------------------------------------------------------------------------------------
 .PHONY: help setup setup-vllm demo test images image-quantize image-vllm image-aggregate quantize \
-  validate eval score tasks report aggregate serve clean FORCE plan k8s slurm
+  validate eval score tasks noise-floor report aggregate serve clean FORCE plan k8s slurm
 
 help: ## show this help (the default target)
 	@printf 'qscore: quantize a model, check that vLLM loads it, score checkpoints token by token, report.\n\n'
@@ -406,17 +413,20 @@ $(VLLM_SETUP_STAMP): requirements/vllm.txt
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 	$(PY) -m pytest -m "not gpu"
 
-demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), local, CPU, offline -> DEMO_RESULTS_DIR/report
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory RUNNER=local \
+DEMO_VARS = RUNNER=local \
 	  VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) SCHEME=NVFP4 \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
 	  MODELS="bf16=$(DEMO_BASE) llmc-nvfp4=$(DEMO_QUANT) modelopt-nvfp4=$(DEMO_MODELOPT)" \
 	  WEIGHT_ONLY="llmc-nvfp4 modelopt-nvfp4" NVFP4_COMPUTE=declared SHARDS=1 TENSOR_PARALLEL_SIZE= GPUS= \
 	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl" \
-	  BASELINE=bf16 TOKENIZER=$(DEMO_BASE) BACKEND=transformers MAX_MODEL_LEN=256 TOPK=1 \
+	  BASELINE=bf16 TOKENIZER=$(DEMO_BASE) BACKEND=transformers MAX_MODEL_LEN=256 TOPK=20 \
+	  NOISE_LABEL=bf16~noise NOISE_BACKEND=transformers NOISE_ARGS="--dtype bfloat16" \
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \
-	  TASKS=qscore_local LIMIT= NUM_FEWSHOT= CHAT_TEMPLATE=none RECOVERY_MIN= TASKS_ARGS= \
-	  validate tasks report
+	  TASKS=qscore_local LIMIT= NUM_FEWSHOT= CHAT_TEMPLATE=none RECOVERY_MIN= TASKS_ARGS=
+
+demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), local, CPU, offline -> DEMO_RESULTS_DIR/report
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory $(DEMO_VARS) validate eval tasks noise-floor
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory $(DEMO_VARS) report
 
 $(DEMO_BASE_STAMP): $(call FORCE_IF_MISSING,$(DEMO_BASE)/config.json) | $(SETUP_STAMP)
 	@mkdir -p $(@D)
@@ -486,6 +496,13 @@ $(TASKS_STAMPS):
 	$(call run_tasks,$(T_MODEL),$(T_LABEL))
 	@touch $@
 endif
+
+# The noise floor: the baseline scored again through another path (backend, dtype or batch layout). The
+# aggregate stage shows <BASELINE>~<anything> as the size of a difference that means "no difference".
+noise-floor: ## score BASELINE again with NOISE_BACKEND and NOISE_ARGS as NOISE_LABEL: the report's noise-floor row
+	$(if $(BASELINE_MODEL),,$(error BASELINE '$(BASELINE)' is not a label of MODELS: no model to score again))
+	$(MAKE) --no-print-directory score MODEL=$(BASELINE_MODEL) LABEL=$(NOISE_LABEL) BACKEND=$(NOISE_BACKEND) \
+	  SCORE_ARGS="$(strip $(SCORE_ARGS) $(NOISE_ARGS))"
 
 report: $(REPORT_STAMP) ## aggregate every result in RESULTS_DIR against BASELINE into REPORT_DIR (runs eval first)
 $(REPORT_STAMP): $(EVAL_STAMPS) $(REPORT_INPUTS) $(call FORCE_IF_MISSING,$(REPORT_DIR)/summary.json) $(call NEEDS_VENV,$(PY))

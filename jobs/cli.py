@@ -199,13 +199,18 @@ def validate(**kw):
 @opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
      help="NVFP4 arithmetic: declared = as the checkpoint says (W4A4: native on Blackwell, emulated elsewhere); "
           "weight-only = W4A16, what Marlin serves on Hopper.")
-@opt("--topk", env="TOPK", type=int, default=1, help="Candidates kept per position (>1 adds topk_* columns).")
+@opt("--topk", env="TOPK", type=int, default=20,
+     help="Candidates kept per position (topk_* columns; 1 = top-1 only). The report's KL divergence and "
+          "top-k agreement need them on both sides of a comparison.")
 @opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
 @opt("--part-size", env="PART_SIZE", type=int, default=32, help="Texts per Parquet part (the unit of resume).")
 @opt("--shard", env="SHARD", default=None,
      help="i/N: score every N-th part of each set, starting with part i-1 (for N jobs in parallel).")
 @opt("--max-batch-tokens", env="MAX_BATCH_TOKENS", type=int, default=8192,
      help="transformers: padded tokens per forward pass.")
+@opt("--doc-stride", env="DOC_STRIDE", type=int, default=0,
+     help="Document-level sets (wikitext2_doc): tokens newly scored per rolling window; 0 = disjoint windows "
+          "as lm-eval (max_model_len - 9), smaller overlaps them so every token has longer context.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False,
      help="Replace a dataset scored with other settings.")
 @engine_options
@@ -230,6 +235,9 @@ def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw)
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
 @opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
      help="Task accuracy: recovery (model / baseline) below which a task fails (llm-compressor's CI: 0.95).")
+@opt("--tokenizer", "report_tokenizer", env="REPORT_TOKENIZER", default=None,
+     help="tokenizer.json (or its directory) to decode the worst tokens' context (default: the baseline's "
+          "tokenizer recorded in its Parquet metadata, where readable here; else ids only).")
 @stage
 def aggregate(**kw):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""

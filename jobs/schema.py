@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,7 +38,7 @@ _TOPK_FIELDS = [
     pa.field("topk_logprobs", pa.list_(pa.float32())),
 ]
 REQUIRED_COLUMNS = [f.name for f in _BASE_FIELDS]
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")  # "~": <baseline>~noise
 
 
 def arrow_schema(topk: int = 1) -> pa.Schema:
@@ -48,7 +49,7 @@ def check_label(kind: str, value: str) -> str:
     """Labels become Hive directory names, so they must be plain (no '/', '=', spaces)."""
     if not _LABEL_RE.match(value or ""):
         raise SettingsError(
-            f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '-' (it names a directory)"
+            f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '~', '-' (it names a directory)"
         )
     return value
 
@@ -162,13 +163,15 @@ def _read_parts(directory: Path, columns: Sequence[str] | None) -> tuple[pa.Tabl
     parts = part_files(directory)
     if not parts:
         raise ArchiveError(f"{directory}: no part-*.parquet files")
-    tables, meta0 = [], None
+    meta0 = None
     for p in parts:
         meta = read_metadata(p)
         if meta0 is None:
             meta0 = meta
         elif meta.get("fingerprint") != meta0.get("fingerprint"):
             raise ArchiveError(f"{p}: written by a different run than {parts[0].name} (settings differ)")
+
+    def read(p: Path) -> pa.Table:
         try:
             t = pq.read_table(p, columns=list(columns) if columns else None)
         except Exception as exc:
@@ -176,8 +179,12 @@ def _read_parts(directory: Path, columns: Sequence[str] | None) -> tuple[pa.Tabl
         missing = [c for c in (columns or REQUIRED_COLUMNS) if c not in t.column_names]
         if missing:
             raise ArchiveError(f"{p}: missing columns {missing}")
-        tables.append(t)
-    table = pa.concat_tables(tables)
+        return t
+
+    # Parts are small (one per PART_SIZE texts): reading several at once hides each file's fixed cost.
+    # map() keeps the order and raises the first failing part's error.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        table = pa.concat_tables(list(pool.map(read, parts)))
     expected = meta0.get("counts", {}).get("rows_total")
     if expected is not None and table.num_rows != expected:
         raise ArchiveError(

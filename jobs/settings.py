@@ -32,6 +32,7 @@ class EngineOptions:
     enforce_eager: bool | None = None  # None: decided by the workload's size (see jobs/backends/vllm.py)
     max_num_batched_tokens: int | None = None
     quantization: str | None = None
+    max_logprobs: int | None = None  # the score stage sets it to --topk
     load_format: str | None = None  # "dummy": random weights (bench/ only, never for results)
 
     def __post_init__(self):
@@ -121,11 +122,12 @@ class ScoreSettings:
     datasets: str = "wikitext2,ultrachat"
     limits: tuple[tuple[str, int], ...] = (("wikitext2", 200), ("ultrachat", 200))
     tokenizer: str | None = None
-    topk: int = 1
+    topk: int = 20
     results_dir: str = "results"
     part_size: int = 32
     overwrite: bool = False
     shard: Shard | None = None
+    doc_stride: int = 0  # document-level sets: tokens newly scored per rolling window (0: disjoint, as lm-eval)
     backend: str = "auto"
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -144,6 +146,7 @@ class AggregateSettings:
     bootstrap: int = 1000
     seed: int = 0
     recovery_min: float = 0.95  # task accuracy: recovery below which a task fails
+    report_tokenizer: str | None = None  # decodes the worst tokens' context (default: the baseline's)
 
 
 def engine_dict(options: EngineOptions) -> dict:

@@ -26,7 +26,7 @@ def _hermetic_environment() -> None:
     cmds = [main, *main.commands.values()]
     for name in {p.envvar for c in cmds for p in c.params if isinstance(p, click.Option) and p.envvar}:
         os.environ.pop(name, None)
-    for name in ("WIKITEXT_SOURCE", "ULTRACHAT_SOURCE"):
+    for name in ("WIKITEXT_SOURCE", "WIKITEXT_DOC_SOURCE", "ULTRACHAT_SOURCE"):
         os.environ.pop(name, None)
 
 

@@ -21,7 +21,7 @@ MAKEFILE = ROOT / "Makefile"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
 TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "images", "image-quantize", "image-vllm",
-           "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "report", "aggregate", "serve", "clean",
+           "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "noise-floor", "report", "aggregate", "serve", "clean",
            "plan", "k8s", "slurm"]
 LABELS = ("bf16", "llmc-nvfp4", "nvidia-nvfp4")
 PAIRS = [(m, d) for m in LABELS for d in ("wikitext2", "ultrachat")]
@@ -334,7 +334,8 @@ def test_setup_and_test_targets(repo):
 
 
 def test_demo_is_local_cpu_and_offline(repo):
-    lines = repo.dry("demo", "RUNNER=docker")  # the demo ignores the runner
+    # the demo runs two sub-makes (scoring, then the report); a dry run prints the first one's work twice
+    lines = list(dict.fromkeys(repo.dry("demo", "RUNNER=docker")))  # the demo ignores the runner
     assert not any("docker run" in ln for ln in lines)
     assert any("HF_HUB_OFFLINE=1" in ln for ln in lines)
     assert ".venv/bin/python -m jobs build-tiny --output models/tiny-qwen3" in lines
@@ -349,18 +350,23 @@ def test_demo_is_local_cpu_and_offline(repo):
     scores = stage_lines(lines, "score")
     sets = "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl"
     assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {
-        (m, sets) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16")}
+        (m, sets) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16",
+                            "bf16~noise")}
     assert all(opt(s, "--tokenizer") == "models/tiny-qwen3" and opt(s, "--backend") == "transformers"
-               for s in scores)
+               and opt(s, "--topk") == "20" for s in scores)
     # both NVFP4 models as declared (W4A4), and again weight-only beside them; no GPU asked for
     assert {opt(s, "--label") for s in scores if "--nvfp4-compute weight-only" in s} == {
         "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16"}
     assert not any("jobs.slots" in s for s in scores)
+    # the noise floor: the baseline again, in bfloat16 instead of float32
+    [noise] = [s for s in scores if opt(s, "--label") == "bf16~noise"]
+    assert opt(noise, "--model") == "models/tiny-qwen3" and opt(noise, "--dtype") == "bfloat16"
+    assert lines.index(noise) < lines.index(stage_lines(lines, "aggregate")[0])
     [a] = stage_lines(lines, "aggregate")
     assert "--baseline bf16" in a
     # every fixture is made before it is used
     i = {k: next(n for n, ln in enumerate(lines) if k in ln) for k in ("build-tiny", "export-modelopt")}
-    assert i["build-tiny"] < lines.index(q) < min(lines.index(s) for s in scores)
+    assert i["build-tiny"] < lines.index(q) < min(lines.index(s) for s in scores if "noise" not in s)
     assert i["export-modelopt"] < min(lines.index(s) for s in scores if "modelopt" in opt(s, "--label"))
 
 

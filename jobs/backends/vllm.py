@@ -204,6 +204,8 @@ def engine_kwargs(path: Path, options: EngineOptions, arith: arith_mod.Arithmeti
         kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
     if options.quantization:
         kwargs["quantization"] = options.quantization
+    if options.max_logprobs and options.max_logprobs > 20:  # vLLM refuses more prompt logprobs than max_logprobs (20)
+        kwargs["max_logprobs"] = options.max_logprobs
     if options.load_format:  # "dummy": random weights from the config alone (bench/, never for results)
         kwargs["load_format"] = options.load_format
     if arith.vllm_linear_backend != "auto":

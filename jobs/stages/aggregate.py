@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics, report, schema, taskreport
+from .. import metrics, quantstats, report, schema, taskreport
 from ..errors import AggregateError
 from ..settings import AggregateSettings
 
@@ -28,9 +28,13 @@ def load(found: dict[str, dict[str, Path]]):
     data, meta = {}, {}
     for label, sets in found.items():
         for name, ddir in sets.items():
-            table, m = schema.read_dataset(ddir, COLUMNS)
-            data[(label, name)] = metrics.scored_tokens({c: table.column(c).to_numpy(zero_copy_only=False)
-                                                         for c in COLUMNS})
+            topk = quantstats.has_topk(ddir)
+            table, m = schema.read_dataset(ddir, COLUMNS + (quantstats.TOPK_COLUMNS if topk else []))
+            cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+            if topk:
+                cols.update(quantstats.topk_matrices(table, ddir))
+            del table
+            data[(label, name)] = metrics.scored_tokens(cols)
             meta[(label, name)] = m
     return data, meta
 
@@ -98,7 +102,9 @@ def run(*, settings: AggregateSettings) -> Path:
         summary["tasks"] = taskreport.summarize(taskreport.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
-    report.write_all(summary, deltas, out_dir)
+    # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
+    extra = quantstats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
+    report.write_all(summary, deltas, out_dir, extra)
     if "tasks" in summary:
         taskreport.write_csv(summary["tasks"], out_dir)
     log.info("wrote %s", out_dir / "report.md")

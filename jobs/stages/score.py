@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic, backends, evalsets, hub, provenance, sampling, schema
+from .. import atomic, backends, evalsets, hub, provenance, rolling, sampling, schema
 from ..checkpoint import Checkpoint, check_max_model_len, inspect, tokenizer_hash
 from ..errors import ScoreError
 from ..settings import ScoreSettings, Shard
@@ -43,6 +43,7 @@ class Plan:
     set_fingerprint: str  # the whole set's: every shard of one run carries the same
     done: set[int] = field(default_factory=set)
     skip: bool = False
+    rolling: tuple[int, int] | None = None  # (window, stride): a document-level set, scored in rolling windows
 
     def part_samples(self, k: int) -> list[sampling.Sample]:
         return self.samples[k * self.part_size:(k + 1) * self.part_size]
@@ -95,21 +96,26 @@ def load_tokenizer(ref: str):
 
 
 def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, common: dict) -> Plan:
-    ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
-    samples = sampling.select(ids, s.engine.max_model_len)
+    roll = None
+    if evalset.source.get("kind") == "document":
+        samples, roll = document_samples(evalset, tok, s.engine.max_model_len, s.doc_stride)
+    else:
+        ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
+        samples = sampling.select(ids, s.engine.max_model_len)
     if not samples:
         raise ScoreError(
             f"evaluation set {name!r} is empty after filtering ({len(evalset.texts)} texts, none with "
             f"at least {sampling.MIN_TOKENS} tokens)"
         )
     set_fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples),
-                          "part_size": s.part_size})
+                          "part_size": s.part_size, **({"rolling": roll} if roll else {})})
     fp = set_fp if s.shard is None else fingerprint({"set": set_fp, "shard": str(s.shard)})
     final = schema.dataset_dir(s.results_dir, s.label, name)
     if s.shard is not None:
         final = final / f"shard={s.shard.name}"
     total = n_parts(len(samples), s.part_size)
-    plan = Plan(name, samples, evalset, shard_parts(total, s.shard), s.part_size, final, staging_dir(final), fp, set_fp)
+    plan = Plan(name, samples, evalset, shard_parts(total, s.shard), s.part_size, final, staging_dir(final), fp, set_fp,
+                rolling=roll)
     if not plan.parts:
         raise ScoreError(f"{name}: shard {s.shard} is empty: the set has only {total} parts of {s.part_size} texts "
                          "(use fewer shards or a smaller --part-size)")
@@ -142,6 +148,19 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
             stale.unlink()  # a temporary file of a killed run: never renamed, so never complete
         plan.done = {int(p.stem.split("-")[1]) for p in schema.part_files(plan.staging)}
     return plan
+
+
+def document_samples(evalset, tok, max_model_len: int, doc_stride: int):
+    """lm-eval's rolling loglikelihood inputs: each document tokenized without special tokens, after one
+    prefix token (BOS, else EOS), cut into windows of max_model_len - 8 tokens."""
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prefix is None:
+        raise ScoreError(f"{evalset.name}: the tokenizer has neither a BOS nor an EOS token to start a document")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in evalset.texts]
+    window = sampling.max_tokens(max_model_len)
+    sampling.rolling_windows(2, window, doc_stride)  # a bad stride fails here, before any model is loaded
+    evalset.source["rolling"] = {"window": window, "stride": doc_stride or window - 1, "prefix_token": int(prefix)}
+    return sampling.documents(ids, prefix), (window, doc_stride or window - 1)
 
 
 def finish(plan: Plan) -> None:
@@ -186,7 +205,7 @@ def run(*, settings: ScoreSettings) -> list[Path]:
     expected = sum(len(x.token_ids) for p in todo for k in p.todo for x in p.part_samples(k))
     # Batches never straddle a part boundary, so a resumed or sharded run computes each part exactly
     # as an uninterrupted one would (same batch shapes, same floating-point results).
-    engine = backends.load(backend_name, ckpt, s.engine.replace(window=s.part_size), expected_tokens=expected)
+    engine = backends.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), expected_tokens=expected)
     try:
         info = engine.describe()
         if info.get("arithmetic", arith.label) != arith.label:
@@ -233,7 +252,7 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     bar = tqdm(total=len(queue), desc=f"{s.label}/{plan.name}", unit="text", file=sys.stderr, disable=None)
     buffer: list = []
     remaining = list(todo)
-    for (k, _), seq in zip(queue, engine.score([x for _, x in queue], topk=s.topk)):
+    for (k, _), seq in zip(queue, _scores(plan, engine, todo, s.topk)):
         buffer.append(seq)
         bar.update(1)
         if len(buffer) == len(plan.part_samples(k)):
@@ -247,6 +266,17 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     finish(plan)
     log.info("wrote %s (%d parts, %d rows): %d tokens scored in %.1f s, %.0f tokens/s", plan.final, len(plan.parts),
              plan.rows_total, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
+
+
+def _scores(plan: Plan, engine, parts: list[int], topk: int):
+    """The parts' sequences, in order: plain texts submitted at once; documents one part at a time, in
+    rolling windows (a resumed or sharded run batches them alike)."""
+    if plan.rolling is None:
+        yield from engine.score([x for k in parts for x in plan.part_samples(k)], topk=topk)
+        return
+    window, stride = plan.rolling
+    for k in parts:
+        yield from rolling.score_documents(engine, plan.part_samples(k), topk, window, stride)
 
 
 def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:
