@@ -14,7 +14,7 @@ bash "$root/bench/rehearsal.sh" prep "$shape" >/dev/null
 base=$W/qwen3-$shape
 MK=(make --no-print-directory -C "$root" -j2 RUNNER=local VENV="$W/venv-q" VLLM_VENV="$W/venv-v" BACKEND=vllm
     TOKENIZER="$base" DATASETS="wikitext2=$W/sets/wikitext2.txt ultrachat=$W/sets/ultrachat.jsonl"
-    MAX_MODEL_LEN=2048 TOPK=1 GPU_MEMORY_UTILIZATION=0.85 SCORE_ARGS= WEIGHT_ONLY= NVFP4_COMPUTE=declared)
+    MAX_MODEL_LEN=2048 TOPK=20 GPU_MEMORY_UTILIZATION=0.85 SCORE_ARGS= WEIGHT_ONLY= NVFP4_COMPUTE=declared)
 export CACHE_DIR=$W/cache
 run() {  # run NAME MAKE-ARGS...: wall seconds of `make eval` with those settings
   local name=$1; shift; rm -rf "$W/mg-$name"; local t0; t0=$(date +%s.%N)
@@ -24,6 +24,9 @@ run() {  # run NAME MAKE-ARGS...: wall seconds of `make eval` with those setting
 }
 run serial GPUS=0 MODELS="a=$base b=$base" SHARDS=1
 run parallel GPUS=0,1 MODELS="a=$base b=$base" SHARDS=1
+run topk1 GPUS=0 MODELS="a=$base" SHARDS=1 TOPK=1  # the cost of top-20: one job of `serial` with top-1 only
+grep -ho "dataset=[a-z0-9_]* ([0-9]* parts, [0-9]* rows): [0-9]* tokens scored in [0-9.]* s, [0-9]* tokens/s" \
+  "$OUT"/mg-serial.log "$OUT"/mg-topk1.log | sed 's/^/SPEED /' | tee -a "$OUT/multi_gpu.jsonl" || true
 VLLM_BATCH_INVARIANT=1 run unsharded GPUS=0 MODELS="s=$base" SHARDS=1
 VLLM_BATCH_INVARIANT=1 run sharded GPUS=0,1 MODELS="s=$base" SHARDS=2
 "$PY_VLLM" - "$W" <<'PY' | tee -a "$OUT/multi_gpu.jsonl"
