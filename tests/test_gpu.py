@@ -163,7 +163,7 @@ def test_vllm_on_nvfp4_checkpoints(fixtures, results, fmt, mode):
         native = cc >= 10.0
         assert rt["arithmetic"] == ("W4A4 (native)" if native else "W4A4 (emulated)"), rt["arithmetic"]
         assert native or "Emulation" in rt["kernel_path"], rt["kernel_path"]
-        bound, mean_bound = (0.2, 0.05) if native else (0.05, 0.01)
+        bound, mean_bound = (0.2, 0.05) if native else (0.08, 0.01)  # observed on an H200: 0.046 / 0.0004
     for name, (mean, _, same) in deltas.items():
         assert mean <= bound and same > 0.9, f"{name}: mean |Δ| {mean:.4f} > {bound}, same top-1 {same:.3f}"
     for name in ("wiki", "chat"):
