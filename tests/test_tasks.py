@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import DATA, ROOT, cli
+from conftest import DATA, cli
 from jobs import taskarchive, taskeval, taskreport
 
 pytestmark = pytest.mark.slow
