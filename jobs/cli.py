@@ -235,8 +235,7 @@ def aggregate(results_dir, baseline, report_dir, bootstrap, seed, recovery_min):
 @opt("--include-path", env="TASKS_INCLUDE_PATH", default=None,
      help="Directory of lm-eval YAML tasks (default: the bundled data/tasks).")
 @opt("--batch-size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
-@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048,
-     help="Context length (prompts are cut from the left).")
+@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048, help="Context length (prompts are cut from the left).")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
 @opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
