@@ -147,7 +147,7 @@ def random_samples(n: int, length: int, seed: int = 0):
     return [Sample(i, tuple(int(t) for t in rng.integers(0, VOCAB - 1000, length)), False) for i in range(n)]
 
 
-def run_vllm(path: Path, samples, engine_kw: dict, results: Path) -> dict:
+def run_vllm(path: Path, samples, engine_kw: dict, results: Path, topk: int = 1) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -158,9 +158,9 @@ def run_vllm(path: Path, samples, engine_kw: dict, results: Path) -> dict:
     tokens = sum(len(s.token_ids) for s in samples)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        eng = VllmBackend(path, load_format="dummy", **engine_kw)
+        eng = VllmBackend(path, load_format="dummy", max_logprobs=topk, **engine_kw)
         start = time.perf_counter() - t0
-        params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False, flat_logprobs=True)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(s.token_ids)) for s in samples]
         eng.llm.generate(prompts[:16], params, use_tqdm=False)  # warm-up: kernels chosen, caches allocated
         t = time.perf_counter()
@@ -174,7 +174,7 @@ def run_vllm(path: Path, samples, engine_kw: dict, results: Path) -> dict:
                                quant=SimpleNamespace(method=None, format=None, scheme=None, group_size=None, ignore=[]))
         t = time.perf_counter()
         stage.write_dataset(plan, eng, {"backend": "vllm"}, ckpt, "bench", path, "bench", "none", path,
-                            {"tokenizer_hash": "-"}, engine_kw["max_model_len"], 1, 32)
+                            {"tokenizer_hash": "-"}, engine_kw["max_model_len"], topk, 32)
         staged = time.perf_counter() - t
         kernel = eng.describe()["kernel_path"]
         eng.close()
@@ -233,6 +233,8 @@ def main():
     ap.add_argument("--hf-batch-tokens", type=int, default=16384)
     ap.add_argument("--quant-config", default=None, help="config.json of an NVFP4 checkpoint llm-compressor wrote")
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
+    ap.add_argument("--topk", default="1", help="comma list: candidates per position (the score stage's --topk), "
+                                                "one run per value")
     a = ap.parse_args()
     import torch
 
@@ -247,19 +249,21 @@ def main():
     def share(tok_s: float) -> float:
         return round(flops_per_token * tok_s / (peak * 1e12), 3)
 
-    for mnbt in [int(x) for x in a.max_num_batched_tokens.split(",") if x] or [None]:
-        for fmt in a.formats.split(","):
-            engine_kw = {"max_model_len": a.len + 8, "gpu_memory_utilization": a.gpu_memory_utilization,
-                         "enforce_eager": a.enforce_eager, "max_num_batched_tokens": mnbt}
-            row = {**base, "path": "vllm", "format": fmt, "compiled": not a.enforce_eager,
-                   "max_num_batched_tokens": mnbt}
-            row.update(run_vllm(config_dir(work, a.shape, fmt, a.quant_config), samples, engine_kw,
-                                work / "results" / f"{a.shape}-{fmt}"))
-            for k in ("bare", "stage"):
-                row[f"{k}_peak_share"] = share(row[f"{k}_tok_s"])
-                row[f"{k}_tok_s"] = round(row[f"{k}_tok_s"])
-            row["stage_vs_bare"] = round(row["stage_tok_s"] / row["bare_tok_s"], 3)
-            emit(row, a.out)
+    for mnbt, fmt, topk in [(m, f, int(k)) for m in [int(x) for x in a.max_num_batched_tokens.split(",") if x] or [None]
+                            for f in a.formats.split(",") for k in a.topk.split(",")]:
+        engine_kw = {"max_model_len": a.len + 8, "gpu_memory_utilization": a.gpu_memory_utilization,
+                     "enforce_eager": a.enforce_eager, "max_num_batched_tokens": mnbt}
+        row = {**base, "path": "vllm", "format": fmt, "compiled": not a.enforce_eager,
+               "max_num_batched_tokens": mnbt, "topk": topk}
+        results = work / "results" / f"{a.shape}-{fmt}-top{topk}"
+        row.update(run_vllm(config_dir(work, a.shape, fmt, a.quant_config), samples, engine_kw, results, topk))
+        row["parquet_bytes_per_token"] = round(sum(p.stat().st_size for p in results.rglob("*.parquet"))
+                                               / (a.n * a.len), 1)
+        for k in ("bare", "stage"):
+            row[f"{k}_peak_share"] = share(row[f"{k}_tok_s"])
+            row[f"{k}_tok_s"] = round(row[f"{k}_tok_s"])
+        row["stage_vs_bare"] = round(row["stage_tok_s"] / row["bare_tok_s"], 3)
+        emit(row, a.out)
     if a.hf:
         row = {**base, "path": "transformers", "format": "bf16 (NVFP4 is dequantised to it)"}
         row.update(run_hf(cfg, samples, a.hf_batch_tokens))
