@@ -320,7 +320,7 @@ DEMO_VARS = RUNNER=local \
 	  VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) SCHEME=NVFP4 \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
 	  MODELS="bf16=$(DEMO_BASE) llmc-nvfp4=$(DEMO_QUANT) modelopt-nvfp4=$(DEMO_MODELOPT)" \
-	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl" \
+	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl wikitext2_doc=data/wiki_mini.txt" \
 	  BASELINE=bf16 TOKENIZER=$(DEMO_BASE) BACKEND=transformers MAX_MODEL_LEN=256 TOPK=20 \
 	  NOISE_LABEL=bf16~noise NOISE_BACKEND=transformers NOISE_ARGS="--dtype bfloat16" \
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report

@@ -343,8 +343,9 @@ def test_demo_is_local_cpu_and_offline(repo):
     scores = stage_lines(lines, "score")
     assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {
         (m, d) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4")
-        for d in ("wiki_mini=data/wiki_mini.txt", "chat_mini=data/chat_mini.jsonl")} | {
-        ("bf16~noise", "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl")}
+        for d in ("wiki_mini=data/wiki_mini.txt", "chat_mini=data/chat_mini.jsonl",
+                  "wikitext2_doc=data/wiki_mini.txt")} | {
+        ("bf16~noise", "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl,wikitext2_doc=data/wiki_mini.txt")}
     assert all(opt(s, "--tokenizer") == "models/tiny-qwen3" and opt(s, "--backend") == "transformers"
                and opt(s, "--topk") == "20" for s in scores)
     # the noise floor: the baseline again, in bfloat16 instead of float32
