@@ -139,7 +139,7 @@ def render_sections(summary: dict) -> list[str]:
               "of the actual token. Context = the 12 tokens before it, then the token in ⟦ ⟧"
               + ("" if summary.get("where_it_hurts_decoded") else
                  " (token ids: no tokenizer was readable here; pass `--tokenizer path/to/tokenizer.json`)")
-              + f". The top {1000} positions per model and criterion are in `worst_tokens.parquet`.", ""]
+              + ". The top 1000 positions per model, set and criterion are in `worst_tokens.parquet`.", ""]
         for m in models:
             h = hurts[m]
             L += [f"### {_name(summary, m)}", "", "| set | text (sample_id) | tokens | mean Δnll | mean KLD |",

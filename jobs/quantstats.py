@@ -8,7 +8,6 @@ is at hand). The numbers are computed here; ``quantreport`` renders them.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pyarrow.parquet as pq
 from . import comparison, docppl, schema
 from .errors import AggregateError, ArchiveError
 
-log = logging.getLogger("qscore.aggregate")
 TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]
 NOISE_SEP = "~"  # <baseline>~noise: the baseline through another path (backend, batch layout, dtype)
 WORST_MD = 10  # rows per table in report.md
