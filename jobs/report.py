@@ -12,7 +12,7 @@ from . import atomic, quantreport
 
 CSV_FIELDS = ["model", "dataset", "tokens", "texts", "nll", "ppl", "top1_acc", "conf_nll", "conf_ppl", "score",
               "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi",
-              "same_top1", "delta_p"]
+              "same_top1", "delta_p", "kld", "kld_lo", "kld_hi", "kld_reverse", "delta_p_rms", "topk"]
 
 
 def provenance_table(meta: dict) -> dict:
@@ -38,6 +38,11 @@ def csv_rows(summary: dict) -> list[dict]:
         for name, stats in list(entry["sets"].items()) + [("overall", entry["overall"])]:
             row = {"model": model, "dataset": name, **{k: stats.get(k) for k in CSV_FIELDS[2:10]}}
             row.update({k: v for k, v in (stats.get("paired") or {}).items() if k in CSV_FIELDS})
+            c = stats.get("comparison")
+            if c:  # the KL lower bound and friends (docs/statistics.md)
+                row.update(kld=c["kld"]["mean"]["value"], kld_lo=c["kld"]["mean"]["lo"], kld_hi=c["kld"]["mean"]["hi"],
+                           kld_reverse=c["kld_reverse"]["mean"]["value"], delta_p_rms=c["delta_p"]["rms"]["value"],
+                           topk=c["k"])
             rows.append(row)
     return rows
 

@@ -193,6 +193,41 @@ def test_vllm_parquet_passes_aggregate(fixtures, results, tmp_path):
 
 
 @needs_vllm
+def test_noise_floor_and_kl_from_vllm_top20(fixtures, results, tmp_path):
+    """vLLM's top-20 lists pair with transformers': transformers bf16, shown as the noise floor of vLLM bf16,
+    sits far below NVFP4's KL divergence; and --topk above vLLM's default max_logprobs (20) works."""
+    for label in ("vllm-bf16", "hf-bf16", "vllm-nvfp4"):
+        assert schema.dataset_dir(results, label, "wiki").exists(), f"{label} not scored"
+    view = tmp_path / "view"
+    (view / "logprobs").mkdir(parents=True)
+    for label, shown in (("vllm-bf16", "vllm-bf16"), ("hf-bf16", "vllm-bf16~noise"), ("vllm-nvfp4", "vllm-nvfp4")):
+        (view / "logprobs" / f"model={shown}").symlink_to(results / "logprobs" / f"model={label}")
+    r = cli_subprocess("aggregate", "--results-dir", view, "--baseline", "vllm-bf16", "--bootstrap", 200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((view / "report" / "summary.json").read_text())
+    assert s["noise_floor"] == ["vllm-bf16~noise"] and s["statistics"]["topk"]["vllm-bf16"] == 20
+    noise = s["models"]["vllm-bf16~noise"]["overall"]["comparison"]
+    q = s["models"]["vllm-nvfp4"]["overall"]["comparison"]
+    assert noise["kld"]["mean"]["value"] < q["kld"]["mean"]["value"]
+    assert noise["same_top1"]["value"] > 0.95
+    REPORT["noise floor: hf bf16 vs vllm bf16 (top-20)"] = {
+        "kld_mean": noise["kld"]["mean"], "kld_99": noise["kld"]["quantiles"]["99"],
+        "delta_nll": noise["ln_ppl_ratio"]["value"], "same_top1": noise["same_top1"]["value"],
+        "top5_agreement": noise["topk_agreement"][4]["value"]}
+    REPORT["vllm nvfp4 vs vllm bf16 (top-20)"] = {
+        "kld_mean": q["kld"]["mean"], "kld_99": q["kld"]["quantiles"]["99"], "delta_nll": q["ln_ppl_ratio"]["value"],
+        "same_top1": q["same_top1"]["value"], "top5_agreement": q["topk_agreement"][4]["value"]}
+    score(fixtures / "tiny-bf16", "vllm-top32", results, "vllm", "--dtype", "bfloat16", "--topk", "32", *VLLM_OPTS)
+    t32, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-top32", "wiki"), ["position", "topk_ids"])
+    t20, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-bf16", "wiki"), ["position", "topk_ids"])
+    ids32 = [x for x in t32.column("topk_ids").to_pylist() if x is not None]
+    ids20 = [x for x in t20.column("topk_ids").to_pylist() if x is not None]
+    assert {len(x) for x in ids32} == {32} and {len(x) for x in ids20} == {20}
+    same = np.mean([a[:10] == b[:10] for a, b in zip(ids32, ids20)])
+    assert same > 0.95, f"top-10 of the top-32 run equal the top-20 run's at only {same:.3f} of positions"
+
+
+@needs_vllm
 def test_validate_with_vllm(fixtures, results):
     r = cli_subprocess("validate", "--model", fixtures / "tiny-nvfp4", "--backend", "vllm", "--expect-scheme",
                        "NVFP4", "--baseline-logprobs", schema.dataset_dir(results, "vllm-bf16", "wiki"),
