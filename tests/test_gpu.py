@@ -16,23 +16,16 @@ import numpy as np
 import pytest
 
 from conftest import cli_subprocess
+from gpu_fixtures import cuda_available, given_or_built
 from jobs import metrics, schema
 from jobs.stages.aggregate import COLUMNS
 
 pytestmark = pytest.mark.gpu
 
 
-def _cuda() -> bool:
-    try:
-        import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-needs_cuda = pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")
-needs_vllm = pytest.mark.skipif(not _cuda() or importlib.util.find_spec("vllm") is None,
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU")
+needs_vllm = pytest.mark.skipif(not cuda_available() or importlib.util.find_spec("vllm") is None,
                                 reason="needs a CUDA GPU and vLLM")
 DATA = Path(__file__).resolve().parent.parent / "data"
 SETS = f"wiki={DATA}/wiki_mini.txt,chat={DATA}/chat_mini.jsonl"
@@ -42,12 +35,7 @@ REPORT = {}  # observed differences, printed at the end for the record
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    given = os.environ.get("QSCORE_GPU_FIXTURES")
-    if given:
-        return Path(given)
-    from gpu_fixtures import build
-
-    return build(tmp_path_factory.mktemp("gpu-fixtures"))
+    return given_or_built(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
