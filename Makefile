@@ -6,7 +6,8 @@
 #
 # `make` (= `make help`) lists every target and variable with its current value.
 # Variables come from, strongest first: the command line, `.env` (copy .env.example), the
-# environment, the defaults below (which match .env.example). An empty value means the default.
+# environment, the defaults below (which match .env.example). An empty value means the default
+# (except GPUS, where it means no GPU).
 # Each stage runs either in its container (RUNNER=docker, the default when a Docker engine answers)
 # or in a local venv (RUNNER=local). See docs/cuda-host.md.
 #
@@ -98,8 +99,8 @@ $(call default,REPORT_DIR,$(RESULTS_DIR)/report)
 ifeq ($(strip $(RUNNER)),)
 override RUNNER := $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
 endif
-## GPUS: docker --gpus value: all, device=0, or '"device=0,1"'
-$(call default,GPUS,all)
+## GPUS: docker --gpus value: all, device=0, or '"device=0,1"'; empty (or none): no GPU, the stages run on the CPU
+GPUS ?= all
 ## HF_HOME: Hugging Face cache on the host (mounted at /hf in containers)
 $(call default,HF_HOME,$(HOME)/.cache/huggingface)
 ## HF_TOKEN: Hugging Face token for gated models (passed to containers by name, never printed)
@@ -114,12 +115,16 @@ $(call default,IMAGE_PREFIX,qscore)
 QUANTIZE_BASE ?=
 ## DOCKER_ARGS: extra `docker run` options (e.g. --shm-size 16g)
 DOCKER_ARGS ?=
+## DOCKER_USER: uid:gid the containers run as; default yours, so that what they write belongs to you
+DOCKER_USER ?=
 ## VENV: local venv (RUNNER=local and the demo), made by `make setup`
 $(call default,VENV,.venv)
 ## VLLM_VENV: local venv with vLLM for validate/score/serve when RUNNER=local (`make setup-vllm`); if absent, VENV is used
 $(call default,VLLM_VENV,.venv-vllm)
 ## DEMO_RESULTS_DIR: where `make demo` writes its logprobs and report
 $(call default,DEMO_RESULTS_DIR,results/demo)
+## DEMO_RUNNER: where `make demo` runs its stages: local, or docker (the images, on the CPU: `make test-images`)
+$(call default,DEMO_RUNNER,local)
 
 VLLM_VERSION := 0.26.0
 PYTHON3 ?= python3
@@ -128,10 +133,13 @@ export MODEL_ID NVIDIA_MODEL SCHEME QUANT_OUTPUT CALIBRATION_DATASET CALIBRATION
   NUM_CALIBRATION_SAMPLES MAX_SEQUENCE_LENGTH QUANTIZE_ARGS MODELS DATASETS N_WIKITEXT N_ULTRACHAT \
   MAX_MODEL_LEN BASELINE TOKENIZER BACKEND TOPK GPU_MEMORY_UTILIZATION SCORE_ARGS SERVE_MODEL PORT \
   RESULTS_DIR REPORT_DIR RUNNER GPUS HF_HOME HF_TOKEN CACHE_DIR TAG IMAGE_PREFIX QUANTIZE_BASE \
-  DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR MODEL LABEL OVERWRITE
+  DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR DEMO_RUNNER MODEL LABEL OVERWRITE
 
 ifeq ($(filter docker local,$(RUNNER)),)
 $(error RUNNER must be docker or local, not '$(RUNNER)')
+endif
+ifeq ($(filter docker local,$(DEMO_RUNNER)),)
+$(error DEMO_RUNNER must be docker or local, not '$(DEMO_RUNNER)')
 endif
 
 IMG_QUANTIZE  = $(IMAGE_PREFIX)-quantize:$(TAG)
@@ -185,14 +193,25 @@ model_dep = $(or $(PRODUCER.$(patsubst ./%,%,$(1))),$(if $(call is_local,$(1)),$
 ds_dir = $(RESULTS_DIR)/logprobs/model=$(1)/dataset=$(2)
 FORCE_IF_MISSING = $(if $(wildcard $(1)),,FORCE)
 
-# docker run for a stage: $(1)=image, $(2)=gpu|cpu, $(3)=models mount mode (rw|ro), $(4)=extra mounts
-docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(if $(filter gpu,$(2)),$(HF_HOME) $(CACHE_DIR)) && \
+# docker run for a stage: $(1)=image, $(2)=what the stage is: gpu (a model stage: models/, data/, the caches,
+# and the GPUs of GPUS unless GPUS is empty or none), cpu-models (the same mounts, never a GPU: build-tiny)
+# or cpu (the results directory only: aggregate); $(3)=models mount mode (rw|ro), $(4)=extra mounts
+docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(if $(call model_stage,$(2)),$(HF_HOME) $(CACHE_DIR)) && \
   docker run --rm --pull never \
-  $(if $(filter gpu,$(2)),--gpus '$(GPUS)' --ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(filter gpu,$(2)),-e HF_TOKEN) \
-  -u $$(id -u):$$(id -g) \
-  $(if $(filter gpu,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e XDG_CACHE_HOME=/cache -e TRITON_CACHE_DIR=/cache/triton -v $(CACHE_DIR):/cache \
+  $(if $(filter gpu,$(2)),$(if $(gpus),--gpus '$(GPUS)' )--ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(call model_stage,$(2)),$(HF_ENV)) \
+  -u $(or $(strip $(DOCKER_USER)),$$(id -u):$$(id -g)) \
+  $(if $(call model_stage,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e XDG_CACHE_HOME=/cache -e TRITON_CACHE_DIR=/cache/triton -v $(CACHE_DIR):/cache \
   -v $(CURDIR)/models:/models$(if $(filter ro,$(3)),:ro) -v $(CURDIR)/data:/data:ro) -v $(abspath $(RESULTS_DIR)):/results \
   $(4) $(DOCKER_ARGS) $(1))
+model_stage = $(filter gpu cpu-models,$(1))
+# passed by name, so only where set: the token, and offline mode (`make demo` runs offline; the stages load
+# differently, and transformers records local_files_only in a tokenizer it saves, when offline)
+HF_ENV = -e HF_TOKEN -e HF_HUB_OFFLINE -e HF_DATASETS_OFFLINE -e TRANSFORMERS_OFFLINE
+gpus = $(filter-out none,$(strip $(GPUS)))
+# build-tiny trains on the bundled text, which jobs.tinymodel reads from data/ beside the package:
+# /opt/qscore/data in the images (their WORKDIR and PYTHONPATH)
+run_build_tiny_docker = $(call docker_run,$(IMG_QUANTIZE),cpu-models,rw,-v $(CURDIR)/data:/opt/qscore/data:ro) \
+  build-tiny --output $(call ctr_path,$(DEMO_BASE))
 
 # ---------------------------------------------------------------------------------------------
 # Stage commands (arguments in local form hash the stamps, so a runner switch reruns nothing)
@@ -227,6 +246,7 @@ run_score = $(VLLM_PY) -m jobs score $(call score_args,lp,$(1),$(2),$(call comma
 run_aggregate = $(PY) -m jobs aggregate $(aggregate_args)
 run_serve = $(VLLM_VENV)/bin/vllm serve $(SERVE_MODEL) --port $(PORT) --max-model-len $(MAX_MODEL_LEN)
 endif
+run_build_tiny = $(if $(filter docker,$(RUNNER)),$(run_build_tiny_docker),$(PY) -m jobs build-tiny --output $(DEMO_BASE))
 # --overwrite when asked (OVERWRITE=1) or when the target exists, i.e. is redone because it is stale
 overwrite_flag = $(if $(or $(filter 1 yes true,$(OVERWRITE)),$(wildcard $@)), --overwrite)
 empty :=
@@ -309,8 +329,12 @@ $(VLLM_SETUP_STAMP): requirements/vllm.txt
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 	$(PY) -m pytest -m "not gpu"
 
-demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3, local, CPU, offline -> DEMO_RESULTS_DIR/report
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory RUNNER=local \
+# DEMO_RUNNER=docker: the same jobs in the images on the CPU (no --gpus), validate and score in the
+# quantize image (transformers backend; the vLLM image needs a GPU); the ModelOpt fixture is still made
+# locally, as nvidia-modelopt is in no image.
+demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3, CPU, offline -> DEMO_RESULTS_DIR/report (DEMO_RUNNER)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory RUNNER=$(DEMO_RUNNER) \
+	  $(if $(filter docker,$(DEMO_RUNNER)),GPUS= IMG_VLLM=$(IMG_QUANTIZE)) \
 	  VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) SCHEME=NVFP4 \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
 	  MODELS="bf16=$(DEMO_BASE) llmc-nvfp4=$(DEMO_QUANT) modelopt-nvfp4=$(DEMO_MODELOPT)" \
@@ -319,9 +343,9 @@ demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3, local, CPU, offline 
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \
 	  validate report
 
-$(DEMO_BASE_STAMP): $(call FORCE_IF_MISSING,$(DEMO_BASE)/config.json) | $(SETUP_STAMP)
+$(DEMO_BASE_STAMP): $(call FORCE_IF_MISSING,$(DEMO_BASE)/config.json) $(call NEEDS_VENV,$(PY))
 	@mkdir -p $(@D)
-	$(PY) -m jobs build-tiny --output $(DEMO_BASE)
+	$(run_build_tiny)
 	@touch $@
 
 $(DEMO_MODELOPT_STAMP): $(DEMO_BASE_STAMP) $(call FORCE_IF_MISSING,$(DEMO_MODELOPT)/config.json) | $(SETUP_STAMP)

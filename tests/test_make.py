@@ -224,6 +224,76 @@ def test_docker_image_names_gpus_and_extra_options(repo):
     assert "reg.example/qs-aggregate:v7 aggregate" in stage_lines(lines, "aggregate")[0]
 
 
+def test_docker_without_gpus_when_gpus_is_empty(repo):
+    """GPUS= (or none) runs the model stages on the CPU: `--gpus` with an empty value fails on a host without
+    GPUs (could not select device driver "" with capabilities: [[gpu]], exit 125)."""
+    for args, env in ((["GPUS="], None), (["GPUS=none"], None), ([], {"GPUS": ""})):
+        lines = repo.dry("RUNNER=docker", *args, "quantize", "validate", "eval", "report", env=env)
+        runs = [ln for ln in lines if "docker run" in ln]
+        assert len(runs) == 9, runs  # quantize, validate, 6 scores, aggregate
+        assert not any("--gpus" in ln for ln in runs), (args, env)
+        # the model stages keep everything else: models, data, caches
+        for ln in stage_lines(lines, "quantize") + stage_lines(lines, "score"):
+            assert "--ipc=host" in ln and f"-v {repo.path}/data:/data:ro" in ln and "-e HF_HOME=/hf" in ln
+    (repo.path / ".env").write_text("GPUS=\n")
+    assert not any("--gpus" in ln for ln in repo.dry("RUNNER=docker", "quantize", "eval"))
+    # unset, the default is every GPU
+    (repo.path / ".env").unlink()
+    [q] = stage_lines(repo.dry("RUNNER=docker", "quantize"), "quantize")
+    assert "--gpus 'all' --ipc=host" in q
+    assert repo.var("GPUS") == "all"
+
+
+def test_cpu_stages_never_ask_for_a_gpu(repo):
+    """build-tiny (the demo's fixture) and aggregate run on the CPU whatever GPUS says; build-tiny gets data/
+    where jobs.tinymodel reads it (beside the package, /opt/qscore in the images) and models/ writable."""
+    stamp = repo.var("DEMO_BASE_STAMP")
+    [b] = [ln for ln in repo.dry("RUNNER=docker", "GPUS=all", stamp) if "docker run" in ln]
+    assert "--gpus" not in b and "--ipc=host" not in b
+    assert b.endswith("qscore-quantize:latest build-tiny --output /models/tiny-qwen3")
+    assert f"-v {repo.path}/data:/opt/qscore/data:ro" in b and f"-v {repo.path}/models:/models " in b
+    assert "-u $(id -u):$(id -g)" in b
+    [a] = stage_lines(repo.dry("RUNNER=docker", "GPUS=all", "aggregate"), "aggregate")
+    assert "--gpus" not in a and "/data" not in a
+    # locally, the same fixture from the venv
+    assert ".venv/bin/python -m jobs build-tiny --output models/tiny-qwen3" in repo.dry("RUNNER=local", stamp)
+
+
+def test_demo_in_the_images(repo):
+    """DEMO_RUNNER=docker: the demo's jobs in the containers, on the CPU; the ModelOpt fixture locally."""
+    lines = repo.dry("demo", "DEMO_RUNNER=docker", "GPUS=all", "TAG=ci")
+    runs = [ln for ln in lines if "docker run" in ln]
+    assert runs and not any("--gpus" in ln for ln in runs)
+    for stage in ("build-tiny", "quantize", "validate", "score"):  # in the quantize image (CPU torch)
+        assert any(f"qscore-quantize:ci {stage} " in ln for ln in runs), stage
+    scores = stage_lines(runs, "score")
+    assert len(scores) == 6 and all("qscore-quantize:ci score" in s for s in scores)
+    assert all(f"-v {repo.path}/models:/models:ro" in s and opt(s, "--backend") == "transformers" for s in scores)
+    assert {opt(s, "--datasets") for s in scores} == {"wiki_mini=/data/wiki_mini.txt", "chat_mini=/data/chat_mini.jsonl"}
+    [v] = stage_lines(runs, "validate")
+    assert "qscore-quantize:ci validate --model /models/tiny-qwen3-nvfp4 --backend transformers" in v
+    [a] = stage_lines(runs, "aggregate")
+    assert "qscore-aggregate:ci aggregate" in a
+    # the demo runs offline, and so do its containers (the variables are passed by name)
+    offline = "-e HF_HUB_OFFLINE -e HF_DATASETS_OFFLINE -e TRANSFORMERS_OFFLINE"
+    assert all(offline in ln for ln in runs if ln is not a) and offline not in a
+    assert any("HF_HUB_OFFLINE=1" in ln and "RUNNER=docker" in ln for ln in lines)
+    # nvidia-modelopt is in no image: its fixture is made by the venv, before it is scored
+    [m] = [ln for ln in lines if "jobs export-modelopt" in ln]
+    assert m.startswith(".venv/bin/python -m jobs export-modelopt")
+    assert lines.index(m) < min(lines.index(s) for s in scores if "--label modelopt" in s)
+    r = repo.make("-n", "demo", "DEMO_RUNNER=podman", check=False)
+    assert r.returncode != 0 and "DEMO_RUNNER must be docker or local" in r.stderr
+
+
+def test_docker_user(repo):
+    """Containers run as the caller (-u $(id -u):$(id -g)) unless DOCKER_USER names another uid:gid, e.g. a
+    non-root one when make itself runs as root (make test-images in CI)."""
+    for args, user in (([], "$(id -u):$(id -g)"), (["DOCKER_USER=1000:1000"], "1000:1000")):
+        runs = [ln for ln in repo.dry("RUNNER=docker", *args, "quantize", "eval", "report") if "docker run" in ln]
+        assert len(runs) == 8 and all(f" -u {user} " in ln for ln in runs), (args, runs)
+
+
 def test_docker_env_file_falls_back_to_the_example_or_is_left_out(repo):
     (repo.path / ".env").write_text("N_WIKITEXT=50\n")
     [ln, *_] = stage_lines(repo.dry("RUNNER=docker", "eval"), "score")
