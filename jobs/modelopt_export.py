@@ -36,6 +36,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from . import atomic
+
 log = logging.getLogger(__name__)
 
 __all__ = ["export_modelopt_nvfp4", "DEFAULT_CALIBRATION_TEXTS", "METADATA_FILE", "modelopt_version"]
@@ -574,6 +576,7 @@ def export_modelopt_nvfp4(
             **info,
         }
         _write_json(tmp / METADATA_FILE, meta)
+        atomic.umask_file_modes(tmp)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
