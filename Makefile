@@ -295,7 +295,7 @@ SCORE_MISSING := $(strip $(foreach d,$(DATASETS),$(call FORCE_IF_MISSING,$(call 
 # ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
-.PHONY: help setup setup-vllm demo test images image-quantize image-vllm image-aggregate quantize \
+.PHONY: help setup setup-vllm demo test test-images images image-quantize image-vllm image-aggregate quantize \
   validate eval score report aggregate serve clean FORCE
 
 help: ## show this help (the default target)
@@ -328,6 +328,9 @@ $(VLLM_SETUP_STAMP): requirements/vllm.txt
 
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 	$(PY) -m pytest -m "not gpu"
+
+test-images: $(SETUP_STAMP) ## build the aggregate and quantize images on CPU stand-in bases, run the demo in them, compare with the local demo
+	bash tests/images/test-images.sh
 
 # DEMO_RUNNER=docker: the same jobs in the images on the CPU (no --gpus), validate and score in the
 # quantize image (transformers backend; the vLLM image needs a GPU); the ModelOpt fixture is still made

@@ -20,7 +20,7 @@ MAKEFILE = ROOT / "Makefile"
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
-TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "images", "image-quantize", "image-vllm",
+TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "test-images", "images", "image-quantize", "image-vllm",
            "image-aggregate", "quantize", "validate", "eval", "score", "report", "aggregate", "serve", "clean"]
 PAIRS = [(m, d) for m in ("bf16", "llmc-nvfp4", "nvidia-nvfp4") for d in ("wikitext2", "ultrachat")]
 
@@ -292,6 +292,12 @@ def test_docker_user(repo):
     for args, user in (([], "$(id -u):$(id -g)"), (["DOCKER_USER=1000:1000"], "1000:1000")):
         runs = [ln for ln in repo.dry("RUNNER=docker", *args, "quantize", "eval", "report") if "docker run" in ln]
         assert len(runs) == 8 and all(f" -u {user} " in ln for ln in runs), (args, runs)
+
+
+def test_test_images_target(repo):
+    lines = repo.dry("test-images")
+    assert lines[-1] == "bash tests/images/test-images.sh"
+    assert lines[0] == "python3 -m venv .venv"  # the comparison's local run needs the venv
 
 
 def test_docker_env_file_falls_back_to_the_example_or_is_left_out(repo):
