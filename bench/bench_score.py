@@ -13,9 +13,10 @@ understates the GPU's work) and peak GPU memory. Engine start is timed apart.
 
 Weights are vLLM's ``load_format="dummy"`` (random, from the config alone): writing and reloading a 14B
 checkpoint would cost minutes of GPU time and does not change the speed. NVFP4 takes the
-``quantization_config`` of a checkpoint llm-compressor wrote (``--quant-config``), else ModelOpt's. The
-transformers backend dequantises NVFP4 to bf16 on load, so its NVFP4 speed is its bf16 speed: it runs once.
-vLLM spawns its engine core: hence ``if __name__ == "__main__"``.
+``quantization_config`` of a checkpoint llm-compressor wrote (``--quant-config``), else the one
+``jobs quantize --scheme NVFP4`` writes; it is run weight-only (Marlin on Hopper) and as declared (W4A4:
+vLLM's emulation backend on Hopper, native FP4 on Blackwell). The transformers backend runs bf16 only.
+Entry points that build vLLM engines need ``if __name__ == "__main__"``.
 """
 from __future__ import annotations
 
@@ -59,12 +60,25 @@ def matmul_params(cfg: dict) -> int:
     return L * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * cfg["vocab_size"]
 
 
-def nvfp4_quant_config(path: str | None) -> dict:
-    if path:
-        return json.loads(Path(path).read_text())["quantization_config"]
-    from jobs.modelopt_export import _quantization_config
+# llm-compressor's NVFP4 (W4A4) quantization_config, as `jobs quantize --scheme NVFP4` writes it
+NVFP4_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
+    "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+    "config_groups": {"group_0": {
+        "targets": ["Linear"], "format": "nvfp4-pack-quantized", "output_activations": None,
+        "weights": {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                    "dynamic": False, "observer": "memoryless_minmax", "scale_dtype": "torch.float8_e4m3fn"},
+        "input_activations": {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16,
+                              "strategy": "tensor_group", "dynamic": "local", "observer": "static_minmax",
+                              "scale_dtype": "torch.float8_e4m3fn"}}},
+}
+# --formats: what each vLLM run computes (the NVFP4 ones differ only in --nvfp4-compute)
+FORMATS = {"bf16": ("bf16", "declared"), "nvfp4-w4a16": ("nvfp4", "weight-only"), "nvfp4-w4a4": ("nvfp4", "declared"),
+           "nvfp4": ("nvfp4", "weight-only")}
 
-    return _quantization_config(["lm_head"], {"name": "qscore-bench", "version": "dummy"})
+
+def nvfp4_quant_config(path: str | None) -> dict:
+    return json.loads(Path(path).read_text())["quantization_config"] if path else NVFP4_CONFIG
 
 
 def config_dir(work: Path, shape: str, fmt: str, quant_config: str | None) -> Path:
@@ -147,18 +161,21 @@ def random_samples(n: int, length: int, seed: int = 0):
     return [Sample(i, tuple(int(t) for t in rng.integers(0, VOCAB - 1000, length)), False) for i in range(n)]
 
 
-def run_vllm(path: Path, samples, engine_kw: dict, results: Path) -> dict:
+def run_vllm(path: Path, samples, options, results: Path) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from jobs.backends.vllm import VllmBackend
+    from jobs.checkpoint import describe_quantization
     from jobs.evalsets import EvalSet
+    from jobs.settings import ScoreSettings
     from jobs.stages import score as stage
 
     tokens = sum(len(s.token_ids) for s in samples)
+    quant = describe_quantization(json.loads((path / "config.json").read_text()))
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        eng = VllmBackend(path, load_format="dummy", **engine_kw)
+        eng = VllmBackend(path, quant, options, expected_tokens=tokens)
         start = time.perf_counter() - t0
         params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(s.token_ids)) for s in samples]
@@ -168,21 +185,24 @@ def run_vllm(path: Path, samples, engine_kw: dict, results: Path) -> dict:
         bare = time.perf_counter() - t
         shutil.rmtree(results, ignore_errors=True)
         final = results / "dataset=random"
+        part_size = 32
         plan = stage.Plan("random", list(samples), EvalSet("random", [], {"dataset": "random tokens"}),
-                          final, stage.staging_dir(final), "bench")
-        ckpt = SimpleNamespace(content_hash="bench", architecture="Qwen3ForCausalLM",
+                          list(range(stage.n_parts(len(samples), part_size))), part_size, final,
+                          stage.staging_dir(final), "bench", "bench")
+        ckpt = SimpleNamespace(content_hash="bench", architecture="Qwen3ForCausalLM", path=path,
                                quant=SimpleNamespace(method=None, format=None, scheme=None, group_size=None, ignore=[]))
+        settings = ScoreSettings(model=str(path), label="bench", engine=options, part_size=part_size)
         t = time.perf_counter()
-        stage.write_dataset(plan, eng, {"backend": "vllm"}, ckpt, "bench", path, "bench", "none", path,
-                            {"tokenizer_hash": "-"}, engine_kw["max_model_len"], 1, 32)
+        stage.write_dataset(plan, eng, {"backend": "vllm"}, ckpt, settings, path, {"tokenizer_hash": "-"})
         staged = time.perf_counter() - t
-        kernel = eng.describe()["kernel_path"]
+        info = eng.describe()
         eng.close()
         del eng
         gc.collect()
         wait_for_free_gpu()
     return {"engine_start_s": round(start, 1), "bare_tok_s": tokens / bare, "stage_tok_s": tokens / staged,
-            "vllm_gpu_peak_gib": mem.gib, "kernel_path": kernel}
+            "vllm_gpu_peak_gib": mem.gib, "kernel_path": info["kernel_path"], "arithmetic": info["arithmetic"],
+            "compiled": not info["engine"]["enforce_eager"], "engine_start": info["engine_start"]}
 
 
 def run_hf(cfg: dict, samples, batch_tokens: int) -> dict:
@@ -222,12 +242,15 @@ def emit(row: dict, out: str | None) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=list(SHAPES), required=True)
-    ap.add_argument("--formats", default="bf16,nvfp4", help="vLLM runs: bf16, nvfp4 (comma list)")
+    ap.add_argument("--formats", default="bf16,nvfp4-w4a16,nvfp4-w4a4",
+                    help="vLLM runs (comma list): bf16, nvfp4-w4a16 (weight-only, Marlin), nvfp4-w4a4 (declared: "
+                         "native on Blackwell, emulated elsewhere)")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="also time the transformers backend")
     ap.add_argument("--n", type=int, default=256, help="sequences")
     ap.add_argument("--len", type=int, default=1024, help="tokens per sequence")
     ap.add_argument("--work", default="/tmp/qscore-bench")
-    ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
+    ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                    help="eager / compiled; unset: the score stage's own choice for this many tokens")
     ap.add_argument("--max-num-batched-tokens", default="", help="comma list: one engine per value (empty: vLLM's default)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--hf-batch-tokens", type=int, default=16384)
@@ -247,13 +270,16 @@ def main():
     def share(tok_s: float) -> float:
         return round(flops_per_token * tok_s / (peak * 1e12), 3)
 
+    from jobs.settings import EngineOptions
+
     for mnbt in [int(x) for x in a.max_num_batched_tokens.split(",") if x] or [None]:
         for fmt in a.formats.split(","):
-            engine_kw = {"max_model_len": a.len + 8, "gpu_memory_utilization": a.gpu_memory_utilization,
-                         "enforce_eager": a.enforce_eager, "max_num_batched_tokens": mnbt}
-            row = {**base, "path": "vllm", "format": fmt, "compiled": not a.enforce_eager,
-                   "max_num_batched_tokens": mnbt}
-            row.update(run_vllm(config_dir(work, a.shape, fmt, a.quant_config), samples, engine_kw,
+            weights, mode = FORMATS[fmt]
+            options = EngineOptions(max_model_len=a.len + 8, gpu_memory_utilization=a.gpu_memory_utilization,
+                                    enforce_eager=a.enforce_eager, max_num_batched_tokens=mnbt,
+                                    nvfp4_compute=mode, load_format="dummy")
+            row = {**base, "path": "vllm", "format": fmt, "max_num_batched_tokens": mnbt}
+            row.update(run_vllm(config_dir(work, a.shape, weights, a.quant_config), samples, options,
                                 work / "results" / f"{a.shape}-{fmt}"))
             for k in ("bare", "stage"):
                 row[f"{k}_peak_share"] = share(row[f"{k}_tok_s"])

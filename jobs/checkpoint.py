@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .hub import CheckpointError
+from .errors import CheckpointError, SettingsError
 
 
 @dataclass
@@ -160,6 +160,37 @@ def inspect(path: Path) -> Checkpoint:
             if name != "__metadata__":
                 tensors[name] = {"dtype": info["dtype"], "shape": info["shape"], "file": f.name}
     return Checkpoint(path, config, tensors, describe_quantization(config, hf_quant), content_hash(path, files, headers))
+
+
+_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def context_length(config: dict) -> int | None:
+    """The longest context a model supports, rope scaling considered, as vLLM derives it
+    (vllm/config/model.py ``_get_and_verify_max_len``): yarn scales its original length, other rope
+    types (but su, longrope, llama3, whose max_position_embeddings already include it) scale by factor."""
+    cfg = config.get("text_config") or config
+    lengths = [cfg[k] for k in _LENGTH_KEYS if isinstance(cfg.get(k), int)]
+    if not lengths:
+        return None
+    length = float(min(lengths))
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if isinstance(rope, dict) and rope and "gemma3" not in str(cfg.get("model_type", "")):
+        params = rope if "rope_type" in rope or "type" in rope or "factor" in rope else next(iter(rope.values()), {})
+        kind = params.get("rope_type") or params.get("type") or "default"
+        if kind not in ("su", "longrope", "llama3", "default"):
+            if kind == "yarn" and params.get("original_max_position_embeddings"):
+                length = float(params["original_max_position_embeddings"])
+            length *= float(params.get("factor") or 1.0)
+    return int(length)
+
+
+def check_max_model_len(ckpt: Checkpoint, max_model_len: int) -> None:
+    """Refuse a context the model cannot take: scoring past it gives numbers that mean nothing."""
+    limit = context_length(ckpt.config)
+    if limit is not None and max_model_len > limit:
+        raise SettingsError(f"--max-model-len {max_model_len} is beyond {ckpt.path}'s context of {limit} tokens "
+                            "(max_position_embeddings, rope scaling considered)")
 
 
 def tokenizer_hash(path: Path) -> str:

@@ -8,8 +8,12 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from .settings import EngineOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -33,7 +37,10 @@ def stage(fn):
         from . import provenance
         from .errors import QscoreError
 
+        from . import caches
+
         signal.signal(signal.SIGTERM, _on_sigterm)
+        caches.use(os.environ.get("CACHE_DIR"))
         ctx = click.get_current_context(silent=True)
         if ctx is not None:
             provenance.record_command(ctx.info_name, ctx.params)
@@ -87,13 +94,17 @@ def main(log_level):
 
 
 def engine_options(f):
-    """vLLM engine settings (the transformers backend ignores them)."""
+    """Settings of the engine that runs the model (vLLM's; the transformers backend reads dtype and context)."""
     for o in reversed([
+        opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32."),
+        opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048,
+            help="Context of the engine; texts are cut to max_model_len - 8 tokens."),
         opt("--gpu-memory-utilization", env="GPU_MEMORY_UTILIZATION", type=float, default=0.85,
             help="vLLM: share of GPU memory the engine may take."),
         opt("--tensor-parallel-size", env="TENSOR_PARALLEL_SIZE", type=int, default=1, help="vLLM: GPUs per model."),
-        opt("--enforce-eager/--no-enforce-eager", env="ENFORCE_EAGER", default=False,
-            help="vLLM: skip torch.compile and CUDA graphs (faster start, slower scoring)."),
+        opt("--enforce-eager/--no-enforce-eager", env="ENFORCE_EAGER", default=None,
+            help="vLLM: eager (no torch.compile) or compiled; unset: eager unless the run scores enough tokens "
+                 "for compiling to pay off."),
         opt("--max-num-batched-tokens", env="MAX_NUM_BATCHED_TOKENS", type=int, default=None,
             help="vLLM: tokens per engine step (default: vLLM's choice)."),
         opt("--quantization", env="QUANTIZATION", default=None,
@@ -103,9 +114,14 @@ def engine_options(f):
     return f
 
 
-def _engine_kw(kw: dict) -> dict:
-    keys = ("gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "max_num_batched_tokens", "quantization")
-    return {k: kw.pop(k) for k in keys}
+ENGINE_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+               "max_num_batched_tokens", "quantization")
+
+
+def _engine(kw: dict, **more) -> EngineOptions:
+    from .settings import EngineOptions
+
+    return EngineOptions.from_mapping({**{k: kw.pop(k) for k in ENGINE_KEYS}, **more})
 
 
 @main.command(context_settings=CONTEXT)
@@ -123,15 +139,21 @@ def _engine_kw(kw: dict) -> dict:
 @opt("--spinquant", env="SPINQUANT", is_flag=True, default=False,
      help="Apply SpinQuant Hadamard rotations (R1, R2) before quantizing.")
 @opt("--ignore", env="IGNORE", default="lm_head", help="Comma-separated modules left unquantized.")
+@opt("--pipeline", env="CALIBRATION_PIPELINE", default="auto", type=click.Choice(["auto", "basic", "sequential"]),
+     help="llm-compressor calibration pipeline; auto: basic (one pass) when the model fits on the GPU, "
+          "else sequential (layer by layer).")
+@opt("--calibration-batch-size", env="CALIBRATION_BATCH_SIZE", type=int, default=1,
+     help="Calibration samples per forward pass (llm-compressor's batch_size).")
+@opt("--offload", env="CALIBRATION_OFFLOAD", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+     help="Sequential pipeline: where layer inputs wait between layers; auto: the GPU when they fit.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
 @stage
-def quantize(model_id, output, scheme, calibration_dataset, calibration_split, num_calibration_samples,
-             max_sequence_length, no_calibration, spinquant, ignore, overwrite):
+def quantize(ignore, **kw):
     """Quantize a model with llm-compressor and save it compressed (with qscore.json beside the weights)."""
+    from .settings import QuantizeSettings
     from .stages import quantize as q
 
-    q.run(model_id, output, scheme, calibration_dataset, calibration_split, num_calibration_samples,
-          max_sequence_length, no_calibration, spinquant, [s for s in ignore.split(",") if s], overwrite)
+    q.run(settings=QuantizeSettings(ignore=tuple(x for x in ignore.split(",") if x), **kw))
 
 
 @main.command(context_settings=CONTEXT)
@@ -145,17 +167,20 @@ def quantize(model_id, output, scheme, calibration_dataset, calibration_split, n
 @opt("--max-nll-increase", env="MAX_NLL_INCREASE", type=float, default=0.1,
      help="Quality gate: largest NLL increase (nats/token) allowed over the baseline.")
 @opt("--gate-texts", env="GATE_TEXTS", type=int, default=16, help="Quality gate: texts of the baseline to score.")
-@opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
-@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048, help="vLLM: context length of the engine.")
+@opt("--baseline-tasks", env="BASELINE_TASKS", default=None,
+     help="Task quality gate: a baseline's task results (results/tasks/model=L, or one task=T in it), rerun here.")
+@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+     help="Task quality gate: smallest accuracy recovery (model / baseline) allowed on every task and metric.")
 @engine_options
 @stage
-def validate(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, max_nll_increase, gate_texts,
-             dtype, max_model_len, **kw):
-    """Check that a checkpoint loads, matches its quantization config, and generates sane text."""
+def validate(**kw):
+    """Check that a checkpoint loads, matches its quantization config, and generates sane text.
+    NVFP4 is computed as the checkpoint declares (W4A4)."""
+    from .settings import ValidateSettings
     from .stages import validate as v
 
-    report = v.run(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, max_nll_increase,
-                   gate_texts, dtype, {**_engine_kw(kw), "max_model_len": max_model_len})
+    engine = _engine(kw)
+    report = v.run(settings=ValidateSettings(engine=engine, **kw))
     click.echo(json.dumps(report, indent=2))
     click.echo("OK", err=True)
 
@@ -169,28 +194,35 @@ def validate(model, backend, expect_scheme, max_new_tokens, baseline_logprobs, m
 @opt("--n-ultrachat", env="N_ULTRACHAT", type=int, default=200, help="Texts kept from UltraChat test_sft.")
 @opt("--tokenizer", env="TOKENIZER", default=None,
      help="Tokenizer for the token stream; use the baseline's for every model of a comparison (default: the model's).")
-@opt("--max-model-len", env="MAX_MODEL_LEN", type=int, default=2048,
-     help="Texts are cut to max_model_len - 8 tokens.")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
-@opt("--topk", env="TOPK", type=int, default=1, help="Candidates kept per position (>1 adds topk_* columns).")
+@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
+     help="NVFP4 arithmetic: declared = as the checkpoint says (W4A4: native on Blackwell, emulated elsewhere); "
+          "weight-only = W4A16, what Marlin serves on Hopper.")
+@opt("--topk", env="TOPK", type=int, default=20,
+     help="Candidates kept per position (topk_* columns; 1 = top-1 only). The report's KL divergence and "
+          "top-k agreement need them on both sides of a comparison.")
 @opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
-@opt("--dtype", env="DTYPE", default="auto", help="Compute dtype: auto, bfloat16, float16, float32.")
 @opt("--part-size", env="PART_SIZE", type=int, default=32, help="Texts per Parquet part (the unit of resume).")
+@opt("--shard", env="SHARD", default=None,
+     help="i/N: score every N-th part of each set, starting with part i-1 (for N jobs in parallel).")
 @opt("--max-batch-tokens", env="MAX_BATCH_TOKENS", type=int, default=8192,
      help="transformers: padded tokens per forward pass.")
+@opt("--doc-stride", env="DOC_STRIDE", type=int, default=0,
+     help="Document-level sets (wikitext2_doc): tokens newly scored per rolling window; 0 = disjoint windows "
+          "as lm-eval (max_model_len - 9), smaller overlaps them so every token has longer context.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False,
      help="Replace a dataset scored with other settings.")
 @engine_options
 @stage
-def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_len, backend, topk,
-          results_dir, dtype, part_size, max_batch_tokens, overwrite, **kw):
+def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw):
     """Score one model: per-token logprobs of each evaluation set to results/logprobs/model=LABEL/."""
+    from .settings import ScoreSettings, Shard
     from .stages import score as s
 
-    opts = {**_engine_kw(kw), "max_batch_tokens": max_batch_tokens}
-    paths = s.run(model, label, datasets, tokenizer, max_model_len, backend, topk, results_dir, dtype,
-                  part_size, overwrite, {"wikitext2": n_wikitext, "ultrachat": n_ultrachat}, opts)
+    engine = _engine(kw, nvfp4_compute=nvfp4_compute, max_batch_tokens=max_batch_tokens)
+    paths = s.run(settings=ScoreSettings(engine=engine, shard=Shard.parse(shard),
+                                         limits=(("wikitext2", n_wikitext), ("ultrachat", n_ultrachat)), **kw))
     for p in paths:
         click.echo(str(p))
 
@@ -201,13 +233,69 @@ def score(model, label, datasets, n_wikitext, n_ultrachat, tokenizer, max_model_
 @opt("--report-dir", env="REPORT_DIR", default=None, help="Where the report goes (default: RESULTS_DIR/report).")
 @opt("--bootstrap", env="BOOTSTRAP", type=int, default=1000, help="Bootstrap replicates (resampling texts).")
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
+@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+     help="Task accuracy: recovery (model / baseline) below which a task fails (llm-compressor's CI: 0.95).")
+@opt("--tokenizer", "report_tokenizer", env="REPORT_TOKENIZER", default=None,
+     help="tokenizer.json (or its directory) to decode the worst tokens' context (default: the baseline's "
+          "tokenizer recorded in its Parquet metadata, where readable here; else ids only).")
 @stage
-def aggregate(results_dir, baseline, report_dir, bootstrap, seed):
+def aggregate(**kw):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
+    from .settings import AggregateSettings
     from .stages import aggregate as a
 
-    out = a.run(results_dir, baseline, report_dir, bootstrap, seed)
+    out = a.run(settings=AggregateSettings(**kw))
     click.echo(str(out / "report.md"))
+
+
+@main.command(context_settings=CONTEXT)
+@opt("--model", env="MODEL", required=True, help="Checkpoint directory or hub id.")
+@opt("--label", env="LABEL", required=True, help="Name of the model in results (model=<label>).")
+@opt("--tasks", env="TASKS", default="gsm8k,arc_challenge",
+     help="Comma/space list of lm-eval tasks, groups or tags (or YAML files); qscore_local: the bundled offline tasks.")
+@opt("--limit", env="LIMIT", type=int, default=None,
+     help="First N documents of each task: a quick look, not comparable with full runs (default: all).")
+@opt("--num-fewshot", env="NUM_FEWSHOT", type=int, default=None,
+     help="Few-shot examples per prompt (default: each task's own, gsm8k 5; tasks pinned to 0 stay 0).")
+@opt("--chat-template", env="CHAT_TEMPLATE", default="none",
+     help="none (plain prompts, as llm-compressor's CI), default (the tokenizer's), or a named template.")
+@opt("--fewshot-as-multiturn/--no-fewshot-as-multiturn", env="FEWSHOT_AS_MULTITURN", default=False,
+     help="With a chat template: few-shot examples as earlier conversation turns.")
+@opt("--add-bos-token/--no-add-bos-token", env="ADD_BOS_TOKEN", default=True,
+     help="Prepend the tokenizer's BOS token (lm-eval's add_bos_token; no-op for tokenizers without one, e.g. Qwen).")
+@opt("--include-path", env="TASKS_INCLUDE_PATH", default=None,
+     help="Directory of lm-eval YAML tasks (default: the bundled data/tasks).")
+@opt("--batch-size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
+@opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
+     help="auto: vLLM where installed with a GPU, else transformers.")
+@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
+     help="NVFP4 arithmetic, as for score: declared (W4A4) or weight-only (W4A16).")
+@opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
+@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace a task evaluated with other settings.")
+@opt("--engine-kwargs", env="ENGINE_KWARGS", default=None,
+     help='vLLM: extra engine arguments as JSON, e.g. \'{"max_num_seqs": 128}\'.')
+@engine_options
+@stage
+def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_multiturn, add_bos_token,
+          include_path, batch_size, backend, nvfp4_compute, results_dir, overwrite, engine_kwargs, **kw):
+    """Task accuracy with lm-evaluation-harness: per-sample results to results/tasks/model=LABEL/task=T/."""
+    from .errors import SettingsError
+    from .settings import engine_dict
+    from .stages import tasks as t
+
+    engine = _engine(kw, nvfp4_compute=nvfp4_compute)
+    try:
+        extra = json.loads(engine_kwargs) if engine_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"--engine-kwargs is not JSON: {exc}") from None
+    settings = t.TasksSettings(
+        model=model, label=label, tasks=tuple(tasks.replace(",", " ").split()), limit=limit, num_fewshot=num_fewshot,
+        chat_template=chat_template, fewshot_as_multiturn=fewshot_as_multiturn, add_bos_token=add_bos_token,
+        backend=backend, dtype=engine.dtype, max_model_len=engine.max_model_len, batch_size=batch_size,
+        include_path=include_path, results_dir=results_dir, overwrite=overwrite,
+        engine_options={**engine_dict(engine), "engine_kwargs": extra})
+    for p in t.run(settings=settings):
+        click.echo(str(p))
 
 
 @main.command("build-tiny", context_settings=CONTEXT)
@@ -225,12 +313,16 @@ def build_tiny(output, steps):
 @main.command("export-modelopt", context_settings=CONTEXT)
 @opt("--model", env="MODEL", required=True, help="BF16 checkpoint directory.")
 @opt("--output", env="MODELOPT_OUTPUT", required=True, help="Directory for the ModelOpt NVFP4 checkpoint.")
+@opt("--calibration-file", env="MODELOPT_CALIBRATION", default=None,
+     help="Local .txt/.jsonl/.parquet texts or chats to calibrate on (default: the bundled data/calib_mini.jsonl).")
+@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
 @stage
-def export_modelopt(model, output):
-    """Write a ModelOpt-format NVFP4 copy of a BF16 checkpoint (the demo's stand-in for NVIDIA's)."""
-    from .modelopt_export import export_modelopt_nvfp4
+def export_modelopt(model, output, calibration_file, overwrite):
+    """Quantize a BF16 checkpoint to NVFP4 with nvidia-modelopt and export it in ModelOpt's format
+    (the demo's stand-in for NVIDIA's own checkpoints)."""
+    from .modelopt_export import DEFAULT_CALIBRATION, export_modelopt_nvfp4
 
-    click.echo(str(export_modelopt_nvfp4(model, output)))
+    click.echo(str(export_modelopt_nvfp4(model, output, calibration_file or DEFAULT_CALIBRATION, overwrite=overwrite)))
 
 
 if __name__ == "__main__":

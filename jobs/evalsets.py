@@ -69,17 +69,32 @@ class HubSet:
 
 REGISTRY: dict[str, HubSet] = {
     "wikitext2": HubSet("wikitext2", "wikitext", "wikitext-2-raw-v1", "test", "text", "WIKITEXT_SOURCE"),
+    # lm-evaluation-harness's `wikitext` task: whole documents, scored in rolling windows (docs/statistics.md)
+    "wikitext2_doc": HubSet("wikitext2_doc", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
+                            "document", "WIKITEXT_DOC_SOURCE"),
     "ultrachat": HubSet(
         "ultrachat", "HuggingFaceH4/ultrachat_200k", None, "test_sft", "chat", "ULTRACHAT_SOURCE"
     ),
 }
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+def check_local_source(ref: str, what: str) -> None:
+    """A reference that can only be a local path (absolute, ./, ../, ~, or a data file's suffix) must
+    exist: otherwise the hub would be asked for it and the error would blame the cache, not the path."""
+    looks_local = ref.startswith(("/", "./", "../", "~")) or Path(ref).suffix.lower() in LOCAL_SUFFIXES
+    if looks_local and not Path(ref).expanduser().exists():
+        raise EvalSetError(f"{what} file not found: {ref}")
+
+
 def load_rows(path: str, config: str | None, split: str, revision: str | None = None):
     """``datasets.load_dataset`` on a hub id or a local directory/file; offline errors made plain."""
     import datasets
 
-    local = Path(path)
+    check_local_source(path, "dataset")
+    local = Path(path).expanduser()
     try:
         if local.is_file():
             fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}[local.suffix]
@@ -110,6 +125,10 @@ def _one_line(exc: BaseException) -> str:
 def load_hub_set(spec: HubSet, n: int, source: str | None = None, revision: str | None = None) -> EvalSet:
     path = source or os.environ.get(spec.source_env) or spec.path
     ds = load_rows(path, spec.config if path == spec.path else None, spec.split, revision)
+    if spec.kind == "document":
+        return document_set(spec.name, _pages(ds, path), {
+            "dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
+            "revision": revision, "fingerprint": getattr(ds, "_fingerprint", None)})
     column = "text" if spec.kind == "text" else "messages"
     if column not in ds.column_names:
         raise EvalSetError(f"dataset {path!r} has no {column!r} column (has {ds.column_names})")
@@ -192,9 +211,86 @@ def load_set(name: str, path: str | None, limits: dict[str, int]) -> EvalSet:
     if path is None:
         spec = REGISTRY[name]
         return load_hub_set(spec, limits.get(name, 200))
+    if name in REGISTRY and REGISTRY[name].kind == "document":
+        if not Path(path).exists():
+            raise EvalSetError(f"evaluation file not found: {path}")
+        return load_hub_set(REGISTRY[name], 0, source=path)
     if name in REGISTRY and not Path(path).exists():
         raise EvalSetError(f"evaluation file not found: {path}")
     if name in REGISTRY and Path(path).is_dir():
         return load_hub_set(REGISTRY[name], limits.get(name, 200), source=path)
     return load_local_set(name, Path(path), limits.get(name))
 
+
+
+# -- document-level WikiText-2, as lm-evaluation-harness 0.4.13 scores it (task `wikitext`) -----------------
+def is_wikitext_title(line: str) -> bool:
+    """A level-1 heading `` = Title = `` starts a new article (``= = Sub = =`` does not)."""
+    r = line.replace("= = =", "===").replace("= =", "==").strip()
+    return r.startswith("= ") and r.endswith(" =")
+
+
+def join_wikitext_pages(lines: Iterable[str]) -> list[str]:
+    """The raw file's lines (without their newline) joined into articles, one per level-1 heading, as
+    ``EleutherAI/wikitext_document_level`` was built: a page is its lines joined by ``"\n"``."""
+    pages, cur = [], []
+    for line in lines:
+        if is_wikitext_title(line):
+            page = "\n".join(cur)
+            if page.strip():
+                pages.append(page)
+            cur = []
+        cur.append(line)
+    page = "\n".join(cur)
+    if page.strip():
+        pages.append(page)
+    return pages
+
+
+def wikitext_rows_to_lines(rows: Iterable[str]) -> list[str]:
+    """The ``wikitext`` dataset's rows back to the raw file's lines: a row is a line with its newline, and a
+    blank line of the raw file (a single space) is an empty row."""
+    return [r[:-1] if r.endswith("\n") else (r if r else " ") for r in rows]
+
+
+def wikitext_detokenizer(page: str) -> str:
+    """lm-eval's ``preprocess_wikitext.wikitext_detokenizer`` (0.4.13), step for step: the text scored."""
+    s = page.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    for p in (":", ";", ".", "!", "?", ","):
+        s = s.replace(f" {p} ", f"{p} ")
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
+    s = s.replace(" " + chr(176) + " ", chr(176))
+    s = s.replace(" \n", "\n").replace("\n ", "\n")
+    s = s.replace(" N ", " 1 ").replace(" 's", "'s")
+    return s
+
+
+def lm_eval_units(page: str) -> tuple[int, int]:
+    """(words, bytes) of the *original* page, as lm-eval's ``process_results`` counts them."""
+    return len(re.split(r"\s+", page)), len(page.encode("utf-8"))
+
+
+def document_set(name: str, pages: list[str], source: dict) -> EvalSet:
+    if not pages:
+        raise EvalSetError(f"{name}: no documents in {source.get('dataset')}")
+    units = [lm_eval_units(p) for p in pages]
+    return EvalSet(name, [wikitext_detokenizer(p) for p in pages], {
+        **source, "kind": "document", "n": len(pages),
+        "units": {"words": [w for w, _ in units], "bytes": [b for _, b in units]}})
+
+
+def _pages(ds, path) -> list[str]:
+    """Pages from a dataset with a ``page`` column (EleutherAI/wikitext_document_level or a copy), or from
+    the raw ``wikitext`` rows (a ``text`` column, or a .txt copy of the raw file) joined into pages."""
+    if "page" in ds.column_names:
+        return [r["page"] for r in ds]
+    if "text" in ds.column_names:
+        return join_wikitext_pages(wikitext_rows_to_lines(r["text"] for r in ds))
+    raise EvalSetError(f"dataset {path!r} has neither a 'page' nor a 'text' column (has {ds.column_names})")

@@ -23,6 +23,8 @@ class Tokens:
     rank: np.ndarray
     top1_id: np.ndarray
     top1_logprob: np.ndarray
+    topk_ids: np.ndarray | None = None  # (N, K), with --topk > 1
+    topk_logprobs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.logprob)
@@ -31,12 +33,34 @@ class Tokens:
 def scored_tokens(columns: dict) -> Tokens:
     """Keep positions > 0, ordered by (sample_id, position), from a dict of column arrays."""
     pos = np.asarray(columns["position"])
+    sid = np.asarray(columns["sample_id"])
     keep = pos > 0
-    order = np.lexsort((pos[keep], np.asarray(columns["sample_id"])[keep]))
+    s, p = sid[keep], pos[keep]
+    ds, dp = np.diff(s), np.diff(p)
+    # The score stage writes texts in order: then the (costly, at millions of rows) sort is skipped.
+    order = None if np.all((ds > 0) | ((ds == 0) & (dp > 0))) else np.lexsort((p, s))
+
+    def pick(values, dtype):
+        out = np.asarray(values)[keep]
+        return (out if order is None else out[order]).astype(dtype, copy=False)
 
     def col(name, dtype):
-        return np.asarray(columns[name])[keep][order].astype(dtype)
+        return pick(columns[name], dtype)
 
+    topk = {}
+    if columns.get("topk_ids") is not None:
+        # (N, K) arrays follow the same selection; (N_scored, K) ones (Parquet stores no lists for the
+        # null position 0) hold the positions > 0 in table order already.
+        def pick_k(values, dtype):
+            values = np.asarray(values)
+            if len(values) == len(pos):
+                return pick(values, dtype)
+            if len(values) != len(s):
+                raise ValueError(f"top-K arrays have {len(values)} rows for {len(pos)} positions")
+            return (values if order is None else values[order]).astype(dtype, copy=False)
+
+        topk = {"topk_ids": pick_k(columns["topk_ids"], np.int32),
+                "topk_logprobs": pick_k(columns["topk_logprobs"], np.float32)}
     return Tokens(
         sample_id=col("sample_id", np.int64),
         position=col("position", np.int64),
@@ -45,6 +69,7 @@ def scored_tokens(columns: dict) -> Tokens:
         rank=col("rank", np.int64),
         top1_id=col("top1_id", np.int64),
         top1_logprob=col("top1_logprob", np.float64),
+        **topk,
     )
 
 

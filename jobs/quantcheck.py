@@ -13,14 +13,31 @@ from .checkpoint import Quantization
 NOT_LINEAR = re.compile(r"(embed|norm|\.bias$|rotary|\.wte\.|\.wpe\.)")
 
 
-def _ignored(module: str, patterns: list[str]) -> bool:
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], module):
-                return True
-        elif module == p or module.endswith("." + p) or fnmatch.fnmatch(module, p):
-            return True
-    return False
+def matches_ignore(module: str, patterns: list[str], method: str | None) -> bool:
+    """Does ``module`` match the checkpoint's ignore list, as the engines that load it read the list?
+
+    The one matcher of the project: validation, the ModelOpt export's self-check and the conversion
+    of ModelOpt checkpoints all use it, so they cannot disagree about which modules are ignored.
+    - compressed-tensors: its own ``match_name`` (the exact name, or ``re:<regex>`` with re.match).
+      Class names such as ``Linear`` cannot be checked from tensor names and never match here.
+    - ModelOpt ``exclude_modules``: as vLLM's ``ModelOptQuantConfigBase.is_layer_excluded`` reads them:
+      the exact name, a substring of the name, or an fnmatch wildcard.
+    """
+    if method == "compressed-tensors":
+        return any(_ct_match(module, p) for p in patterns)
+    return any(p == module or p in module or fnmatch.fnmatch(module, p) for p in patterns)
+
+
+def _ct_match(module: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return module == pattern
+
+
+def as_compressed_tensors_ignore(patterns: list[str]) -> list[str]:
+    """ModelOpt exclude patterns rewritten as compressed-tensors ``re:`` patterns that match the same
+    modules (substring or wildcard), for converting a ModelOpt checkpoint with compressed-tensors."""
+    return [f"re:(?:.*{re.escape(p)}|{fnmatch.translate(p)})" for p in patterns]
 
 
 def linear_modules(tensors: dict[str, dict]) -> dict[str, dict[str, dict]]:
@@ -50,7 +67,7 @@ def check(tensors: dict[str, dict], q: Quantization, expect_scheme: str | None =
         return problems + ["no Linear layers found in the weights"]
     quantized = 0
     for module, parts in sorted(mods.items()):
-        ignored = _ignored(module, q.ignore)
+        ignored = matches_ignore(module, q.ignore, q.method)
         if ignored:
             w = parts.get("weight")
             if w is None or w["dtype"] not in ("BF16", "F16", "F32"):
@@ -70,15 +87,20 @@ def check(tensors: dict[str, dict], q: Quantization, expect_scheme: str | None =
 
 def _check_layer(module: str, parts: dict[str, dict], q: Quantization) -> str | None:
     g = q.group_size
+    w4a4 = q.is_nvfp4 and q.activation_bits == 4  # the activations' global scale is calibrated, so stored
     if q.method == "compressed-tensors" and q.is_nvfp4:
         wp, ws = parts.get("weight_packed"), parts.get("weight_scale")
         if wp is None:
             return f"{module}: config says {q.scheme} but the layer holds unpacked {parts.get('weight', {}).get('dtype')} weights"
+        if w4a4 and "input_global_scale" not in parts:
+            return f"{module}: config says W4A4 but the layer has no input_global_scale"
         return _fp4_layout(module, wp, ws, g, "weight_global_scale" in parts)
     if q.method == "modelopt" and q.is_nvfp4:
         w, ws = parts.get("weight"), parts.get("weight_scale")
         if w is None or w["dtype"] != "U8":
             return f"{module}: config says ModelOpt NVFP4 but the weight is {w and w['dtype']}, not packed uint8"
+        if w4a4 and "input_scale" not in parts:
+            return f"{module}: config says W4A4 but the layer has no input_scale"
         return _fp4_layout(module, w, ws, g, "weight_scale_2" in parts)
     if q.method == "compressed-tensors" and q.weight_bits == 8 and q.scheme.startswith("FP8"):
         w = parts.get("weight")

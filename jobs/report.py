@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from . import atomic, quantreport
 
 CSV_FIELDS = ["model", "dataset", "tokens", "texts", "nll", "ppl", "top1_acc", "conf_nll", "conf_ppl", "score",
               "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi",
@@ -79,7 +79,8 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
             L.append(f"| {m} | {name} | {p['delta_nll']:+.5f} ({p['delta_nll_lo']:+.5f}, {p['delta_nll_hi']:+.5f}) "
                      f"| {p['ppl_ratio']:.5f} ({p['ppl_ratio_lo']:.5f}, {p['ppl_ratio_hi']:.5f}) "
                      f"| {p['same_top1']:.4f} | {p['delta_p']:+.5f} | {p['tokens']} |")
-    L += ["", "## Per set", "", "| model | set | tokens | texts | NLL | PPL | top-1 acc | conf_nll | conf_ppl |",
+    L += [""] + quantreport.render_sections(summary)
+    L += ["## Per set", "", "| model | set | tokens | texts | NLL | PPL | top-1 acc | conf_nll | conf_ppl |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, e in models.items():
         for name, st in list(e["sets"].items()) + [("overall", e["overall"])]:
@@ -91,6 +92,10 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
     if summary.get("sets_not_in_every_model"):
         L += [f"Sets left out of the overall figures (not scored for every model): "
               f"{', '.join(summary['sets_not_in_every_model'])}.", ""]
+    if summary.get("tasks"):
+        from .taskreport import markdown as task_markdown
+
+        L += task_markdown(summary["tasks"])
     L += ["## Provenance", "", "| model | checkpoint | hash | quantization | backend | dtype | GPU (cc) | low-precision kernel path |",
           "|---|---|---|---|---|---|---|---|"]
     for m, p in summary.get("provenance", {}).items():
@@ -159,7 +164,7 @@ def _save(fig, path: Path) -> None:
     atomic.write_bytes(path, buf.getvalue())
 
 
-def write_all(summary: dict, deltas: dict, out_dir: Path) -> list[Path]:
+def write_all(summary: dict, deltas: dict, out_dir: Path, extra=None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = ["score.png"]
     plot_scores(summary, out_dir / "score.png")
@@ -167,6 +172,7 @@ def write_all(summary: dict, deltas: dict, out_dir: Path) -> list[Path]:
         fname = f"delta_logprob_{name}.png"
         plot_deltas(name, d, summary["baseline"], out_dir / fname)
         plots.append(fname)
+    plots += quantreport.write_all(summary, extra, out_dir, _save)
     atomic.write_bytes(out_dir / "summary.json", (json.dumps(summary, indent=2, sort_keys=False) + "\n").encode())
     atomic.write_bytes(out_dir / "summary.csv", render_csv(summary).encode())
     atomic.write_bytes(out_dir / "report.md", render_markdown(summary, plots).encode())

@@ -49,3 +49,41 @@ def tokenize(texts: Sequence[str], encode: Callable[[str], Sequence[int]]) -> li
 
 def hf_encoder(tokenizer) -> Callable[[str], list[int]]:
     return lambda text: tokenizer(text)["input_ids"]
+
+
+# -- document-level sets, scored in rolling windows (lm-evaluation-harness's loglikelihood_rolling) --------
+def documents(token_lists: Sequence[Sequence[int]], prefix_token: int) -> list[Sample]:
+    """Each document whole, after one prefix token (BOS, else EOS, as lm-eval's ``prefix_token_id``) so
+    that its first token has something to condition on. Nothing is dropped or truncated: long documents
+    are scored in windows (``rolling_windows``)."""
+    return [Sample(sid, (int(prefix_token),) + tuple(int(i) for i in ids), False)
+            for sid, ids in enumerate(token_lists) if len(ids)]
+
+
+def rolling_windows(n: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows over a document stream of ``n`` tokens (prefix included): (start, end, first_scored).
+
+    Positions ``start+first_scored .. end-1`` are scored by the window ``[start, end)``; every position
+    1..n-1 is scored exactly once. The first window scores all of ``1..window-1``; each later one scores the
+    next ``stride`` positions (fewer at the end) with as much preceding context as fits in ``window``.
+    ``stride = window - 1`` (the default) gives lm-eval's disjoint windows (``get_rolling_token_windows``
+    with ``context_len=1`` and ``make_disjoint_window``, max_length = window - 1); a smaller stride
+    overlaps the windows so that every token after the first window sees at least ``window - stride``
+    tokens of context.
+    """
+    if window < 2:
+        raise SettingsError(f"a rolling window needs at least 2 tokens, not {window}")
+    stride = window - 1 if stride in (None, 0) else stride
+    if not 1 <= stride <= window - 1:
+        raise SettingsError(f"stride {stride} must be between 1 and the window length - 1 ({window - 1})")
+    if n < 2:
+        return []
+    first_end = min(window, n)
+    out = [(0, first_end, 1)]
+    done = first_end - 1  # positions 1..done are scored
+    while done < n - 1:
+        end = min(done + stride, n - 1) + 1
+        start = max(0, end - window)
+        out.append((start, end, done + 1 - start))
+        done = end - 1
+    return out

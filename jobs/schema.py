@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from . import atomic
@@ -36,7 +38,7 @@ _TOPK_FIELDS = [
     pa.field("topk_logprobs", pa.list_(pa.float32())),
 ]
 REQUIRED_COLUMNS = [f.name for f in _BASE_FIELDS]
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")  # "~": <baseline>~noise
 
 
 def arrow_schema(topk: int = 1) -> pa.Schema:
@@ -47,7 +49,7 @@ def check_label(kind: str, value: str) -> str:
     """Labels become Hive directory names, so they must be plain (no '/', '=', spaces)."""
     if not _LABEL_RE.match(value or ""):
         raise SettingsError(
-            f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '-' (it names a directory)"
+            f"bad {kind} {value!r}: use letters, digits, '.', '_', '+', '~', '-' (it names a directory)"
         )
     return value
 
@@ -143,18 +145,33 @@ def part_files(directory: Path) -> list[Path]:
 
 
 def read_dataset(directory: Path, columns: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
-    """Read one (model, set) dataset; every part must be intact and carry the same run fingerprint."""
+    """Read one (model, set) dataset: its parts, or the complete set of its shards merged.
+
+    Every part must be intact and carry the same run fingerprint; shards must all come from one run
+    (same set fingerprint), none missing, none twice, no text in two of them.
+    """
     directory = Path(directory)
+    shards = sorted(directory.glob("shard=*"))
+    if shards:
+        if part_files(directory):
+            raise ArchiveError(f"{directory}: holds both an unsharded run and shards; delete one of them")
+        return _read_shards(directory, shards, columns)
+    return _read_parts(directory, columns)
+
+
+def _read_parts(directory: Path, columns: Sequence[str] | None) -> tuple[pa.Table, dict]:
     parts = part_files(directory)
     if not parts:
         raise ArchiveError(f"{directory}: no part-*.parquet files")
-    tables, meta0 = [], None
+    meta0 = None
     for p in parts:
         meta = read_metadata(p)
         if meta0 is None:
             meta0 = meta
         elif meta.get("fingerprint") != meta0.get("fingerprint"):
             raise ArchiveError(f"{p}: written by a different run than {parts[0].name} (settings differ)")
+
+    def read(p: Path) -> pa.Table:
         try:
             t = pq.read_table(p, columns=list(columns) if columns else None)
         except Exception as exc:
@@ -162,14 +179,67 @@ def read_dataset(directory: Path, columns: Sequence[str] | None = None) -> tuple
         missing = [c for c in (columns or REQUIRED_COLUMNS) if c not in t.column_names]
         if missing:
             raise ArchiveError(f"{p}: missing columns {missing}")
-        tables.append(t)
-    table = pa.concat_tables(tables)
+        return t
+
+    # Parts are small (one per PART_SIZE texts): reading several at once hides each file's fixed cost.
+    # map() keeps the order and raises the first failing part's error.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        table = pa.concat_tables(list(pool.map(read, parts)))
     expected = meta0.get("counts", {}).get("rows_total")
     if expected is not None and table.num_rows != expected:
         raise ArchiveError(
             f"{directory}: {table.num_rows} rows but the run recorded {expected} (incomplete dataset)"
         )
     return table, meta0
+
+
+def shard_problem(names: Sequence[str]) -> str | None:
+    """Why shard directory names ``shard=i-of-N`` do not make one complete set (pure; None if they do)."""
+    parsed = []
+    for n in names:
+        m = re.fullmatch(r"shard=(\d+)-of-(\d+)", n)
+        if not m:
+            return f"unexpected directory {n!r} (shards are named shard=i-of-N)"
+        parsed.append((int(m.group(1)), int(m.group(2))))
+    counts = sorted({c for _, c in parsed})
+    if len(counts) > 1:
+        return f"shards of different splits ({' and '.join(f'of-{c}' for c in counts)}) overlap"
+    count = counts[0]
+    missing = sorted(set(range(1, count + 1)) - {i for i, _ in parsed})
+    if missing:
+        return f"missing shard(s) {', '.join(f'{i}-of-{count}' for i in missing)}"
+    return None
+
+
+def _read_shards(directory: Path, shards: list[Path], columns: Sequence[str] | None) -> tuple[pa.Table, dict]:
+    problem = shard_problem([d.name for d in shards])
+    if problem:
+        raise ArchiveError(f"{directory}: {problem}")
+    tables, metas = [], []
+    for d in shards:
+        t, m = _read_parts(d, list(dict.fromkeys(["sample_id", "position", *columns])) if columns else None)
+        tables.append(t)
+        metas.append(m)
+    first = metas[0]
+    for d, m in zip(shards[1:], metas[1:]):
+        if m.get("set_fingerprint") != first.get("set_fingerprint"):
+            raise ArchiveError(f"{d}: a shard of a different run than {shards[0].name} (settings differ)")
+    seen: dict[int, str] = {}
+    for d, t in zip(shards, tables):
+        for sid in set(t.column("sample_id").to_pylist()):
+            if sid in seen:
+                raise ArchiveError(f"{directory}: text {sid} is in both {seen[sid]} and {d.name} (overlapping shards)")
+            seen[sid] = d.name
+    table = pa.concat_tables(tables)
+    order = pa.compute.sort_indices(table, [("sample_id", "ascending"), ("position", "ascending")])
+    table = table.take(order)
+    if columns:
+        table = table.select(list(columns))
+    meta = {**first, "fingerprint": first.get("set_fingerprint"), "shard": None,
+            "shards": [d.name for d in shards],
+            "counts": {**first.get("counts", {}), "rows_total": table.num_rows,
+                       "texts_total": sum(m.get("counts", {}).get("texts_total", 0) for m in metas)}}
+    return table, meta
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 # One visit to the GPU machine, once the runtimes' parts have arrived (../shared/gpu/README.md):
 #   bash tests/gpu_session.sh tests              the tests marked gpu (fixtures from QSCORE_GPU_FIXTURES)
 #   bash tests/gpu_session.sh bench ARGS...      bench/bench_score.py ARGS
+#   bash tests/gpu_session.sh tasks              tests/test_gpu_tasks.py (lm-eval: its wheels in .whl/, see the file)
 # vLLM and llm-compressor pin different compressed-tensors releases: each gets its own PYTHONPATH.
 # Packages the machine's image lacks (click, matplotlib, ...) may travel as wheels in .whl/: only
 # those not installed there are unpacked, so nothing the image has is shadowed.
@@ -29,12 +30,16 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 case "${1:-tests}" in
   tests)
     QSCORE_GPU_REPORT=$out/gpu-report.json \
-      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest-gpu.log"
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu*.py "${@:2}" 2>&1 | tee "$out/pytest-gpu.log"
+    rc=${PIPESTATUS[0]};;
+  tasks)
+    QSCORE_GPU_TASKS_REPORT=$out/gpu-tasks-report.json \
+      python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_tasks.py 2>&1 | tee "$out/pytest-gpu-tasks.log"
     rc=${PIPESTATUS[0]};;
   bench)
     shift; python3 bench/bench_score.py "$@" 2>&1 | tee -a "$out/bench.log" | grep -E "^BENCH|Error|error:|Traceback"
     rc=${PIPESTATUS[0]};;
-  *) echo "usage: $0 tests|bench [ARGS]"; rc=2;;
+  *) echo "usage: $0 tests|tasks|bench [ARGS]"; rc=2;;
 esac
 echo "exit status $rc"
 exit "$rc"

@@ -1,13 +1,11 @@
 """Bad inputs and interrupted runs: a one-line error, a non-zero exit, and nothing partial left to read."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -195,7 +193,7 @@ def test_kill_mid_run_then_resume_matches_a_clean_run(tiny_model, tmp_path, clea
     assert no_datasets(tmp_path)  # a reader sees nothing until the set is whole
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert f"resuming after {done} of" in r.stderr
+    assert f"resuming, {done} of" in r.stderr
     assert rows(tmp_path).equals(clean_run)
 
 

@@ -21,8 +21,11 @@ MAKEFILE = ROOT / "Makefile"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
 TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "test-images", "images", "image-quantize", "image-vllm",
-           "image-aggregate", "quantize", "validate", "eval", "score", "report", "aggregate", "serve", "clean"]
-PAIRS = [(m, d) for m in ("bf16", "llmc-nvfp4", "nvidia-nvfp4") for d in ("wikitext2", "ultrachat")]
+           "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "noise-floor", "report", "aggregate", "serve", "clean",
+           "plan", "k8s", "slurm"]
+LABELS = ("bf16", "llmc-nvfp4", "nvidia-nvfp4")
+PAIRS = [(m, d) for m in LABELS for d in ("wikitext2", "ultrachat")]
+BOTH = "wikitext2,ultrachat"
 
 
 def documented_vars() -> list[str]:
@@ -48,6 +51,8 @@ class Repo:
             if (ROOT / name).exists():
                 shutil.copy2(ROOT / name, path / name)
         shutil.copytree(ROOT / "requirements", path / "requirements")
+        # the Makefile takes its scoring jobs from the job plan (python3 -m jobs.plan)
+        shutil.copytree(ROOT / "jobs", path / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
         (path / "data").mkdir()
         (path / "data" / "mini.txt").write_text("one text per line\n")
         self.env = clean_env(self.home)
@@ -95,7 +100,7 @@ def opt(line: str, name: str) -> str:
 def test_help_is_the_default_and_lists_every_target_and_variable(repo):
     out = repo.make().stdout
     assert out == repo.make("help").stdout
-    listed = set(re.findall(r"^  ([a-z][a-z%-]*) ", out, re.M))
+    listed = set(re.findall(r"^  ([a-z][a-z0-9%-]*) ", out, re.M))
     phony = set(re.search(r"^\.PHONY:(.*?)(?<!\\)\n", MAKEFILE.read_text(), re.M | re.S).group(1)
                 .replace("\\\n", " ").split()) - {"FORCE"}
     assert set(TARGETS) <= phony
@@ -190,7 +195,7 @@ def test_docker_commands_of_the_pipeline(repo):
         assert s in v, f"{s!r} not in {v}"
 
     scores = stage_lines(lines, "score")
-    assert len(scores) == 6
+    assert len(scores) == 3  # one job, one engine, per model: every set goes through it
     seen = set()
     for ln in scores:
         for s in common + gpu + [f"-v {path}/models:/models:ro", "qscore-vllm:latest score",
@@ -198,7 +203,7 @@ def test_docker_commands_of_the_pipeline(repo):
             assert s in ln, f"{s!r} not in {ln}"
         seen.add((opt(ln, "--label"), opt(ln, "--datasets")))
         assert "--overwrite" not in ln
-    assert seen == set(PAIRS)
+    assert seen == {(m, BOTH) for m in LABELS}
     models = {opt(ln, "--label"): opt(ln, "--model") for ln in scores}
     assert models == {"bf16": "Qwen/Qwen3-14B", "llmc-nvfp4": "/models/Qwen3-14B-NVFP4",
                       "nvidia-nvfp4": "nvidia/Qwen3-14B-NVFP4"}
@@ -219,26 +224,27 @@ def test_docker_image_names_gpus_and_extra_options(repo):
                      "eval", "aggregate")
     for ln in stage_lines(lines, "score"):
         assert "reg.example/qs-vllm:v7 score" in ln
-        assert "--gpus '\"device=0,1\"'" in ln and "--shm-size 16g" in ln
+        # each job waits for a GPU of its own among GPUS, which jobs.slots puts in place of {gpus}
+        assert "python3 -m jobs.slots --gpus '\"device=0,1\"' --per-job 1 -- docker run" in ln
+        assert "--gpus {gpus}" in ln and "--shm-size 16g" in ln
         assert "--gpu-memory-utilization 0.7" in ln and ln.rstrip().endswith("--enforce-eager")
     assert "reg.example/qs-aggregate:v7 aggregate" in stage_lines(lines, "aggregate")[0]
 
 
-def test_docker_without_gpus_when_gpus_is_empty(repo):
-    """GPUS= (or none) runs the model stages on the CPU: `--gpus` with an empty value fails on a host without
-    GPUs (could not select device driver "" with capabilities: [[gpu]], exit 125)."""
-    for args, env in ((["GPUS="], None), (["GPUS=none"], None), ([], {"GPUS": ""})):
-        lines = repo.dry("RUNNER=docker", *args, "quantize", "validate", "eval", "report", env=env)
+def test_gpus_empty_in_env_file_or_environment(repo):
+    """GPUS= from .env or the environment (not only the command line) also runs the model stages on the CPU:
+    `--gpus` with an empty value fails on a host without GPUs (could not select device driver "" with
+    capabilities: [[gpu]], exit 125). The model stages keep everything else."""
+    for env in (None, {"GPUS": ""}):
+        if env is None:
+            (repo.path / ".env").write_text("GPUS=\n")
+        lines = repo.dry("RUNNER=docker", "quantize", "validate", "eval", "report", env=env)
         runs = [ln for ln in lines if "docker run" in ln]
-        assert len(runs) == 9, runs  # quantize, validate, 6 scores, aggregate
-        assert not any("--gpus" in ln for ln in runs), (args, env)
-        # the model stages keep everything else: models, data, caches
+        assert stage_lines(runs, "score") and not any("--gpus" in ln or "jobs.slots" in ln for ln in runs), env
         for ln in stage_lines(lines, "quantize") + stage_lines(lines, "score"):
             assert "--ipc=host" in ln and f"-v {repo.path}/data:/data:ro" in ln and "-e HF_HOME=/hf" in ln
-    (repo.path / ".env").write_text("GPUS=\n")
-    assert not any("--gpus" in ln for ln in repo.dry("RUNNER=docker", "quantize", "eval"))
+        (repo.path / ".env").unlink(missing_ok=True)
     # unset, the default is every GPU
-    (repo.path / ".env").unlink()
     [q] = stage_lines(repo.dry("RUNNER=docker", "quantize"), "quantize")
     assert "--gpus 'all' --ipc=host" in q
     assert repo.var("GPUS") == "all"
@@ -259,29 +265,46 @@ def test_cpu_stages_never_ask_for_a_gpu(repo):
     assert ".venv/bin/python -m jobs build-tiny --output models/tiny-qwen3" in repo.dry("RUNNER=local", stamp)
 
 
+def _sub_makes(lines: list[str]) -> list[list[str]]:
+    """A dry run of `make demo`, cut at each sub-make it starts: [[its command line, what it prints], ...]."""
+    out = []
+    for ln in lines:
+        if "HF_HUB_OFFLINE=1" in ln and "--no-print-directory" in ln:
+            out.append([])
+        if out:
+            out[-1].append(ln)
+    return out
+
+
 def test_demo_in_the_images(repo):
-    """DEMO_RUNNER=docker: the demo's jobs in the containers, on the CPU; the ModelOpt fixture locally."""
-    lines = repo.dry("demo", "DEMO_RUNNER=docker", "GPUS=all", "TAG=ci")
-    runs = [ln for ln in lines if "docker run" in ln]
-    assert runs and not any("--gpus" in ln for ln in runs)
+    """DEMO_RUNNER=docker: the demo's jobs in the containers, on the CPU; the ModelOpt fixture and the task
+    accuracy (lm-eval is in the vLLM image only) from the venv."""
+    score_part, tasks_part, report_part = _sub_makes(repo.dry("demo", "DEMO_RUNNER=docker", "GPUS=all", "TAG=ci"))
+    assert "RUNNER=docker" in score_part[0] and "RUNNER=docker" in report_part[0]
+    assert "RUNNER=docker" not in tasks_part[0] and tasks_part[0].rstrip().endswith(" tasks")
+    runs = [ln for ln in score_part if "docker run" in ln]
+    assert runs and not any("--gpus" in ln or "jobs.slots" in ln for ln in runs)
     for stage in ("build-tiny", "quantize", "validate", "score"):  # in the quantize image (CPU torch)
         assert any(f"qscore-quantize:ci {stage} " in ln for ln in runs), stage
     scores = stage_lines(runs, "score")
-    assert len(scores) == 6 and all("qscore-quantize:ci score" in s for s in scores)
-    assert all(f"-v {repo.path}/models:/models:ro" in s and opt(s, "--backend") == "transformers" for s in scores)
-    assert {opt(s, "--datasets") for s in scores} == {"wiki_mini=/data/wiki_mini.txt", "chat_mini=/data/chat_mini.jsonl"}
+    assert {opt(s, "--label") for s in scores} == {"bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16",
+                                                   "modelopt-nvfp4-w4a16", "bf16~noise"}
+    assert all("qscore-quantize:ci score" in s and f"-v {repo.path}/models:/models:ro" in s
+               and opt(s, "--backend") == "transformers" for s in scores)
+    assert {opt(s, "--datasets") for s in scores} == {"wiki_mini=/data/wiki_mini.txt,chat_mini=/data/chat_mini.jsonl"}
     [v] = stage_lines(runs, "validate")
     assert "qscore-quantize:ci validate --model /models/tiny-qwen3-nvfp4 --backend transformers" in v
-    [a] = stage_lines(runs, "aggregate")
-    assert "qscore-aggregate:ci aggregate" in a
     # the demo runs offline, and so do its containers (the variables are passed by name)
     offline = "-e HF_HUB_OFFLINE -e HF_DATASETS_OFFLINE -e TRANSFORMERS_OFFLINE"
-    assert all(offline in ln for ln in runs if ln is not a) and offline not in a
-    assert any("HF_HUB_OFFLINE=1" in ln and "RUNNER=docker" in ln for ln in lines)
+    assert all(offline in ln for ln in runs) and all("HF_HUB_OFFLINE=1" in p[0] for p in (score_part, report_part))
     # nvidia-modelopt is in no image: its fixture is made by the venv, before it is scored
-    [m] = [ln for ln in lines if "jobs export-modelopt" in ln]
+    [m] = [ln for ln in score_part if "jobs export-modelopt" in ln]
     assert m.startswith(".venv/bin/python -m jobs export-modelopt")
-    assert lines.index(m) < min(lines.index(s) for s in scores if "--label modelopt" in s)
+    assert score_part.index(m) < min(score_part.index(s) for s in scores if "--label modelopt" in s)
+    tasks = stage_lines(tasks_part, "tasks")
+    assert tasks and all(t.startswith(".venv/bin/python -m jobs tasks") for t in tasks)
+    [a] = stage_lines(report_part, "aggregate")
+    assert "qscore-aggregate:ci aggregate" in a and offline not in a and "--gpus" not in a
     r = repo.make("-n", "demo", "DEMO_RUNNER=podman", check=False)
     assert r.returncode != 0 and "DEMO_RUNNER must be docker or local" in r.stderr
 
@@ -291,7 +314,7 @@ def test_docker_user(repo):
     non-root one when make itself runs as root (make test-images in CI)."""
     for args, user in (([], "$(id -u):$(id -g)"), (["DOCKER_USER=1000:1000"], "1000:1000")):
         runs = [ln for ln in repo.dry("RUNNER=docker", *args, "quantize", "eval", "report") if "docker run" in ln]
-        assert len(runs) == 8 and all(f" -u {user} " in ln for ln in runs), (args, runs)
+        assert len(runs) >= 5 and all(f" -u {user} " in ln for ln in runs), (args, runs)
 
 
 def test_test_images_target(repo):
@@ -319,12 +342,12 @@ def test_docker_paths_are_translated(repo, tmp_path):
     [q] = stage_lines(lines, "quantize")
     assert "--calibration-dataset /data/calib.jsonl" in q and "--calibration-split" not in q
     scores = stage_lines(lines, "score")
-    assert len(scores) == 9  # one job per (model, set)
-    by = {(opt(s, "--label"), opt(s, "--datasets")): s for s in scores}
-    assert set(by) == {(m, d) for m in ("base", "new", "hub") for d in ("wikitext2", "ultrachat", "mine=/data/mini.txt")}
-    assert opt(by[("base", "wikitext2")], "--model") == "/models/base"
-    assert opt(by[("hub", "wikitext2")], "--model") == "org/Model"
-    new = by[("new", "wikitext2")]
+    assert len(scores) == 3  # one job per model
+    by = {opt(s, "--label"): s for s in scores}
+    assert {opt(s, "--datasets") for s in scores} == {"wikitext2,ultrachat,mine=/data/mini.txt"}
+    assert opt(by["base"], "--model") == "/models/base"
+    assert opt(by["hub"], "--model") == "org/Model"
+    new = by["new"]
     assert opt(new, "--model") == f"/mnt/host{ckpt}" and f"-v {ckpt}:/mnt/host{ckpt}:ro" in new
     assert all(opt(s, "--tokenizer") == "/models/base" for s in scores)
     # a bare path names its set after the file, and the name is passed explicitly
@@ -376,15 +399,16 @@ def test_local_commands(repo):
     [v] = stage_lines(lines, "validate")
     assert v.startswith(".venv/bin/python -m jobs validate --model models/Qwen3-14B-NVFP4 --backend auto")
     scores = stage_lines(lines, "score")
-    assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == set(PAIRS)
-    assert all(s.startswith(".venv/bin/python -m jobs score") and opt(s, "--results-dir") == "results" for s in scores)
+    assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {(m, BOTH) for m in LABELS}
+    assert all(s.startswith("python3 -m jobs.slots --gpus 'all' --per-job 1 -- .venv/bin/python -m jobs score")
+               and opt(s, "--results-dir") == "results" for s in scores)
     [a] = stage_lines(lines, "aggregate")
     assert a == ".venv/bin/python -m jobs aggregate --results-dir results --baseline bf16 --report-dir results/report"
     # a vLLM venv, when there is one, runs validate and score
     (repo.path / ".venv-vllm" / "bin").mkdir(parents=True)
     (repo.path / ".venv-vllm" / "bin" / "python").write_text("")
     lines = repo.dry("RUNNER=local", "validate", "eval", "serve")
-    assert all(ln.startswith(".venv-vllm/bin/python -m jobs") for ln in stage_lines(lines, "score"))
+    assert all(".venv-vllm/bin/python -m jobs score" in ln for ln in stage_lines(lines, "score"))
     assert stage_lines(lines, "validate")[0].startswith(".venv-vllm/bin/python -m jobs validate")
     assert stage_lines(lines, "quantize")[0].startswith(".venv/bin/python -m jobs quantize")
     assert any(ln.startswith(".venv-vllm/bin/vllm serve models/Qwen3-14B-NVFP4 --port 8000") for ln in lines)
@@ -402,7 +426,8 @@ def test_setup_and_test_targets(repo):
 
 
 def test_demo_is_local_cpu_and_offline(repo):
-    lines = repo.dry("demo", "RUNNER=docker")  # the demo ignores the runner
+    # the demo runs two sub-makes (scoring, then the report); a dry run prints the first one's work twice
+    lines = list(dict.fromkeys(repo.dry("demo", "RUNNER=docker")))  # the demo ignores the runner
     assert not any("docker run" in ln for ln in lines)
     assert any("HF_HUB_OFFLINE=1" in ln for ln in lines)
     assert ".venv/bin/python -m jobs build-tiny --output models/tiny-qwen3" in lines
@@ -415,17 +440,103 @@ def test_demo_is_local_cpu_and_offline(repo):
     assert (".venv/bin/python -m jobs export-modelopt --model models/tiny-qwen3 "
             "--output models/tiny-qwen3-modelopt-nvfp4") in lines
     scores = stage_lines(lines, "score")
+    sets = "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl"
     assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {
-        (m, d) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4")
-        for d in ("wiki_mini=data/wiki_mini.txt", "chat_mini=data/chat_mini.jsonl")}
+        (m, sets) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16",
+                            "bf16~noise")}
     assert all(opt(s, "--tokenizer") == "models/tiny-qwen3" and opt(s, "--backend") == "transformers"
-               for s in scores)
+               and opt(s, "--topk") == "20" for s in scores)
+    # both NVFP4 models as declared (W4A4), and again weight-only beside them; no GPU asked for
+    assert {opt(s, "--label") for s in scores if "--nvfp4-compute weight-only" in s} == {
+        "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16"}
+    assert not any("jobs.slots" in s for s in scores)
+    # the noise floor: the baseline again, in bfloat16 instead of float32
+    [noise] = [s for s in scores if opt(s, "--label") == "bf16~noise"]
+    assert opt(noise, "--model") == "models/tiny-qwen3" and opt(noise, "--dtype") == "bfloat16"
+    assert lines.index(noise) < lines.index(stage_lines(lines, "aggregate")[0])
     [a] = stage_lines(lines, "aggregate")
     assert "--baseline bf16" in a
     # every fixture is made before it is used
     i = {k: next(n for n, ln in enumerate(lines) if k in ln) for k in ("build-tiny", "export-modelopt")}
-    assert i["build-tiny"] < lines.index(q) < min(lines.index(s) for s in scores)
+    assert i["build-tiny"] < lines.index(q) < min(lines.index(s) for s in scores if "noise" not in s)
     assert i["export-modelopt"] < min(lines.index(s) for s in scores if "modelopt" in opt(s, "--label"))
+
+
+# --- tasks (lm-evaluation-harness) -----------------------------------------------------------------
+
+def test_tasks_runs_one_container_per_model(repo):
+    home, path = repo.home, repo.path
+    lines = repo.dry("RUNNER=docker", "tasks")
+    runs = stage_lines(lines, "tasks")
+    assert len(runs) == 3 and not stage_lines(lines, "score")
+    for ln in runs:
+        for s in ["docker run --rm", "--gpus 'all'", f"-v {home}/.cache/huggingface:/hf", f"-v {path}/data:/data:ro",
+                  f"-v {path}/models:/models:ro", f"-v {path}/results:/results", "qscore-vllm:latest tasks",
+                  "--tasks gsm8k,arc_challenge", "--backend auto", "--max-model-len 2048", "--chat-template none",
+                  "--results-dir /results --include-path /data/tasks"]:
+            assert s in ln, f"{s!r} not in {ln}"
+        assert "--limit" not in ln and "--num-fewshot" not in ln and "--overwrite" not in ln
+    assert {opt(ln, "--label"): opt(ln, "--model") for ln in runs} == {
+        "bf16": "Qwen/Qwen3-14B", "llmc-nvfp4": "/models/Qwen3-14B-NVFP4", "nvidia-nvfp4": "nvidia/Qwen3-14B-NVFP4"}
+    # the quantized model is made first
+    lines = repo.dry("RUNNER=docker", "tasks", "quantize")
+    [q] = stage_lines(lines, "quantize")
+    assert lines.index(q) < min(lines.index(ln) for ln in stage_lines(lines, "tasks") if "/models/" in ln)
+
+
+def test_tasks_settings_and_local_task_files(repo):
+    (repo.path / "data" / "mine.yaml").write_text("task: mine\n")
+    args = ("TASKS=qscore_local data/mine.yaml", "LIMIT=50", "NUM_FEWSHOT=0", "CHAT_TEMPLATE=default",
+            "TASKS_ARGS=--no-add-bos-token", "MODELS=base=models/base", "tasks")
+    [d] = stage_lines(repo.dry("RUNNER=docker", *args), "tasks")
+    assert "--tasks qscore_local,/data/mine.yaml " in d
+    assert "--limit 50 --num-fewshot 0" in d and "--chat-template default" in d and d.endswith("--no-add-bos-token")
+    [loc] = stage_lines(repo.dry("RUNNER=local", *args), "tasks")
+    assert loc.startswith(".venv/bin/python -m jobs tasks --model models/base --label base "
+                          "--tasks qscore_local,data/mine.yaml --backend auto")
+    assert "--results-dir results " in loc and "--include-path" not in loc  # the package finds data/tasks
+
+
+def test_tasks_stamps_and_the_report(repo):
+    (repo.path / ".venv").mkdir()
+    (repo.path / ".venv" / ".qscore-setup").write_text("")
+    qscore = repo.path / "models" / "Qwen3-14B-NVFP4" / "qscore.json"
+    qscore.parent.mkdir(parents=True)
+    qscore.write_text("{}")
+    t = time.time() - 1000
+    os.utime(qscore, (t - 10, t - 10))
+    stamps = repo.var("TASKS_STAMPS", "RUNNER=local").split()
+    assert len(stamps) == len(set(stamps)) == 3  # one file per job
+    for k, stamp in enumerate(stamps):
+        label = Path(stamp).name.split(".")[0]
+        d = repo.path / "results" / "tasks" / f"model={label}" / "task=gsm8k"
+        d.mkdir(parents=True)
+        os.utime(d, (t + k, t + k))
+        os.utime(d.parent, (t + k, t + k))
+        Path(repo.path, stamp).parent.mkdir(parents=True, exist_ok=True)
+        Path(repo.path, stamp).write_text("")
+    assert repo.dry("RUNNER=local", "tasks") == []
+    # another setting names other stamps: every job runs again, and the stage skips what is done
+    assert len(stage_lines(repo.dry("RUNNER=local", "tasks", "LIMIT=10"), "tasks")) == 3
+    # a deleted model directory redoes that model's job only
+    shutil.rmtree(repo.path / "results" / "tasks" / "model=bf16")
+    [ln] = stage_lines(repo.dry("RUNNER=local", "tasks"), "tasks")
+    assert opt(ln, "--label") == "bf16"
+    # `make tasks report` aggregates after the task jobs; RECOVERY_MIN reaches the report
+    lines = repo.dry("RUNNER=local", "tasks", "report", "RECOVERY_MIN=0.9")
+    [a] = stage_lines(lines, "aggregate")
+    assert lines.index(a) > max(lines.index(ln) for ln in stage_lines(lines, "tasks"))
+    assert a.endswith("--report-dir results/report --recovery-min 0.9")
+
+
+def test_demo_runs_the_bundled_tasks_before_its_report(repo):
+    lines = repo.dry("demo")
+    runs = stage_lines(lines, "tasks")
+    assert {opt(ln, "--label") for ln in runs} == {"bf16", "llmc-nvfp4", "modelopt-nvfp4"}
+    for ln in runs:
+        assert "--tasks qscore_local --backend transformers --max-model-len 256" in ln and "docker" not in ln
+    [a] = stage_lines(lines, "aggregate")
+    assert lines.index(a) > max(lines.index(ln) for ln in runs)
 
 
 # --- stamps ---------------------------------------------------------------------------------------
@@ -439,6 +550,10 @@ def _complete(repo: Repo, *args: str) -> list[str]:
     qscore.write_text("{}")
     t = time.time() - 1000
     os.utime(qscore, (t, t))
+    for job in repo.var("JOB_STAMPS", *args).split():  # each model's job, then its (model, set) stamps
+        Path(repo.path, job).parent.mkdir(parents=True, exist_ok=True)
+        Path(repo.path, job).write_text("")
+        os.utime(Path(repo.path, job), (t + 5, t + 5))
     stamps = repo.var("EVAL_STAMPS", *args).split()
     results = repo.var("RESULTS_DIR", *args)
     for k, stamp in enumerate(stamps):
@@ -463,9 +578,9 @@ def _complete(repo: Repo, *args: str) -> list[str]:
 @pytest.mark.parametrize("runner", ["docker", "local"])
 def test_second_run_does_nothing(repo, runner):
     first = repo.dry(f"RUNNER={runner}", "quantize", "eval", "report")
-    assert len(stage_lines(first, "score")) == 6
+    assert len(stage_lines(first, "score")) == 3
     stamps = _complete(repo, f"RUNNER={runner}")
-    assert len(stamps) == len(set(stamps)) == 6  # one file per job: make -j never writes one twice
+    assert len(stamps) == len(set(stamps)) == 6  # one file per (model, set): make -j never writes one twice
     assert repo.dry(f"RUNNER={runner}", "eval") == []
     assert repo.dry(f"RUNNER={runner}", "quantize", "eval", "report") == []
     assert "Nothing to be done for 'eval'" in repo.make(f"RUNNER={runner}", "-n", "eval").stdout
@@ -480,23 +595,26 @@ def test_stale_and_missing_outputs_rerun_only_what_they_affect(repo):
     os.utime(root / "models" / "Qwen3-14B-NVFP4" / "qscore.json")
     lines = repo.dry("RUNNER=docker", "eval", "report")
     scores = stage_lines(lines, "score")
-    assert {opt(s, "--label") for s in scores} == {"llmc-nvfp4"} and len(scores) == 2
+    assert {opt(s, "--label") for s in scores} == {"llmc-nvfp4"} and len(scores) == 1
     assert all(s.endswith("--overwrite") for s in scores)
     assert stage_lines(lines, "aggregate")
-    _complete_again = [Path(root, s) for s in repo.var("EVAL_STAMPS", "RUNNER=docker").split()]
+    _complete_again = [Path(root, s) for v in ("JOB_STAMPS", "EVAL_STAMPS") for s in repo.var(v, "RUNNER=docker").split()]
     for p in _complete_again:
         p.touch()
-    # a deleted dataset directory: that one job reruns
+    # a deleted dataset directory: that model's job reruns, without --overwrite: the stage skips the
+    # set it still has (same inputs) and scores only the missing one
     shutil.rmtree(root / "results" / "logprobs" / "model=bf16" / "dataset=ultrachat")
     [s] = stage_lines(repo.dry("RUNNER=docker", "eval"), "score")
-    assert (opt(s, "--label"), opt(s, "--datasets")) == ("bf16", "ultrachat")
+    assert (opt(s, "--label"), opt(s, "--datasets")) == ("bf16", BOTH) and "--overwrite" not in s
     (root / "results" / "logprobs" / "model=bf16" / "dataset=ultrachat").mkdir()
     # another argument: the jobs it changes run again, and the stage decides (skip, resume or refuse)
     scores = stage_lines(repo.dry("RUNNER=docker", "eval", "N_WIKITEXT=50"), "score")
-    assert {opt(s, "--datasets") for s in scores} == {"wikitext2"} and len(scores) == 3
-    assert not any("--overwrite" in s for s in scores)
+    assert len(scores) == 3 and not any("--overwrite" in s for s in scores)
     scores = stage_lines(repo.dry("RUNNER=docker", "eval", "N_WIKITEXT=50", "OVERWRITE=1"), "score")
     assert len(scores) == 3 and all(s.endswith("--overwrite") for s in scores)
+    # a set added to DATASETS: every model's job runs for it (the stage skips the sets it has)
+    scores = stage_lines(repo.dry("RUNNER=docker", "eval", "DATASETS=wikitext2 ultrachat mine=data/mini.txt"), "score")
+    assert len(scores) == 3 and not any("--overwrite" in s for s in scores)
     # the quantized model is never redone while its qscore.json is there
     assert stage_lines(repo.dry("RUNNER=docker", "quantize", "NUM_CALIBRATION_SAMPLES=64"), "quantize") == []
 
@@ -541,10 +659,54 @@ def test_cuda_host_doc_names_every_target_and_its_commands_work(repo):
 
 
 def test_cuda_host_doc_example_is_what_make_prints(repo):
-    block = re.search(r"```\n(docker run .*?)```", DOC.read_text(), re.S).group(1)
+    block = re.search(r"```\n(python3 -m jobs.slots .*?)```", DOC.read_text(), re.S).group(1)
     documented = " ".join(block.replace("\\\n", " ").split())
     shutil.copy2(ROOT / ".env.example", repo.path / ".env")
-    [line] = [ln for ln in stage_lines(repo.dry("RUNNER=docker", "eval"), "score")
-              if "--label llmc-nvfp4" in ln and "--datasets wikitext2" in ln]
+    [line] = [ln for ln in stage_lines(repo.dry("RUNNER=docker", "eval"), "score") if "--label llmc-nvfp4" in ln]
     line = line.split(" && ", 1)[1].replace(str(repo.home), "~").replace(str(repo.path), "$PWD")
     assert documented == line
+
+
+# --- GPUs, shards and the job plan ------------------------------------------------------------------
+
+def test_no_gpus_means_no_gpu_asked_for(repo):
+    """GPUS= on a host without GPUs: no --gpus (docker would refuse it, exit 125), no slot wrapper."""
+    lines = repo.dry("RUNNER=docker", "GPUS=", "quantize", "validate", "eval", "report")
+    for stage in ("quantize", "validate", "score", "aggregate"):
+        for ln in stage_lines(lines, stage):
+            assert "--gpus" not in ln and "jobs.slots" not in ln, ln
+    lines = repo.dry("RUNNER=local", "GPUS=", "eval")
+    assert all(s.startswith(".venv/bin/python -m jobs score") for s in stage_lines(lines, "score"))
+
+
+def test_large_models_take_several_gpus_and_shards_split_a_model(repo):
+    lines = repo.dry("RUNNER=docker", "TENSOR_PARALLEL_SIZE=2", "GPUS=0,1,2,3", "eval")
+    for s in stage_lines(lines, "score"):
+        assert "jobs.slots --gpus '0,1,2,3' --per-job 2 --" in s and "--tensor-parallel-size 2" in s
+    scores = stage_lines(repo.dry("RUNNER=local", "SHARDS=2", "MODELS=big=models/big", "eval"), "score")
+    assert sorted(opt(s, "--shard") for s in scores) == ["1/2", "2/2"]
+    assert len(repo.var("EVAL_STAMPS", "SHARDS=2", "MODELS=big=models/big").split()) == 4  # (set, shard)
+
+
+def test_plan_lists_the_jobs_make_runs(repo):
+    import json
+
+    jobs = [json.loads(ln) for ln in repo.make("plan", "WEIGHT_ONLY=llmc-nvfp4").stdout.splitlines()]
+    assert [j["id"] for j in jobs] == ["score.bf16", "score.llmc-nvfp4", "score.nvidia-nvfp4", "score.llmc-nvfp4-w4a16"]
+    assert jobs[3]["args"][-2:] == ["--nvfp4-compute", "weight-only"] and jobs[3]["model"] == "models/Qwen3-14B-NVFP4"
+    assert jobs[0]["outputs"] == ["results/logprobs/model=bf16/dataset=wikitext2", "results/logprobs/model=bf16/dataset=ultrachat"]
+    stamps = repo.var("EVAL_STAMPS", "WEIGHT_ONLY=llmc-nvfp4").split()
+    assert stamps == [s for j in jobs for s in j["stamps"]]
+    r = repo.make("-n", "eval", "MODELS=oops", check=False)
+    assert r.returncode != 0 and "MODELS entry 'oops' is not label=path" in r.stderr
+    r = repo.make("-n", "eval", "WEIGHT_ONLY=nope", check=False)
+    assert r.returncode != 0 and "WEIGHT_ONLY names labels that are not in MODELS" in r.stderr
+
+
+def test_cluster_renders(repo):
+    repo.make("k8s", "SHARDS=2")
+    text = (repo.path / "results" / "cluster" / "qscore-k8s.yaml").read_text()
+    assert "completionMode: \"Indexed\"" in text and "completions: 6" in text
+    repo.make("slurm")
+    text = (repo.path / "results" / "cluster" / "qscore.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in text and "SLURM_ARRAY_TASK_ID" in text

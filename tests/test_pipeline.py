@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import DATA, cli
+from conftest import cli
 from jobs import schema
 
 pytestmark = pytest.mark.slow

@@ -1,3 +1,5 @@
+import pytest
+
 from jobs import quantcheck
 from jobs.checkpoint import describe_quantization
 
@@ -13,7 +15,8 @@ def ct_config(group=16, abits=4):
 def fp4_layer(name, out=64, cols=64, group=16):
     return {f"{name}.weight_packed": {"dtype": "U8", "shape": [out, cols // 2]},
             f"{name}.weight_scale": {"dtype": "F8_E4M3", "shape": [out, cols // group]},
-            f"{name}.weight_global_scale": {"dtype": "F32", "shape": [1]}}
+            f"{name}.weight_global_scale": {"dtype": "F32", "shape": [1]},
+            f"{name}.input_global_scale": {"dtype": "F32", "shape": [1]}}
 
 
 def tensors(**over):
@@ -64,3 +67,42 @@ def test_quantized_ignored_module_is_caught():
 def test_expected_scheme_mismatch():
     (msg,) = quantcheck.check(tensors(), describe_quantization(ct_config()), "FP8_DYNAMIC")
     assert msg == "config says NVFP4, expected FP8_DYNAMIC"
+
+
+def test_w4a4_without_activation_scales_is_caught():
+    t = tensors()
+    del t["model.layers.0.mlp.down_proj.input_global_scale"]
+    (msg,) = quantcheck.check(t, describe_quantization(ct_config()))
+    assert msg == "model.layers.0.mlp.down_proj: config says W4A4 but the layer has no input_global_scale"
+    assert quantcheck.check(t, describe_quantization(ct_config(abits=None))) == []  # NVFP4A16 needs none
+
+
+NAMES = ["lm_head", "model.layers.0.mlp.gate", "model.layers.10.mlp.gate", "model.layers.1.self_attn.q_proj",
+         "language_model.lm_head", "model.embed_tokens"]
+PATTERNS = [["lm_head"], ["re:.*mlp\\.gate$"], ["*mlp.gate"], ["model.layers.1*"], ["self_attn"], []]
+
+
+@pytest.mark.parametrize("patterns", PATTERNS)
+def test_compressed_tensors_ignore_is_the_librarys(patterns):
+    from compressed_tensors.utils.match import match_name
+
+    for name in NAMES:
+        assert quantcheck.matches_ignore(name, patterns, "compressed-tensors") == any(
+            match_name(name, p) for p in patterns), (name, patterns)
+
+
+def test_modelopt_exclusions_as_vllm_reads_them():
+    m = lambda name, pats: quantcheck.matches_ignore(name, pats, "modelopt")  # noqa: E731
+    assert m("language_model.lm_head", ["lm_head"])  # substring
+    assert m("model.layers.10.mlp.gate", ["*mlp.gate"]) and not m("model.layers.10.mlp.up", ["*mlp.gate"])
+    assert not m("model.layers.1.self_attn.q_proj", ["lm_head"])
+
+
+@pytest.mark.parametrize("patterns", PATTERNS)
+def test_modelopt_patterns_convert_to_compressed_tensors_unchanged(patterns):
+    """Converting a ModelOpt checkpoint keeps exactly the same modules dense."""
+    from compressed_tensors.utils.match import match_name
+
+    converted = quantcheck.as_compressed_tensors_ignore(patterns)
+    for name in NAMES:
+        assert any(match_name(name, p) for p in converted) == quantcheck.matches_ignore(name, patterns, "modelopt")

@@ -1,6 +1,5 @@
 """The quantize stage's schemes and options, each checked by reading back what it saved."""
 import json
-import shutil
 
 import pytest
 

@@ -4,8 +4,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from jobs.arithmetic import kernel_problem, resolve
+from jobs.checkpoint import Quantization
+from jobs.errors import ScoreError
+
 from jobs.backends.vllm import LogprobLookupError, describe_kernels, parse_prompt_logprobs
 from jobs.sampling import Sample
+from jobs.settings import EngineOptions
 
 
 @dataclass
@@ -142,7 +147,7 @@ def fake_vllm(monkeypatch):
 def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
     from jobs.backends.vllm import VllmBackend
 
-    backend = VllmBackend(tmp_path, max_model_len=64)
+    backend = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64))
     samples = [Sample(i, (5, 6 + i, 7), False) for i in range(5)]
     out = list(backend.score(samples))
     assert [s.sample_id for s in out] == [0, 1, 2, 3, 4]
@@ -153,19 +158,19 @@ def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
 def test_engine_options(fake_vllm, tmp_path):
     from jobs.backends.vllm import VllmBackend
 
-    kw = VllmBackend(tmp_path, max_model_len=64, max_num_batched_tokens=8192).llm.kwargs
+    kw = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64, max_num_batched_tokens=8192)).llm.kwargs
     assert kw["enable_prefix_caching"] is False  # a cached prefix would get no prompt logprobs
     assert kw["skip_tokenizer_init"] is True  # no tokenizer files: token ids go in
     assert kw["max_num_batched_tokens"] == 8192 and "quantization" not in kw  # detected from the checkpoint
     (tmp_path / "tokenizer.json").write_text("{}")
-    assert "skip_tokenizer_init" not in VllmBackend(tmp_path).llm.kwargs
+    assert "skip_tokenizer_init" not in VllmBackend(tmp_path, None, EngineOptions()).llm.kwargs
 
 
 def test_vllm_logs_leave_stdout_to_the_result(fake_vllm, tmp_path):
     """validate prints its JSON result on stdout; vLLM's logs (stdout by default) must not mix in."""
     from jobs.backends.vllm import VllmBackend
 
-    assert VllmBackend(tmp_path).llm.logging_stream == "ext://sys.stderr"
+    assert VllmBackend(tmp_path, None, EngineOptions()).llm.logging_stream == "ext://sys.stderr"
 
 
 def test_describe_records_gpu_and_kernel_path(fake_vllm, tmp_path, monkeypatch):
@@ -176,12 +181,106 @@ def test_describe_records_gpu_and_kernel_path(fake_vllm, tmp_path, monkeypatch):
     props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     fake_vllm.__version__ = "0.26.0"
-    backend = VllmBackend(tmp_path, max_model_len=64)
+    backend = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64))
     backend.llm.model_config = type("Cfg", (), {"dtype": torch.bfloat16, "quantization": "modelopt_fp4"})
     backend.llm.apply_model = lambda fn: [{"ModelOptNvFp4LinearMethod/MarlinNvFp4LinearKernel": 4}]
+    backend._kernels = None  # inspected again, now that the stand-in has layers
     rt = backend.describe()
     assert rt["backend"] == "vllm" and rt["backend_version"] == "0.26.0" and rt["dtype"] == "bfloat16"
     assert (rt["gpu_name"], rt["compute_capability"], rt["quantization"]) == ("NVIDIA H100 80GB HBM3", "9.0",
                                                                              "modelopt_fp4")
     assert rt["kernel_path"].startswith("weight-only FP4 (W4A16) via Marlin") and "sm_90" in rt["kernel_path"]
     assert rt["engine"]["enable_prefix_caching"] is False and "model" not in rt["engine"]
+
+
+# -- engine settings, start-up breakdown and the arithmetic asked for ---------------------------------------
+NVFP4 = Quantization("compressed-tensors", "nvfp4-pack-quantized", "NVFP4", 16, 4, 4)
+
+
+def test_engine_is_eager_for_small_workloads_and_compiled_without_graphs_for_large(tmp_path):
+    from jobs.backends.vllm import COMPILE_MIN_TOKENS, engine_kwargs
+
+    bf16 = resolve(Quantization(None, None, "bf16"), "declared", backend="vllm", capability=9.0)
+    small, why = engine_kwargs(tmp_path, EngineOptions(), bf16, expected_tokens=250_000)
+    assert small["enforce_eager"] is True and "compilation_config" not in small and "250,000" in why
+    big, why = engine_kwargs(tmp_path, EngineOptions(), bf16, expected_tokens=COMPILE_MIN_TOKENS)
+    assert big["enforce_eager"] is False and big["compilation_config"] == {"cudagraph_mode": "NONE"}
+    forced, why = engine_kwargs(tmp_path, EngineOptions(enforce_eager=False), bf16, expected_tokens=10)
+    assert forced["enforce_eager"] is False and why.startswith("asked for")
+    assert "linear_backend" not in small
+
+
+@pytest.mark.parametrize("mode, cap, backend, label, linear", [
+    ("declared", 9.0, "vllm", "W4A4 (emulated)", "emulation"),
+    ("declared", 10.0, "vllm", "W4A4 (native)", "auto"),
+    ("weight-only", 9.0, "vllm", "W4A16 (weight-only)", "marlin"),
+    ("weight-only", 12.0, "vllm", "W4A16 (weight-only)", "marlin"),
+    ("declared", None, "transformers", "W4A4 (emulated)", "auto"),
+    ("weight-only", None, "transformers", "W4A16 (weight-only)", "auto"),
+])
+def test_arithmetic_of_nvfp4(mode, cap, backend, label, linear, tmp_path):
+    from jobs.backends.vllm import engine_kwargs
+
+    a = resolve(NVFP4, mode, backend=backend, capability=cap)
+    assert (a.label, a.vllm_linear_backend, a.mode) == (label, linear, mode)
+    if backend == "vllm":
+        kw, _ = engine_kwargs(tmp_path, EngineOptions(nvfp4_compute=mode), a, expected_tokens=1)
+        assert kw.get("linear_backend", "auto") == linear
+
+
+def test_weight_only_checkpoints_and_other_schemes_are_what_they_declare():
+    a16 = Quantization("compressed-tensors", "nvfp4-pack-quantized", "NVFP4A16", 16, 4, None)
+    assert resolve(a16, "declared", backend="vllm", capability=9.0).label == "W4A16 (weight-only)"
+    fp8 = Quantization("compressed-tensors", "float-quantized", "FP8_DYNAMIC", None, 8, 8)
+    assert resolve(fp8, "weight-only", backend="vllm", capability=9.0) == resolve(fp8, "declared", backend="vllm")
+    assert resolve(fp8, "declared", backend="vllm").mode == "n/a"
+
+
+def test_a_silent_fallback_is_refused():
+    emulated = resolve(NVFP4, "declared", backend="vllm", capability=9.0)
+    marlin = {"CompressedTensorsLinearMethod/CompressedTensorsW4A4Fp4/MarlinNvFp4LinearKernel": 14}
+    emul = {"CompressedTensorsLinearMethod/CompressedTensorsW4A4Fp4/EmulationNvFp4LinearKernel": 14}
+    assert "MarlinNvFp4LinearKernel" in kernel_problem(emulated, marlin)
+    assert kernel_problem(emulated, emul) is None
+    wo = resolve(NVFP4, "weight-only", backend="vllm", capability=9.0)
+    assert kernel_problem(wo, marlin) is None and kernel_problem(wo, emul)
+    native = resolve(NVFP4, "declared", backend="vllm", capability=10.0)
+    assert kernel_problem(native, marlin) and kernel_problem(native, {"X/CutlassNvFp4LinearKernel": 14}) is None
+    assert "W4A4 emulated" in describe_kernels(emul, "9.0")
+
+
+def test_engine_refuses_kernels_that_do_not_compute_the_mode(fake_vllm, tmp_path, monkeypatch):
+    from jobs.backends import vllm as vb
+
+    monkeypatch.setattr(vb, "gpu_capability", lambda: 9.0)
+    monkeypatch.setattr(FakeLLM, "apply_model", lambda self, fn: [{"A/B/MarlinNvFp4LinearKernel": 4}], raising=False)
+    with pytest.raises(ScoreError, match="W4A4 \\(emulated\\) asked for, but the FP4 layers run"):
+        vb.VllmBackend(tmp_path, NVFP4, EngineOptions())
+    backend = vb.VllmBackend(tmp_path, NVFP4, EngineOptions(nvfp4_compute="weight-only"))
+    assert backend.llm.kwargs["linear_backend"] == "marlin"
+
+
+def test_start_up_breakdown_from_vllms_log_lines():
+    from jobs.backends.vllm import parse_start_log
+
+    lines = ["Loading weights took 3.21 seconds", "Model loading took 15.2 GiB memory and 4.500000 seconds",
+             "torch.compile took 7.25 s in total", "Graph capturing finished in 6 secs, took 0.5 GiB",
+             "init engine (profile, create kv cache, warmup model) took 20.10 s (compilation: 7.25 s)", "other"]
+    assert parse_start_log(lines) == {"weights_load_s": 3.21, "model_load_s": 4.5, "compile_s": 7.25,
+                                      "graph_capture_s": 6.0, "init_engine_s": 20.1}
+
+
+def test_engine_records_its_start(fake_vllm, tmp_path):
+    import logging
+
+    from jobs.backends.vllm import VllmBackend
+
+    class Logging(FakeLLM):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            logging.getLogger("vllm.model_executor").info("Loading weights took 1.50 seconds")
+
+    fake_vllm.LLM = Logging
+    b = VllmBackend(tmp_path, None, EngineOptions(), expected_tokens=1000)
+    assert b.start["weights_load_s"] == 1.5 and b.start["engine_start_s"] >= 0
+    assert b.llm.kwargs["enforce_eager"] is True and "1,000 tokens" in b.compile_reason

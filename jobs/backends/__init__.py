@@ -1,7 +1,9 @@
 """Scoring backends: the same interface over transformers and vLLM (see base.py)."""
 from __future__ import annotations
 
+from ..checkpoint import Checkpoint
 from ..errors import SettingsError
+from ..settings import EngineOptions
 
 BACKENDS = ("transformers", "vllm")
 
@@ -24,12 +26,26 @@ def pick(name: str) -> str:
         return "transformers"
 
 
-def load(name: str, model_path, **options):
+def arithmetic_for(name: str, quant, mode: str):
+    """The arithmetic backend ``name`` will compute for ``quant`` (vLLM: on this machine's first GPU)."""
+    from ..arithmetic import resolve
+
+    capability = None
+    if pick(name) == "vllm":
+        from .vllm import gpu_capability
+
+        capability = gpu_capability()
+    return resolve(quant, mode, backend=pick(name), capability=capability)
+
+
+def load(name: str, ckpt: Checkpoint, options: EngineOptions, *, expected_tokens: int | None = None):
+    """A backend for the checkpoint the stage already inspected. ``expected_tokens`` (how much will be
+    scored) lets vLLM choose between eager and compiled execution."""
     name = pick(name)
     if name == "vllm":
         from .vllm import VllmBackend
 
-        return VllmBackend(model_path, **options)
+        return VllmBackend(ckpt.path, ckpt.quant, options, expected_tokens=expected_tokens)
     from .hf import TransformersBackend
 
-    return TransformersBackend(model_path, **options)
+    return TransformersBackend(ckpt, options)

@@ -1,21 +1,31 @@
 """The transformers backend: a plain forward pass, float32 log-softmax, the actual token's logprob gathered.
 
-Runs on the CPU or one GPU. NVFP4 checkpoints (compressed-tensors and ModelOpt) are dequantised to the
-compute dtype on load, so it scores what the weights say, not what a particular FP4 kernel computes.
+Runs on the CPU or one GPU. Quantized checkpoints load through transformers + compressed-tensors, whose
+quantized forward is the arithmetic the checkpoint declares: NVFP4 (W4A4) quantizes each Linear's input
+to FP4 in groups of 16 before multiplying by the dequantized weights. ModelOpt NVFP4 checkpoints are
+first converted by compressed-tensors' own converter. In ``weight-only`` mode the activation
+quantization is dropped from each layer's scheme, leaving dequantized weights times full-precision
+activations (W4A16).
 """
 from __future__ import annotations
 
 import gc
+import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, inspect
+from .. import arithmetic as arith_mod
+from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, SettingsError
 from ..sampling import Sample
 from ..schema import SequenceScores
+from ..settings import EngineOptions
 from .base import Generation, runtime_info
+
+# compressed-tensors' quantization parameters: their dtypes are part of the arithmetic, never recast
+_QPARAM_SUFFIXES = ("_scale", "_global_scale", "_zero_point", "weight_packed", "weight_shape")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -39,64 +49,70 @@ def pick_dtype(dtype: str, device: str):
         raise SettingsError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
 
 
-def load_model(ckpt: Checkpoint, dtype, device: str):
-    """A transformers model from any checkpoint qscore scores; NVFP4 weights dequantised on load."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def load_model(ckpt: Checkpoint, dtype, device: str, arithmetic: arith_mod.Arithmetic):
+    """A transformers model of ``ckpt`` computing ``arithmetic`` in ``dtype`` on ``device``."""
     q = ckpt.quant
     try:
-        if q.is_nvfp4 and q.method in ("compressed-tensors", "modelopt"):
-            from safetensors.torch import load_file
+        if q.method is None:
+            from transformers import AutoModelForCausalLM
 
-            from ..nvfp4 import dequantize_state_dict
-
-            config = AutoConfig.from_pretrained(ckpt.path)
-            for attr in ("quantization_config", "compression_config"):
-                if hasattr(config, attr):
-                    delattr(config, attr)
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            tensors = {}
-            for f in sorted({t["file"] for t in ckpt.tensors.values()}):
-                tensors.update(load_file(ckpt.path / f))
-            state = dequantize_state_dict(tensors, q.method, dtype)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [m for m in missing if not _is_tied(model, m)]
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"{ckpt.path}: weights do not match the config (missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]})"
-                )
-        else:
             model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype).to(device)
+        elif q.method == "compressed-tensors":
+            model = _load_compressed_tensors(ckpt.path, dtype, device)
+        elif q.method == "modelopt" and q.is_nvfp4:
+            from ..formats import modelopt_to_compressed_tensors
+
+            with tempfile.TemporaryDirectory(prefix="qscore-modelopt-") as tmp:
+                model = _load_compressed_tensors(modelopt_to_compressed_tensors(ckpt, Path(tmp) / "ct"), dtype, device)
+        else:
+            raise CheckpointError(f"{ckpt.path}: the transformers backend cannot load {q.method} {q.scheme} "
+                                  "checkpoints (use --backend vllm)")
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{ckpt.path}: cannot load the model ({first[:300]})") from None
+    if q.method is not None and not arithmetic.quantize_activations:
+        _drop_activation_quantization(model)
     model.eval()
     return model
 
 
-def _is_tied(model, name: str) -> bool:
-    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+def _load_compressed_tensors(path: Path, dtype, device: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    # dequantize=True: compressed-tensors decompresses the weights once at load (to bf16, its own
+    # arithmetic); the quantized forward it installs then quantizes activations as the config declares.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype and not name.endswith(_QPARAM_SUFFIXES):
+            p.data = p.data.to(dtype)  # compute dtype for weights; scales keep their declared dtypes
+    return model.to(device)
+
+
+def _drop_activation_quantization(model) -> None:
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and scheme.input_activations is not None:
+            module.quantization_scheme = scheme.model_copy(update={"input_activations": None})
 
 
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model_path, dtype: str = "auto", device: str = "auto",
-                 max_batch_tokens: int = 8192, window: int = 64, **_ignored):
+    def __init__(self, ckpt: Checkpoint, options: EngineOptions):
         import torch
 
-        self.path = Path(model_path)
-        self.ckpt = inspect(self.path)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.model = load_model(self.ckpt, self.dtype, self.device)
-        self.max_batch_tokens = max_batch_tokens
-        self.window = window  # samples sorted by length within a window: little padding, in-order output
+        self.ckpt = ckpt
+        self.path = ckpt.path
+        self.device = pick_device(options.device)
+        self.dtype = pick_dtype(options.dtype, self.device)
+        self.arithmetic = arith_mod.resolve(ckpt.quant, options.nvfp4_compute, backend=self.name)
+        self.model = load_model(ckpt, self.dtype, self.device, self.arithmetic)
+        self.max_batch_tokens = options.max_batch_tokens
+        self.window = options.window
         self._torch = torch
 
     @classmethod
@@ -108,6 +124,7 @@ class TransformersBackend:
         self = cls.__new__(cls)
         self.path, self.ckpt, self.model, self.device = None, None, model.eval(), device
         self.dtype = next(model.parameters()).dtype
+        self.arithmetic = None
         self.max_batch_tokens, self.window, self._torch = max_batch_tokens, window, torch
         return self
 
@@ -182,11 +199,17 @@ class TransformersBackend:
     def describe(self) -> dict:
         import transformers
 
-        q = self.ckpt.quant if self.ckpt else None
-        kernel = "none (unquantized)" if q is None or q.method is None else (
-            f"dequantized to {str(self.dtype).replace('torch.', '')} on load ({q.scheme} weights "
-            "expanded; no low-precision kernel)")
-        return runtime_info("transformers", transformers.__version__, self.dtype, self.device, kernel)
+        a = self.arithmetic
+        dtype = str(self.dtype).replace("torch.", "")
+        if a is None or self.ckpt is None or self.ckpt.quant.method is None:
+            kernel = "none (unquantized)"
+        elif a.quantize_activations:
+            kernel = (f"compressed-tensors quantized forward: activations fake-quantized as declared "
+                      f"({self.ckpt.quant.scheme}), weights dequantized to {dtype}; no low-precision kernel")
+        else:
+            kernel = f"compressed-tensors: weights dequantized to {dtype}, activations not quantized; no low-precision kernel"
+        extra = {} if a is None else {"arithmetic": a.label, "nvfp4_compute": a.mode}
+        return runtime_info("transformers", transformers.__version__, self.dtype, self.device, kernel, **extra)
 
     def close(self) -> None:
         del self.model

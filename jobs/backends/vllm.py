@@ -13,13 +13,19 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .. import arithmetic as arith_mod
+from ..checkpoint import Quantization
+from ..errors import ScoreError
 from ..sampling import Sample
 from ..schema import SequenceScores
+from ..settings import EngineOptions
 from .base import Generation, runtime_info
 
 log = logging.getLogger("qscore.vllm")
@@ -105,6 +111,8 @@ def describe_kernels(kernels: dict[str, int], capability: str | None) -> str:
     if "Fp4" in names or "FP4" in names or "NvFp4" in names:
         if "Marlin" in names:
             verdict = "weight-only FP4 (W4A16) via Marlin: activations stay bf16"
+        elif "Emulation" in names:
+            verdict = "W4A4 emulated: activations quantized to FP4 in groups of 16, weights dequantized, bf16 GEMM"
         else:
             verdict = "native FP4 (W4A4) GEMM"
     elif all(n.startswith("Unquantized") for n in kernels):  # embeddings and lm_head count too
@@ -135,34 +143,150 @@ def linear_kernels(model) -> dict[str, int]:
     return counts
 
 
+# -- start-up: what the engine is built with, and where its start went -------------------------------------
+# Measured on an H100 (bench/RESULTS.md): torch.compile costs 35-45 s cold and 7-10 s from its cache,
+# and buys 10-25 % throughput; below this many prompt tokens eager mode finishes first.
+COMPILE_MIN_TOKENS = 2_000_000
+
+_START_LOG = {  # vLLM's own log lines (vLLM 0.26) → the engine-start breakdown
+    "weights_load_s": re.compile(r"Loading weights took ([\d.]+) seconds"),
+    "model_load_s": re.compile(r"Model loading took .* and ([\d.]+) seconds"),
+    "compile_s": re.compile(r"torch\.compile(?: and initial profiling/warmup run together)? took ([\d.]+) s in total"),
+    "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs"),
+    "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+}
+
+
+def parse_start_log(lines: Sequence[str]) -> dict[str, float]:
+    """The engine-start breakdown from vLLM's log lines (pure)."""
+    out: dict[str, float] = {}
+    for line in lines:
+        for key, pattern in _START_LOG.items():
+            m = pattern.search(line)
+            if m:
+                out[key] = out.get(key, 0.0) + float(m.group(1))
+    return out
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        try:
+            self.lines.append(record.getMessage())
+        except Exception:  # a malformed record must not break the engine's start
+            pass
+
+
+def engine_kwargs(path: Path, options: EngineOptions, arith: arith_mod.Arithmetic, *,
+                  expected_tokens: int | None) -> tuple[dict, str]:
+    """vLLM's ``LLM(**kwargs)`` for prompt scoring, and why it runs eager or compiled (pure)."""
+    if options.enforce_eager is not None:
+        eager, why = options.enforce_eager, "asked for (--enforce-eager / --no-enforce-eager)"
+    elif expected_tokens is not None and expected_tokens >= COMPILE_MIN_TOKENS:
+        eager, why = False, f"{expected_tokens:,} tokens to score >= {COMPILE_MIN_TOKENS:,}: compiling pays off"
+    else:
+        eager, why = True, (f"{expected_tokens:,} tokens to score < {COMPILE_MIN_TOKENS:,}: compiling would cost "
+                            "more than it saves" if expected_tokens is not None else "a small workload")
+    kwargs = dict(model=str(path), dtype=options.dtype or "auto", max_model_len=options.max_model_len,
+                  gpu_memory_utilization=options.gpu_memory_utilization,
+                  tensor_parallel_size=options.tensor_parallel_size, enforce_eager=eager,
+                  enable_prefix_caching=False)  # cached prefixes get no prompt logprobs
+    if not eager:
+        # Scoring steps are prefills of thousands of tokens; CUDA graphs only serve steps of up to a few
+        # hundred, so capturing them is start-up time spent for nothing.
+        kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
+    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        kwargs["skip_tokenizer_init"] = True  # scoring takes token ids; a bare checkpoint needs no tokenizer
+    if options.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
+    if options.quantization:
+        kwargs["quantization"] = options.quantization
+    if options.max_logprobs and options.max_logprobs > 20:  # vLLM refuses more prompt logprobs than max_logprobs (20)
+        kwargs["max_logprobs"] = options.max_logprobs
+    if options.load_format:  # "dummy": random weights from the config alone (bench/, never for results)
+        kwargs["load_format"] = options.load_format
+    if arith.vllm_linear_backend != "auto":
+        kwargs["linear_backend"] = arith.vllm_linear_backend
+    return kwargs, why
+
+
+def gpu_capability() -> float | None:
+    """The first GPU's compute capability, read through NVML by vLLM's platform (no CUDA context)."""
+    try:
+        from vllm.platforms import current_platform
+
+        cap = current_platform.get_device_capability()
+        return None if cap is None else cap.major + cap.minor / 10
+    except Exception:  # no GPU or no NVML: vLLM's own start will say what is wrong
+        return None
+
+
 # -- the engine --------------------------------------------------------------------------------------------
 class VllmBackend:
     name = "vllm"
 
-    def __init__(self, model_path, dtype: str = "auto", max_model_len: int = 2048,
-                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, enforce_eager: bool = False,
-                 max_num_batched_tokens: int | None = None, quantization: str | None = None,
-                 load_format: str | None = None, **_ignored):
+    def __init__(self, path, quant: Quantization | None, options: EngineOptions, *, expected_tokens: int | None = None):
         # apply_model ships a function to the engine's worker; vLLM refuses pickled callables without this.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         # vLLM logs to stdout by default; stdout is the stages' JSON result, so its logs go to stderr.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        # The engine core in this process: its start-up log lines (weights, compile, KV cache) can then be
+        # timed here, and no spawned process outlives a killed stage. Scoring gains nothing from the
+        # separate process (no server loop to overlap with).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # Prompt scoring samples one token it throws away: FlashInfer's sampler only adds its JIT (~110 s
+        # on a fresh cache) to the start.
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         from vllm import LLM
 
-        kwargs = dict(model=str(model_path), dtype=dtype or "auto", max_model_len=max_model_len,
-                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                      enforce_eager=enforce_eager, enable_prefix_caching=False)  # cached prefixes get no prompt logprobs
-        if not any((Path(model_path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            kwargs["skip_tokenizer_init"] = True  # scoring takes token ids; a bare checkpoint needs no tokenizer
-        if max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = max_num_batched_tokens
-        if quantization:
-            kwargs["quantization"] = quantization
-        if load_format:  # "dummy": random weights from the config alone (bench/, never for results)
-            kwargs["load_format"] = load_format
+        self.path = Path(path)
+        quant = quant or Quantization(None, None, "bf16")
+        self.arithmetic = arith_mod.resolve(quant, options.nvfp4_compute, backend=self.name,
+                                            capability=gpu_capability())
+        kwargs, self.compile_reason = engine_kwargs(self.path, options, self.arithmetic,
+                                                    expected_tokens=expected_tokens)
         self.kwargs = kwargs
-        self.llm = LLM(**kwargs)
+        capture = _Capture()
+        vllm_logger = logging.getLogger("vllm")
+        level = vllm_logger.level
+        if vllm_logger.getEffectiveLevel() > logging.INFO:
+            vllm_logger.setLevel(logging.INFO)  # the start-up lines are INFO records
+        vllm_logger.addHandler(capture)
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(**kwargs)
+        except ValueError as exc:  # e.g. no kernel of the asked linear backend for this checkpoint
+            if "linear-backend" in str(exc) or "linear_backend" in str(exc):
+                raise ScoreError(f"{self.path}: vLLM cannot compute {self.arithmetic.label} for this checkpoint "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+            raise
+        finally:
+            vllm_logger.removeHandler(capture)
+            vllm_logger.setLevel(level)
+        self.start = {"engine_start_s": round(time.perf_counter() - t0, 2), **parse_start_log(capture.lines)}
         self._kernels: dict[str, int] | None = None
+        problem = arith_mod.kernel_problem(self.arithmetic, self.kernels())
+        if problem:
+            self.close()
+            raise ScoreError(f"{self.path}: {problem}; vLLM did not compute the arithmetic asked for")
+        log.info("engine started in %.1f s %s (%s; %s)", self.start["engine_start_s"],
+                 {k: v for k, v in self.start.items() if k != "engine_start_s"},
+                 "eager" if kwargs["enforce_eager"] else "compiled", self.compile_reason)
+
+    @classmethod
+    def from_llm(cls, llm, kwargs: dict, arithmetic: arith_mod.Arithmetic):
+        """Wrap an engine built elsewhere (lm-eval's VLLM model, by the tasks stage) with the ``kwargs`` it
+        was built with: it describes itself (kernel path) and shuts down like one built here."""
+        self = cls.__new__(cls)
+        self.kwargs, self.llm, self._kernels = {"tensor_parallel_size": 1, **kwargs}, llm, None
+        self.arithmetic, self.compile_reason, self.start = arithmetic, "lm-eval's engine", {}
+        problem = arith_mod.kernel_problem(arithmetic, self.kernels())
+        if problem:
+            raise ScoreError(f"{kwargs.get('model')}: {problem}; vLLM did not compute the arithmetic asked for")
+        return self
 
     def _run(self, prompts: list, params) -> Iterator[tuple[int, object]]:
         """Submit every prompt at once (the engine schedules them); yield (index, output) as each finishes."""
@@ -222,7 +346,9 @@ class VllmBackend:
         cfg = self.llm.llm_engine.model_config
         return runtime_info("vllm", vllm.__version__, cfg.dtype, "cuda", describe_kernels(self.kernels(), cc),
                             quantization=cfg.quantization, gpu_count=self.kwargs["tensor_parallel_size"],
-                            engine={k: v for k, v in self.kwargs.items() if k != "model"})
+                            arithmetic=self.arithmetic.label, nvfp4_compute=self.arithmetic.mode,
+                            engine={k: v for k, v in self.kwargs.items() if k != "model"},
+                            compile_reason=self.compile_reason, engine_start=self.start)
 
     def close(self) -> None:
         """Stop the engine core before interpreter exit, so no 'EngineCore died' noise or stray process."""

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics, report, schema
+from .. import metrics, quantstats, report, schema, taskreport
 from ..errors import AggregateError
+from ..settings import AggregateSettings
 
 log = logging.getLogger("qscore.aggregate")
 COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "top1_logprob"]
@@ -27,9 +28,13 @@ def load(found: dict[str, dict[str, Path]]):
     data, meta = {}, {}
     for label, sets in found.items():
         for name, ddir in sets.items():
-            table, m = schema.read_dataset(ddir, COLUMNS)
-            data[(label, name)] = metrics.scored_tokens({c: table.column(c).to_numpy(zero_copy_only=False)
-                                                         for c in COLUMNS})
+            topk = quantstats.has_topk(ddir)
+            table, m = schema.read_dataset(ddir, COLUMNS + (quantstats.TOPK_COLUMNS if topk else []))
+            cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+            if topk:
+                cols.update(quantstats.topk_matrices(table, ddir))
+            del table
+            data[(label, name)] = metrics.scored_tokens(cols)
             meta[(label, name)] = m
     return data, meta
 
@@ -74,25 +79,33 @@ def delta_logprobs(data, baseline: str, sets: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def run(results_dir: str, baseline: str | None, report_dir: str | None, n_boot: int, seed: int) -> Path:
-    results = Path(results_dir)
+def run(*, settings: AggregateSettings) -> Path:
+    s = settings
+    results = Path(s.results_dir)
     found = discover(results)
     if not found:
         raise AggregateError(f"no scored datasets under {results / 'logprobs'}: run the score stage first")
     labels = sorted(found)
+    baseline = s.baseline
     if baseline is None:
         if "bf16" not in found:
             raise AggregateError(f"no --baseline given and no model labelled 'bf16' (have {labels})")
         baseline = "bf16"
     if baseline not in found:
         raise AggregateError(f"baseline {baseline!r} has no scored datasets (have {labels})")
-    if n_boot < 100:
+    if s.bootstrap < 100:
         raise AggregateError("--bootstrap needs at least 100 replicates for a 95 % interval")
     data, meta = load(found)
-    summary = compute(data, baseline, n_boot, seed)
+    summary = compute(data, baseline, s.bootstrap, s.seed)
     summary["provenance"] = report.provenance_table(meta)
-    out_dir = Path(report_dir) if report_dir else results / "report"
+    if taskreport.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
+        summary["tasks"] = taskreport.summarize(taskreport.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
+    out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
-    report.write_all(summary, deltas, out_dir)
+    # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
+    extra = quantstats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
+    report.write_all(summary, deltas, out_dir, extra)
+    if "tasks" in summary:
+        taskreport.write_csv(summary["tasks"], out_dir)
     log.info("wrote %s", out_dir / "report.md")
     return out_dir

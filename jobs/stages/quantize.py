@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import atomic, evalsets, hub, provenance, recipes
 from ..errors import QuantizeError
+from ..settings import QuantizeSettings
 
 log = logging.getLogger("qscore.quantize")
 MANIFEST = "qscore.json"
@@ -46,35 +47,100 @@ def calibration_set(source: str, split: str, n: int, max_len: int, tokenizer, se
     return Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in enc]), len(texts)
 
 
-def run(model_id: str, output: str, scheme: str, calibration_dataset: str, calibration_split: str,
-        num_samples: int, max_seq_len: int, no_calibration: bool, spinquant: bool, ignore: list[str],
-        overwrite: bool) -> Path:
-    scheme = recipes.check_scheme(scheme)
-    out = Path(output)
-    if out.exists() and not overwrite:
+def weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def choose_pipeline(asked: str, *, cuda_bytes: int | None, weight_bytes: int, samples: int, seq_len: int,
+                    hidden: int) -> tuple[str, str, str]:
+    """(pipeline, offload device, why) for llm-compressor's calibration (pure).
+
+    llm-compressor's default, ``sequential``, calibrates one decoder layer at a time over every sample, then
+    runs the layer again to pass its outputs on (measured on an H100, 14B shape, 1024 x 2048 tokens: 31 s
+    per layer, ~21 min). ``basic`` runs the whole model once per sample: no layer-by-layer onloading and no
+    second pass, so the model must fit on the GPU. Both calibrate with quantization disabled
+    (llmcompressor/pipelines/*/pipeline.py, ``DisableQuantization``), and the QuantizationModifier changes
+    no weight while calibrating, so they observe the same activations and write the same checkpoint: on
+    the demo's model the two wrote identical bytes (docs/quantize.md). For the same reason the sequential
+    pipeline's propagation pass is skipped (``propagate_error=False``): it would recompute the outputs
+    the calibration pass already produced.
+    """
+    act_bytes = samples * seq_len * max(hidden, 1) * 2
+    if asked in ("basic", "sequential"):
+        pipeline, why = asked, "asked for (--pipeline)"
+    elif cuda_bytes and weight_bytes <= 0.7 * cuda_bytes:
+        pipeline, why = "basic", f"the model ({weight_bytes / 2**30:.1f} GiB) fits on the GPU: one pass, no onloading"
+    else:
+        pipeline, why = "sequential", ("no GPU: llm-compressor's default" if not cuda_bytes else
+                                       f"the model ({weight_bytes / 2**30:.1f} GiB) does not fit on the GPU")
+    offload = "cpu"
+    if pipeline == "sequential" and cuda_bytes and weight_bytes / 40 + act_bytes <= 0.5 * cuda_bytes:
+        offload = "cuda"  # the layer inputs of every sample stay on the GPU between layers
+    return pipeline, offload, why
+
+
+def run(*, settings: QuantizeSettings) -> Path:
+    s = settings
+    scheme = recipes.check_scheme(s.scheme)
+    out = Path(s.output)
+    if out.exists() and not s.overwrite:
         raise QuantizeError(f"output {out} already exists: pass --overwrite to replace it")
-    if num_samples < 1 or max_seq_len < 16:
+    if s.num_calibration_samples < 1 or s.max_sequence_length < 16:
         raise QuantizeError("--num-calibration-samples must be >= 1 and --max-sequence-length >= 16")
-    model_path = hub.resolve(model_id, "model")
+    if s.calibration_batch_size < 1:
+        raise QuantizeError("--calibration-batch-size must be at least 1")
+    model_path = hub.resolve(s.model_id, "model")
+    calibrate = recipes.needs_calibration(scheme, s.no_calibration)
+    if calibrate:
+        evalsets.check_local_source(s.calibration_dataset, "calibration")
     t0 = time.time()
 
     import torch
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    cuda_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+        config = AutoConfig.from_pretrained(model_path)
+        hidden = getattr(config.get_text_config(), "hidden_size", 0) or 0
+    except Exception as exc:
+        raise hub.CheckpointError(f"{s.model_id}: cannot read its config ({type(exc).__name__})") from None
+    pipeline, offload, why = choose_pipeline(
+        s.pipeline if calibrate else "sequential", cuda_bytes=cuda_bytes, weight_bytes=weights_bytes(model_path),
+        samples=s.num_calibration_samples, seq_len=s.max_sequence_length, hidden=hidden)
+    if s.offload != "auto":
+        offload = s.offload
+    try:
+        load_kw = {"device_map": "cuda"} if pipeline == "basic" and cuda_bytes else {}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", **load_kw)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except Exception as exc:
-        raise hub.CheckpointError(f"{model_id}: cannot load the model ({type(exc).__name__}: "
+        raise hub.CheckpointError(f"{s.model_id}: cannot load the model ({type(exc).__name__}: "
                                   f"{(str(exc).splitlines() or [''])[0][:200]})") from None
-    calibrate = recipes.needs_calibration(scheme, no_calibration)
+    t_load = time.time()
     dataset, n_used = (None, 0)
     if calibrate:
-        dataset, n_used = calibration_set(calibration_dataset, calibration_split, num_samples, max_seq_len, tokenizer)
-    recipe = recipes.build(scheme, ignore, spinquant)
-    kwargs = {"dataset": dataset, "num_calibration_samples": n_used, "max_seq_length": max_seq_len} if calibrate else {}
-    oneshot(model=model, recipe=recipe, **kwargs)
+        dataset, n_used = calibration_set(s.calibration_dataset, s.calibration_split, s.num_calibration_samples,
+                                          s.max_sequence_length, tokenizer)
+    recipe = recipes.build(scheme, list(s.ignore), s.spinquant)
+    kwargs = {}
+    if calibrate:
+        # SpinQuant's rotations are data-free: llm-compressor's "independent" pipeline runs them apart
+        # from the sequential calibration, which an explicit "sequential" would merge.
+        arg = "independent" if s.spinquant and pipeline == "sequential" else pipeline
+        kwargs = {"dataset": dataset, "num_calibration_samples": n_used, "max_seq_length": s.max_sequence_length,
+                  "pipeline": arg, "batch_size": s.calibration_batch_size}
+        if pipeline == "sequential":
+            kwargs.update(sequential_offload_device=offload, propagate_error=False)
+        log.info("calibration: %s pipeline (%s), activations offloaded to %s, batch size %d", pipeline, why,
+                 offload if pipeline == "sequential" else "-", s.calibration_batch_size)
+    t_data = time.time()
+    try:
+        oneshot(model=model, recipe=recipe, **kwargs)
+    except ValueError as exc:  # llm-compressor's own checks of the model against the scheme
+        log.debug("llm-compressor refused", exc_info=True)
+        raise QuantizeError(f"llm-compressor: {(str(exc).splitlines() or [''])[0][:400]}") from None
+    t_calib = time.time()
 
     print(f"Saving compressed model to: {out}", flush=True)
     with atomic.atomic_dir(out) as tmp:
@@ -83,16 +149,22 @@ def run(model_id: str, output: str, scheme: str, calibration_dataset: str, calib
         recipe_yaml = (tmp / "recipe.yaml").read_text() if (tmp / "recipe.yaml").exists() else None
         manifest = {
             "scheme": scheme,
-            "model_id": model_id,
+            "model_id": s.model_id,
             "model_path": str(model_path),
             "recipe": recipe_yaml,
-            "spinquant": spinquant,
-            "ignore": ignore,
-            "calibration": {"dataset": calibration_dataset, "split": calibration_split, "samples": n_used,
-                            "samples_requested": num_samples, "max_sequence_length": max_seq_len,
-                            "rendering": "chat template"} if calibrate else None,
+            "spinquant": s.spinquant,
+            "ignore": list(s.ignore),
+            "calibration": {"dataset": s.calibration_dataset, "split": s.calibration_split, "samples": n_used,
+                            "samples_requested": s.num_calibration_samples,
+                            "max_sequence_length": s.max_sequence_length, "rendering": "chat template",
+                            "pipeline": pipeline, "pipeline_reason": why, "batch_size": s.calibration_batch_size,
+                            "sequential_offload_device": offload if pipeline == "sequential" else None}
+            if calibrate else None,
             "versions": provenance.versions("llmcompressor", "compressed-tensors", "transformers", "torch"),
             "wall_time_s": round(time.time() - t0, 2),
+            "phases_s": {"load_model": round(t_load - t0, 2), "prepare_data": round(t_data - t_load, 2),
+                         "calibrate_and_quantize": round(t_calib - t_data, 2),
+                         "save": round(time.time() - t_calib, 2)},
             "peak_rss_gib": round(provenance.peak_rss_gib(), 3),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
             **provenance.gpu_info(),

@@ -1,9 +1,13 @@
 """Score stage: one model, one or more evaluation sets, per-token logprobs to the Parquet archive.
 
-Each (model, set) is written in parts of ``part_size`` texts into a hidden staging directory
-``model=L/.dataset=D.partial/``; when the last part lands the directory is renamed to ``dataset=D``.
-A run that is killed resumes from its last complete part; a finished dataset is skipped when asked
-for again with the same inputs, and refused (unless --overwrite) when the inputs differ.
+One engine serves every set of the run. Each (model, set) is written in parts of ``part_size`` texts
+into a hidden staging directory ``model=L/.dataset=D.partial/``; when the last part lands the directory
+is renamed to ``dataset=D``. A run that is killed resumes from its complete parts; a finished dataset is
+skipped when asked for again with the same inputs, and refused (unless --overwrite) when they differ.
+
+With ``--shard i/N`` the run scores every N-th part of each set (parts i-1, i-1+N, …) into
+``dataset=D/shard=i-of-N/``. Parts are the unit of batching too (a batch never straddles a part), so a
+part computes the same numbers in whichever shard it lands, and the shards' union is the unsharded run.
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic, backends, evalsets, hub, provenance, sampling, schema
-from ..checkpoint import inspect, tokenizer_hash
+from .. import atomic, backends, evalsets, hub, provenance, rolling, sampling, schema
+from ..checkpoint import Checkpoint, check_max_model_len, inspect, tokenizer_hash
 from ..errors import ScoreError
+from ..settings import ScoreSettings, Shard
 
 log = logging.getLogger("qscore.score")
 STAGING_SUFFIX = ".partial"
@@ -27,13 +33,28 @@ PROGRESS = "_progress.json"
 @dataclass
 class Plan:
     name: str
-    samples: list[sampling.Sample]
+    samples: list[sampling.Sample]  # every scored text of the set, in order
     evalset: evalsets.EvalSet
+    parts: list[int]  # the part indices this run scores (all of them, or one shard's)
+    part_size: int
     final: Path
     staging: Path
-    fingerprint: str
-    done_parts: int = 0
+    fingerprint: str  # this run's output (the shard's, when sharded)
+    set_fingerprint: str  # the whole set's: every shard of one run carries the same
+    done: set[int] = field(default_factory=set)
     skip: bool = False
+    rolling: tuple[int, int] | None = None  # (window, stride): a document-level set, scored in rolling windows
+
+    def part_samples(self, k: int) -> list[sampling.Sample]:
+        return self.samples[k * self.part_size:(k + 1) * self.part_size]
+
+    @property
+    def todo(self) -> list[int]:
+        return [k for k in self.parts if k not in self.done]
+
+    @property
+    def rows_total(self) -> int:
+        return sum(len(s.token_ids) for k in self.parts for s in self.part_samples(k))
 
 
 def staging_dir(final: Path) -> Path:
@@ -43,6 +64,13 @@ def staging_dir(final: Path) -> Path:
 
 def n_parts(n_samples: int, part_size: int) -> int:
     return (n_samples + part_size - 1) // part_size
+
+
+def shard_parts(total: int, shard: Shard | None) -> list[int]:
+    """The part indices of ``shard`` (pure): every N-th part, starting at part i-1."""
+    if shard is None:
+        return list(range(total))
+    return list(range(shard.index - 1, total, shard.count))
 
 
 def fingerprint(fields: dict) -> str:
@@ -67,24 +95,40 @@ def load_tokenizer(ref: str):
     return tok, path
 
 
-def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, overwrite, part_size) -> Plan:
-    ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
-    samples = sampling.select(ids, max_model_len)
+def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, common: dict) -> Plan:
+    roll = None
+    if evalset.source.get("kind") == "document":
+        samples, roll = document_samples(evalset, tok, s.engine.max_model_len, s.doc_stride)
+    else:
+        ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
+        samples = sampling.select(ids, s.engine.max_model_len)
     if not samples:
         raise ScoreError(
             f"evaluation set {name!r} is empty after filtering ({len(evalset.texts)} texts, none with "
             f"at least {sampling.MIN_TOKENS} tokens)"
         )
-    fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples), "part_size": part_size})
-    final = schema.dataset_dir(results_dir, label, name)
-    plan = Plan(name, samples, evalset, final, staging_dir(final), fp)
+    set_fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples),
+                          "part_size": s.part_size, **({"rolling": roll} if roll else {})})
+    fp = set_fp if s.shard is None else fingerprint({"set": set_fp, "shard": str(s.shard)})
+    final = schema.dataset_dir(s.results_dir, s.label, name)
+    if s.shard is not None:
+        final = final / f"shard={s.shard.name}"
+    total = n_parts(len(samples), s.part_size)
+    plan = Plan(name, samples, evalset, shard_parts(total, s.shard), s.part_size, final, staging_dir(final), fp, set_fp,
+                rolling=roll)
+    if not plan.parts:
+        raise ScoreError(f"{name}: shard {s.shard} is empty: the set has only {total} parts of {s.part_size} texts "
+                         "(use fewer shards or a smaller --part-size)")
+    if s.shard is not None and schema.part_files(final.parent) and not s.overwrite:
+        raise ScoreError(f"{final.parent} holds an unsharded run; pass --overwrite to replace it with shards, "
+                         "or use another --label")
     if final.exists():
         parts = schema.part_files(final)
         old = schema.read_metadata(parts[0]).get("fingerprint") if parts else None
-        if old == fp and not overwrite:
+        if old == fp and not s.overwrite:
             plan.skip = True
             return plan
-        if not overwrite:
+        if not s.overwrite:
             raise ScoreError(
                 f"{final} already holds a run with other settings (fingerprint {old} != {fp}); "
                 "pass --overwrite to replace it, or use another --label"
@@ -93,7 +137,7 @@ def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, 
         progress = plan.staging / PROGRESS
         old = json.loads(progress.read_text()).get("fingerprint") if progress.exists() else None
         if old != fp:  # an interrupted run of the same inputs is always resumed, --overwrite or not
-            if not overwrite:
+            if not s.overwrite:
                 raise ScoreError(
                     f"{plan.staging} holds an interrupted run with other settings; pass --overwrite "
                     "to discard it"
@@ -102,54 +146,53 @@ def plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, 
     if plan.staging.exists():
         for stale in plan.staging.glob(".part-*.tmp-*"):
             stale.unlink()  # a temporary file of a killed run: never renamed, so never complete
-        done = len(schema.part_files(plan.staging))
-        plan.done_parts = done
+        plan.done = {int(p.stem.split("-")[1]) for p in schema.part_files(plan.staging)}
     return plan
+
+
+def document_samples(evalset, tok, max_model_len: int, doc_stride: int):
+    """lm-eval's rolling loglikelihood inputs: each document tokenized without special tokens, after one
+    prefix token (BOS, else EOS), cut into windows of max_model_len - 8 tokens."""
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prefix is None:
+        raise ScoreError(f"{evalset.name}: the tokenizer has neither a BOS nor an EOS token to start a document")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in evalset.texts]
+    window = sampling.max_tokens(max_model_len)
+    sampling.rolling_windows(2, window, doc_stride)  # a bad stride fails here, before any model is loaded
+    evalset.source["rolling"] = {"window": window, "stride": doc_stride or window - 1, "prefix_token": int(prefix)}
+    return sampling.documents(ids, prefix), (window, doc_stride or window - 1)
 
 
 def finish(plan: Plan) -> None:
     """Move the completed staging directory into place; an older dataset goes only after that."""
-    old = None
-    if plan.final.exists():
-        old = plan.final.with_name(f".{plan.final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        plan.final.rename(old)
     (plan.staging / PROGRESS).unlink(missing_ok=True)
-    plan.staging.rename(plan.final)
-    if old is not None:
-        shutil.rmtree(old)
+    atomic.replace_dir(plan.staging, plan.final)
 
 
-def run(model: str, label: str, datasets: str, tokenizer: str | None, max_model_len: int,
-        backend: str, topk: int, results_dir: str, dtype: str, part_size: int, overwrite: bool,
-        limits: dict, engine_options: dict) -> list[Path]:
-    schema.check_label("model label", label)
-    if topk < 1:
-        raise ScoreError("--topk must be at least 1")
-    if part_size < 1:
-        raise ScoreError("--part-size must be at least 1")
-    specs = evalsets.parse_specs(datasets)
-    sampling.max_tokens(max_model_len)
-    model_path = hub.resolve(model, "model")
+def run(*, settings: ScoreSettings) -> list[Path]:
+    s = settings
+    schema.check_label("model label", s.label)
+    specs = evalsets.parse_specs(s.datasets)
+    sampling.max_tokens(s.engine.max_model_len)
+    model_path = hub.resolve(s.model, "model")
     ckpt = inspect(model_path)
-    tok, tok_path = load_tokenizer(tokenizer or model)
-    backend_name = backends.pick(backend)
+    check_max_model_len(ckpt, s.engine.max_model_len)
+    tok, tok_path = load_tokenizer(s.tokenizer or s.model)
+    backend_name = backends.pick(s.backend)
+    arith = backends.arithmetic_for(backend_name, ckpt.quant, s.engine.nvfp4_compute)
     common = {
         "schema": schema.SCHEMA_VERSION, "model_hash": ckpt.content_hash,
-        "tokenizer_hash": tokenizer_hash(tok_path), "max_model_len": max_model_len, "topk": topk,
-        "backend": backend_name, "dtype": dtype,
+        "tokenizer_hash": tokenizer_hash(tok_path), "max_model_len": s.engine.max_model_len, "topk": s.topk,
+        "backend": backend_name, "dtype": s.engine.dtype, "arithmetic": arith.label,
     }
-    plans = []
-    for name, path in specs:
-        evalset = evalsets.load_set(name, path, limits)
-        plans.append(plan_dataset(name, evalset, tok, max_model_len, results_dir, label, common, overwrite, part_size))
+    limits = dict(s.limits)
+    plans = [plan_dataset(name, evalsets.load_set(name, path, limits), tok, s, common) for name, path in specs]
     vocab = ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size")
     for p in plans:
-        top = max(max(s.token_ids) for s in p.samples)
+        top = max(max(x.token_ids) for x in p.samples)
         if vocab and top >= vocab:
             raise ScoreError(
-                f"tokenizer {tokenizer or model!r} produces id {top} but the model's vocabulary has "
+                f"tokenizer {s.tokenizer or s.model!r} produces id {top} but the model's vocabulary has "
                 f"{vocab}: score every model of a comparison with a tokenizer it shares"
             )
     todo = [p for p in plans if not p.skip]
@@ -159,68 +202,81 @@ def run(model: str, label: str, datasets: str, tokenizer: str | None, max_model_
     if not todo:
         return [p.final for p in plans]
 
-    # Batches never straddle a part boundary, so a resumed run computes each part exactly as an
-    # uninterrupted one would (same batch shapes, same floating-point results).
-    engine = backends.load(backend_name, model_path, dtype=dtype, max_model_len=max_model_len,
-                           window=part_size, **engine_options)
+    expected = sum(len(x.token_ids) for p in todo for k in p.todo for x in p.part_samples(k))
+    # Batches never straddle a part boundary, so a resumed or sharded run computes each part exactly
+    # as an uninterrupted one would (same batch shapes, same floating-point results).
+    engine = backends.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), expected_tokens=expected)
     try:
         info = engine.describe()
+        if info.get("arithmetic", arith.label) != arith.label:
+            raise ScoreError(f"{s.model}: planned {arith.label} but the engine computes {info.get('arithmetic')}")
         for p in todo:
-            write_dataset(p, engine, info, ckpt, model, model_path, label, tokenizer or model, tok_path,
-                          common, max_model_len, topk, part_size)
+            write_dataset(p, engine, info, ckpt, s, tok_path, common)
     finally:
         engine.close()
     return [p.final for p in plans]
 
 
-def write_dataset(plan: Plan, engine, info, ckpt, model_ref, model_path, label, tok_ref, tok_path,
-                  common, max_model_len, topk, part_size) -> None:
+def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSettings, tok_path: Path,
+                  common: dict) -> None:
     from tqdm import tqdm
 
     plan.staging.mkdir(parents=True, exist_ok=True)
     atomic.write_text(plan.staging / PROGRESS, json.dumps({"fingerprint": plan.fingerprint}))
-    total_parts = n_parts(len(plan.samples), part_size)
-    start = plan.done_parts * part_size
-    if plan.done_parts:
-        log.info("%s: resuming after %d of %d parts", plan.name, plan.done_parts, total_parts)
-    rows_total = sum(len(s.token_ids) for s in plan.samples)
+    if plan.done:
+        log.info("%s: resuming, %d of %d parts already written", plan.name, len(plan.done), len(plan.parts))
     q = ckpt.quant
     base_meta = {
         "schema_version": schema.SCHEMA_VERSION,
         "fingerprint": plan.fingerprint,
-        "model": {"label": label, "ref": model_ref, "path": str(model_path), "content_hash": ckpt.content_hash,
+        "set_fingerprint": plan.set_fingerprint,
+        "shard": None if s.shard is None else {"index": s.shard.index, "count": s.shard.count},
+        "model": {"label": s.label, "ref": s.model, "path": str(ckpt.path), "content_hash": ckpt.content_hash,
                   "architecture": ckpt.architecture},
         "quantization": {"method": q.method, "format": q.format, "scheme": q.scheme,
                          "group_size": q.group_size, "ignore": q.ignore},
-        "tokenizer": {"name": tok_ref, "path": str(tok_path), "hash": common["tokenizer_hash"]},
+        "tokenizer": {"name": s.tokenizer or s.model, "path": str(tok_path), "hash": common["tokenizer_hash"]},
         "dataset": {"name": plan.name, **plan.evalset.source},
-        "sampling": {"max_model_len": max_model_len, "max_tokens": sampling.max_tokens(max_model_len),
-                     "min_tokens": sampling.MIN_TOKENS, "topk": topk, "part_size": part_size,
-                     "truncated_texts": sum(s.truncated for s in plan.samples)},
+        "sampling": {"max_model_len": s.engine.max_model_len, "max_tokens": sampling.max_tokens(s.engine.max_model_len),
+                     "min_tokens": sampling.MIN_TOKENS, "topk": s.topk, "part_size": s.part_size,
+                     "truncated_texts": sum(x.truncated for x in plan.samples)},
         "runtime": {**info, **provenance.versions("vllm", "transformers", "torch", "compressed-tensors")},
-        "counts": {"rows_total": rows_total, "texts_total": len(plan.samples),
-                   "texts_in_set": len(plan.evalset.texts), "parts_total": total_parts},
+        "counts": {"rows_total": plan.rows_total, "texts_total": sum(len(plan.part_samples(k)) for k in plan.parts),
+                   "texts_in_set": len(plan.evalset.texts), "texts_scored_in_set": len(plan.samples),
+                   "parts_total": len(plan.parts), "parts_in_set": n_parts(len(plan.samples), plan.part_size)},
         "command": provenance.command_line(),
     }
-    remaining = plan.samples[start:]
-    bar = tqdm(total=len(plan.samples), initial=start, desc=f"{label}/{plan.name}", unit="text",
-               file=sys.stderr, disable=None)
-    buffer, part = [], plan.done_parts
-    for seq in engine.score(remaining, topk=topk):
+    todo = plan.todo
+    queue = [(k, x) for k in todo for x in plan.part_samples(k)]
+    t0, n_tokens = time.perf_counter(), sum(len(x.token_ids) for _, x in queue)
+    bar = tqdm(total=len(queue), desc=f"{s.label}/{plan.name}", unit="text", file=sys.stderr, disable=None)
+    buffer: list = []
+    remaining = list(todo)
+    for (k, _), seq in zip(queue, _scores(plan, engine, todo, s.topk)):
         buffer.append(seq)
         bar.update(1)
-        if len(buffer) == part_size:
-            _write_part(plan, part, buffer, topk, base_meta)
-            part += 1
+        if len(buffer) == len(plan.part_samples(k)):
+            _write_part(plan, k, buffer, s.topk, base_meta)
+            remaining.remove(k)
             buffer = []
-    if buffer:
-        _write_part(plan, part, buffer, topk, base_meta)
-        part += 1
     bar.close()
-    if part != total_parts:
-        raise ScoreError(f"{plan.name}: the backend returned {part} of {total_parts} parts")
+    if remaining:
+        raise ScoreError(f"{plan.name}: the backend returned no results for parts {remaining}")
+    seconds = time.perf_counter() - t0
     finish(plan)
-    log.info("wrote %s (%d texts, %d rows)", plan.final, len(plan.samples), rows_total)
+    log.info("wrote %s (%d parts, %d rows): %d tokens scored in %.1f s, %.0f tokens/s", plan.final, len(plan.parts),
+             plan.rows_total, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
+
+
+def _scores(plan: Plan, engine, parts: list[int], topk: int):
+    """The parts' sequences, in order: plain texts submitted at once; documents one part at a time, in
+    rolling windows (a resumed or sharded run batches them alike)."""
+    if plan.rolling is None:
+        yield from engine.score([x for k in parts for x in plan.part_samples(k)], topk=topk)
+        return
+    window, stride = plan.rolling
+    for k in parts:
+        yield from rolling.score_documents(engine, plan.part_samples(k), topk, window, stride)
 
 
 def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:

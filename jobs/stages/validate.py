@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import backends, hub, quantcheck, sampling, schema
-from ..checkpoint import inspect
+from ..checkpoint import check_max_model_len, inspect
 from ..errors import ValidationError
+from ..settings import ValidateSettings, engine_dict
 
 log = logging.getLogger("qscore.validate")
 
@@ -47,12 +48,12 @@ def quality_gate(engine, baseline_dir: Path, max_increase: float, n_texts: int) 
     return result
 
 
-def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int,
-        baseline_logprobs: str | None, max_nll_increase: float, gate_texts: int, dtype: str,
-        engine_options: dict) -> dict:
-    path = hub.resolve(model, "model")
+def run(*, settings: ValidateSettings) -> dict:
+    s = settings
+    path = hub.resolve(s.model, "model")
     ckpt = inspect(path)
-    problems = quantcheck.check(ckpt.tensors, ckpt.quant, expect_scheme)
+    check_max_model_len(ckpt, s.engine.max_model_len)
+    problems = quantcheck.check(ckpt.tensors, ckpt.quant, s.expect_scheme)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValidationError(f"{path}: not quantized as its config claims: {problems[0]}{more}")
@@ -64,7 +65,9 @@ def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int
     if not getattr(tok, "chat_template", None):
         raise ValidationError(f"{path}: the tokenizer has no chat template")
     prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
-    engine = backends.load(backend, path, dtype=dtype, **engine_options)
+    # The quality gate judges the arithmetic the checkpoint declares (W4A4 for NVFP4), whatever a
+    # score run may have been asked to compute.
+    engine = backends.load(s.backend, ckpt, s.engine.replace(nvfp4_compute="declared"))
     report = {"model": str(path), "scheme": ckpt.quant.scheme, "backend": engine.describe()}
     try:
         probe = sampling.Sample(0, tuple(tok(PROBE_TEXT)["input_ids"]), False)
@@ -72,7 +75,7 @@ def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int
         if not np.all(np.isfinite(seq.logprob[1:])):
             raise ValidationError(f"{path}: non-finite logprobs on a plain sentence (broken weights?)")
         report["probe_nll"] = float(-np.mean(seq.logprob[1:]))
-        gens = engine.generate(prompts, max_new_tokens)
+        gens = engine.generate(prompts, s.max_new_tokens)
         for g in gens:
             if not g.text.strip():
                 raise ValidationError(f"{path}: empty generation for prompt {g.prompt[-60:]!r}")
@@ -80,8 +83,14 @@ def run(model: str, backend: str, expect_scheme: str | None, max_new_tokens: int
                 raise ValidationError(f"{path}: non-finite logprobs while generating")
             log.info("generated: %r", g.text[:120])
         report["generations"] = [g.text for g in gens]
-        if baseline_logprobs:
-            report["quality_gate"] = quality_gate(engine, Path(baseline_logprobs), max_nll_increase, gate_texts)
+        if s.baseline_logprobs:
+            report["quality_gate"] = quality_gate(engine, Path(s.baseline_logprobs), s.max_nll_increase, s.gate_texts)
     finally:
         engine.close()
+    if s.baseline_tasks:  # lm-eval builds its own model, so only after this one is gone
+        from .tasks import quality_gate as task_gate
+
+        report["task_gate"] = task_gate(model=str(path), baseline=s.baseline_tasks, recovery_min=s.recovery_min,
+                                        backend=s.backend, dtype=s.engine.dtype,
+                                        engine_options=engine_dict(s.engine.replace(nvfp4_compute="declared")))
     return report

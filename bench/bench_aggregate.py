@@ -1,0 +1,144 @@
+"""How long the aggregate stage takes on a large archive: synthetic Parquet, timed phase by phase.
+
+    .venv/bin/python bench/bench_aggregate.py                       # 10M tokens × 3 models, top-20
+    .venv/bin/python bench/bench_aggregate.py --tokens 1000000 --keep /tmp/qscore-bench
+
+Writes an archive shaped like the score stage's (two sets, texts of 1000 tokens, parts of 32 texts,
+zstd, the same schema) for a baseline and two models whose top-20 lists mostly overlap the baseline's,
+then runs the aggregate stage's own functions and prints one JSON line of timings (seconds):
+``read`` (Parquet → arrays), ``paired`` (the existing SPEC §4 metrics and Δnll intervals), ``kl``
+(per-position KL bounds and agreement, inside ``stats``), ``stats`` (every statistic of
+comparison.statistics and where-it-hurts, bootstrap included), ``report`` (plots, report.md,
+worst_tokens.parquet), and ``aggregate`` = their sum, the stage minus interpreter start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs import divergence, quantstats, report, schema  # noqa: E402
+from jobs.stages import aggregate  # noqa: E402
+
+TEXT_LEN, PART_TEXTS, VOCAB = 1000, 32, 151_936
+
+
+def synth(n_tokens: int, k: int, seed: int):
+    """Per-position top-k ids/logprobs of a baseline and two perturbed models, and the actual tokens."""
+    rng = np.random.default_rng(seed)
+    # top-k ids: distinct within a row (a random offset plus a stride), most likely first
+    base_ids = ((rng.integers(0, VOCAB, n_tokens)[:, None] + np.arange(k) * 7919) % VOCAB).astype(np.int32)
+    gaps = rng.exponential(1.0, (n_tokens, k)).astype(np.float32)
+    gaps[:, 0] = rng.exponential(0.5, n_tokens)
+    base_lp = -np.cumsum(gaps, axis=1)
+    actual_rank = np.minimum(rng.geometric(0.45, n_tokens) - 1, k - 1)
+    rows = np.arange(n_tokens)
+    token = base_ids[rows, actual_rank]
+    models = []
+    for scale, swap in ((0.02, 0.02), (0.3, 0.15)):
+        ids = base_ids.copy()
+        repl = rng.random((n_tokens, k)) < swap * np.linspace(0.2, 2.0, k)  # the tail changes most
+        ids[repl] = rng.integers(0, VOCAB, int(repl.sum()))
+        lp = np.sort(base_lp + rng.normal(0, scale, base_lp.shape).astype(np.float32), axis=1)[:, ::-1]
+        models.append((ids, np.ascontiguousarray(lp)))
+    return token, [(base_ids, base_lp)] + models
+
+
+def write_archive(root: Path, n_tokens: int, k: int, seed: int = 0) -> None:
+    token, models = synth(n_tokens, k, seed)
+    sets = {"wiki": (0, n_tokens // 2), "chat": (n_tokens // 2, n_tokens)}
+    for label, (ids, lp) in zip(("bf16", "llmc-nvfp4", "nvidia-nvfp4"), models):
+        for name, (lo, hi) in sets.items():
+            n = hi - lo
+            sid = np.repeat(np.arange(n // TEXT_LEN + 1, dtype=np.int32), TEXT_LEN)[:n]
+            pos = (np.arange(n) % TEXT_LEN).astype(np.int32)
+            first = pos == 0
+            tk_ids, tk_lp, tok = ids[lo:hi], lp[lo:hi], token[lo:hi]
+            actual = tk_lp[np.arange(n), np.argmax(tk_ids == tok[:, None], axis=1)]
+            actual = np.where((tk_ids == tok[:, None]).any(1), actual, tk_lp[:, -1] - 1.0).astype(np.float32)
+            rank = (tk_lp > actual[:, None]).sum(1).astype(np.int32) + 1
+            part_rows = PART_TEXTS * TEXT_LEN
+            ddir = schema.dataset_dir(root, label, name)
+            for p, start in enumerate(range(0, n, part_rows)):
+                sl = slice(start, min(start + part_rows, n))
+                m = first[sl]
+                rows = sl.stop - sl.start
+                offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
+                table = pa.Table.from_arrays([
+                    pa.array(sid[sl]), pa.array(pos[sl]), pa.array(tok[sl].astype(np.int32)),
+                    pa.array(actual[sl], mask=m), pa.array(rank[sl], mask=m), pa.array(tk_ids[sl, 0], mask=m),
+                    pa.array(tk_lp[sl, 0], mask=m),
+                    pa.ListArray.from_arrays(offsets, pa.array(tk_ids[sl].reshape(-1)), mask=pa.array(m)),
+                    pa.ListArray.from_arrays(offsets, pa.array(tk_lp[sl].reshape(-1)), mask=pa.array(m)),
+                ], schema=schema.arrow_schema(k))
+                schema.atomic_write_table(table, ddir / f"part-{p:05d}.parquet",
+                                          {"fingerprint": label, "model": {"ref": label}, "dataset": {"name": name}})
+
+
+def run(root: Path, n_boot: int) -> dict:
+    t = {}
+    t0 = time.perf_counter()
+    found = aggregate.discover(root)
+    data, meta = aggregate.load(found)
+    t["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = aggregate.compute(data, "bf16", n_boot, 0)
+    summary["provenance"] = report.provenance_table(meta)
+    deltas = aggregate.delta_logprobs(data, "bf16", summary["sets"])
+    t["paired"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for m in ("llmc-nvfp4",):  # the kernel alone, once (it also runs inside add_to_summary)
+        for s in summary["sets"]:
+            b, q = data[("bf16", s)], data[(m, s)]
+            divergence.topk_kl(b.topk_ids, b.topk_logprobs, q.topk_ids, q.topk_logprobs, b.logprob, q.logprob,
+                               b.token_id)
+    t["kl_one_model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    extra = quantstats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
+    t["stats"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report.write_all(summary, deltas, root / "report", extra)
+    t["report"] = time.perf_counter() - t0
+    t["aggregate"] = t["read"] + t["paired"] + t["stats"] + t["report"]
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=10_000_000, help="tokens per model (two sets, half each)")
+    ap.add_argument("--topk", type=int, default=20)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--keep", default=None, help="write the archive here and reuse it on later runs")
+    args = ap.parse_args()
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qscore-bench-"))
+    try:
+        t0 = time.perf_counter()
+        if not (root / "logprobs").exists():
+            write_archive(root, args.tokens, args.topk)
+        gen = time.perf_counter() - t0
+        divergence.topk_kl(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1),
+                           np.zeros(1), np.zeros(1))  # load the compiled kernel before timing
+        size = sum(f.stat().st_size for f in (root / "logprobs").rglob("*.parquet"))
+        t = run(root, args.bootstrap)
+        print(json.dumps({"tokens_per_model": args.tokens, "models": 3, "topk": args.topk, "bootstrap": args.bootstrap,
+                          "archive_gib": round(size / 2**30, 3), "generate_s": round(gen, 1),
+                          **{f"{k}_s": round(v, 2) for k, v in t.items()}, "cpus": os.cpu_count(),
+                          "machine": platform.processor() or platform.machine()}))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

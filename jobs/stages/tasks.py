@@ -1,0 +1,250 @@
+"""Tasks stage: task accuracy beside perplexity, from lm-evaluation-harness, with per-sample Parquet.
+
+For one model, each lm-eval task of ``tasks`` (default gsm8k 5-shot and arc_challenge; the bundled
+offline tasks are ``qscore_local``) is evaluated with lm-eval's own prompts, filters and metrics, on
+vLLM (lm-eval's ``vllm`` model) or transformers (its ``hf`` model around the model qscore's scoring
+loads). Every document's record goes to ``results/tasks/model=<label>/task=<task>/`` (``taskarchive``)
+with the run's provenance.
+
+Resume is per task: a task already evaluated with the same inputs (checkpoint and tokenizer hashes,
+task config and documents, lm-eval version, shots, limit, chat template, BOS, backend, dtype, context)
+is skipped; with other inputs it is refused unless ``overwrite``. A task's directory appears only
+when complete, so an interrupted run keeps the tasks it finished and redoes the one it was in.
+
+``quality_gate`` (validate's ``--baseline-tasks``) reruns a baseline's tasks, with the baseline's
+settings, on a checkpoint and fails when its recovery is below the minimum.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import backends, hub, provenance, taskarchive, taskeval, taskstats
+from ..checkpoint import inspect, tokenizer_hash
+from ..errors import SettingsError, ValidationError
+
+log = logging.getLogger("qscore.tasks")
+
+DEFAULT_TASKS = ("gsm8k", "arc_challenge")
+LOCAL_TASKS = ("qscore_local",)
+
+
+@dataclass(frozen=True)
+class TasksSettings:
+    """Everything one run of the tasks stage depends on (the CLI builds it from options / env vars)."""
+
+    model: str
+    label: str
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    limit: int | None = None  # first N documents of each task (a quick look; not comparable to full runs)
+    num_fewshot: int | None = None  # None: each task's own (gsm8k 5); tasks pinned to 0 stay at 0
+    chat_template: str = "none"  # none | default | <name of one of the tokenizer's templates>
+    fewshot_as_multiturn: bool = False  # with a chat template: few-shot examples as earlier turns
+    add_bos_token: bool = True  # as llm-compressor's CI and vLLM's docs advise (a no-op for Qwen: no BOS)
+    backend: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    batch_size: int = 16  # transformers; vLLM schedules every request at once
+    include_path: str | None = None  # directory of YAML tasks; None: the bundled data/tasks
+    results_dir: str = "results"
+    overwrite: bool = False
+    engine_options: dict = field(default_factory=dict)  # vLLM engine: gpu_memory_utilization, ... engine_kwargs
+
+
+@dataclass
+class Plan:
+    name: str
+    task: object
+    info: dict
+    final: Path
+    fingerprint: str
+    skip: bool = False
+
+
+def fingerprint(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check(settings: TasksSettings) -> None:
+    if settings.limit is not None and settings.limit < 1:
+        raise SettingsError("--limit must be at least 1 (or unset for every document)")
+    if settings.num_fewshot is not None and settings.num_fewshot < 0:
+        raise SettingsError("--num-fewshot must be 0 or more")
+    if settings.batch_size < 1:
+        raise SettingsError("--batch-size must be at least 1")
+    if settings.max_model_len < 16:
+        raise SettingsError("--max-model-len must be at least 16")
+
+
+def include_path(settings: TasksSettings):
+    return settings.include_path if settings.include_path else taskeval.default_include_path()
+
+
+def _common(settings: TasksSettings, ckpt, tok_hash: str, backend: str) -> dict:
+    return {"schema": taskarchive.SCHEMA_VERSION, "model_hash": ckpt.content_hash, "tokenizer_hash": tok_hash,
+            "lm_eval": provenance.versions("lm_eval")["lm_eval"], "chat_template": settings.chat_template,
+            "fewshot_as_multiturn": settings.fewshot_as_multiturn, "add_bos_token": settings.add_bos_token,
+            "backend": backend, "dtype": settings.dtype, "max_model_len": settings.max_model_len,
+            "nvfp4_compute": settings.engine_options.get("nvfp4_compute", "declared"),
+            "batch_size": settings.batch_size if backend == "transformers" else "auto", "seeds": taskeval.SEEDS}
+
+
+def plan_task(name, task, settings, common) -> Plan:
+    info = taskeval.describe_task(task, num_fewshot=settings.num_fewshot, limit=settings.limit)
+    fp = fingerprint({**common, "task": name, "task_version": info["version"], "config_hash": info["config_hash"],
+                      "docs_digest": info["docs_digest"], "num_fewshot": info["num_fewshot"],
+                      "limit": settings.limit})
+    final = taskarchive.task_dir(settings.results_dir, settings.label, name)
+    taskarchive.remove_stale_temporaries(final)
+    plan = Plan(name, task, info, final, fp)
+    if final.exists():
+        old = taskarchive.read_fingerprint(final)
+        if old == fp and not settings.overwrite:
+            plan.skip = True
+        elif not settings.overwrite:
+            raise SettingsError(
+                f"{final} already holds a run with other settings (fingerprint {old} != {fp}); "
+                "pass --overwrite to replace it, or use another --label")
+    return plan
+
+
+def run(*, settings: TasksSettings) -> list[Path]:
+    check(settings)
+    names = taskeval.parse_tasks(settings.tasks)
+    model_path = hub.resolve(settings.model, "model")
+    ckpt = inspect(model_path)
+    tok_hash = tokenizer_hash(model_path)
+    backend = backends.pick(settings.backend)
+    tm, tasks = taskeval.load_tasks(names, include_path(settings))
+    common = _common(settings, ckpt, tok_hash, backend)
+    plans = [plan_task(name, task, settings, common) for name, task in tasks.items()]
+    for p in plans:
+        if p.skip:
+            log.info("%s: already evaluated with the same inputs, skipped (%s)", p.final, p.fingerprint)
+    todo = [p for p in plans if not p.skip]
+    if not todo:
+        return [p.final for p in plans]
+    lm, engine = taskeval.load_lm(backend, model_path, dtype=settings.dtype, batch_size=settings.batch_size,
+                                  max_model_len=settings.max_model_len, add_bos_token=settings.add_bos_token,
+                                  engine_options=settings.engine_options)
+    try:
+        runtime = {**engine.describe(), **provenance.versions("vllm", "transformers", "torch", "compressed-tensors",
+                                                              "lm_eval")}
+        for p in todo:
+            records, entry = taskeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot, limit=settings.limit,
+                                               chat_template=settings.chat_template,
+                                               fewshot_as_multiturn=settings.fewshot_as_multiturn)
+            write(p, records, entry, settings, ckpt, model_path, tok_hash, runtime)
+    finally:
+        engine.close()
+    return [p.final for p in plans]
+
+
+def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path, tok_hash, runtime) -> None:
+    metrics = taskeval.per_sample_metrics(records, plan.info["metrics"])
+    names = [m["name"] for m in metrics]
+    table = taskarchive.rows_to_table(taskeval.sample_rows(plan.task, records, names), names)
+    if entry.get("n-shot") is not None and entry["n-shot"] != plan.info["num_fewshot"]:
+        log.warning("%s: lm-eval used %s shots, planned %s", plan.name, entry["n-shot"], plan.info["num_fewshot"])
+    q = ckpt.quant
+    meta = {
+        "schema_version": taskarchive.SCHEMA_VERSION,
+        "fingerprint": plan.fingerprint,
+        "model": {"label": settings.label, "ref": settings.model, "path": str(model_path),
+                  "content_hash": ckpt.content_hash, "architecture": ckpt.architecture},
+        "quantization": {"method": q.method, "format": q.format, "scheme": q.scheme, "group_size": q.group_size,
+                         "ignore": q.ignore},
+        "tokenizer": {"path": str(model_path), "hash": tok_hash},
+        "task": {**{k: v for k, v in plan.info.items() if k != "metrics"}, "num_fewshot_used": entry.get("n-shot")},
+        "metrics": metrics,
+        "lm_eval": {"version": runtime.get("lm_eval"), "chat_template": settings.chat_template,
+                    "chat_template_sha256": entry.get("chat_template_sha256"),
+                    "fewshot_as_multiturn": settings.fewshot_as_multiturn, "add_bos_token": settings.add_bos_token,
+                    "batch_size": settings.batch_size if runtime.get("backend") == "transformers" else "auto",
+                    "max_model_len": settings.max_model_len, "seeds": taskeval.SEEDS,
+                    "bootstrap_iters": taskeval.BOOTSTRAP_ITERS},
+        "results": {"lm_eval": entry.get("results"), "n_samples": entry.get("n-samples"),
+                    "higher_is_better": entry.get("higher_is_better")},
+        "runtime": runtime,
+        "counts": {"docs": len({r.as_py() for r in table.column("doc_id")}), "rows_total": table.num_rows},
+        "command": provenance.command_line(),
+        "created": provenance.now(),
+    }
+    taskarchive.write_task(plan.final, table, meta)
+    acc = ", ".join(f"{k}={v:.4f}" for k, v in (entry.get("results") or {}).items()
+                    if isinstance(v, float) and "_stderr" not in k)
+    log.info("wrote %s (%d documents; %s)", plan.final, meta["counts"]["docs"], acc)
+
+
+# -- validate's quality gate ------------------------------------------------------------------------------
+def _baseline_dirs(baseline: Path) -> list[Path]:
+    if baseline.name.startswith("task=") and baseline.is_dir():
+        return [baseline]
+    dirs = sorted(d for d in baseline.glob("task=*") if d.is_dir())
+    if not dirs:
+        raise ValidationError(f"quality gate: {baseline} holds no task results (results/tasks/model=<label>)")
+    return dirs
+
+
+def quality_gate(*, model: str, baseline: str, recovery_min: float, backend: str = "auto", dtype: str = "auto",
+                 engine_options: dict | None = None, include: str | None = None, n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """Evaluate ``model`` on the tasks of a baseline's results, with the baseline's settings (shots, limit,
+    chat template, BOS), and fail unless every measure's recovery is at least ``recovery_min``."""
+    from .. import taskreport
+
+    opts = dict(engine_options or {})
+    max_model_len = opts.pop("max_model_len", 2048)
+    base = {}
+    for d in _baseline_dirs(Path(baseline)):
+        table, meta = taskarchive.read_task(d)
+        base[meta["task"]["name"]] = (table, meta)
+    first = next(iter(base.values()))[1]
+    lm_settings = first["lm_eval"]
+    path = hub.resolve(model, "model")
+    backend = backends.pick(backend)
+    tm, tasks = taskeval.load_tasks(list(base), include or taskeval.default_include_path())
+    for name, (_, meta) in base.items():
+        if taskeval.config_hash(tasks[name]) != meta["task"]["config_hash"]:
+            raise ValidationError(f"quality gate: task {name}'s definition differs from the one the baseline "
+                                  f"{baseline} was evaluated with (config hash)")
+    batch_size = lm_settings.get("batch_size")
+    lm, engine = taskeval.load_lm(backend, path, dtype=dtype,
+                                  batch_size=batch_size if isinstance(batch_size, int) else 16,
+                                  max_model_len=lm_settings.get("max_model_len") or max_model_len,
+                                  add_bos_token=lm_settings["add_bos_token"], engine_options=opts)
+    result = {"recovery_min": recovery_min, "baseline": str(baseline), "measures": []}
+    failures = []
+    try:
+        for name, (btable, bmeta) in base.items():
+            t = bmeta["task"]
+            records, _ = taskeval.evaluate(lm, tm, tasks[name], num_fewshot=t["num_fewshot"], limit=t["limit"],
+                                           chat_template=bmeta["lm_eval"]["chat_template"],
+                                           fewshot_as_multiturn=bmeta["lm_eval"]["fewshot_as_multiturn"])
+            metrics = taskeval.per_sample_metrics(records, bmeta["metrics"])
+            names = [m["name"] for m in metrics]
+            mtable = taskarchive.rows_to_table(taskeval.sample_rows(tasks[name], records, names), names)
+            bm = taskreport.measures(btable, bmeta)
+            mm = taskreport.measures(mtable, {**bmeta, "metrics": metrics})
+            for key in bm:
+                if key not in mm:
+                    continue
+                c = taskstats.compare(bm[key], mm[key], recovery_min, n_boot, seed, what=f"{name}: ")
+                entry = {"task": name, "metric": key[0], "filter": key[1], **c}
+                result["measures"].append(entry)
+                if c["verdict"] == "fail":
+                    failures.append(entry)
+    finally:
+        engine.close()
+    if failures:
+        f = failures[0]
+        rec = f["recovery"]
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ValidationError(
+            f"quality gate: {f['task']} {f['metric']} ({f['filter']}) recovery {rec['value']:.3f} < {recovery_min} "
+            f"(model {f['accuracy_paired']:.4f} vs baseline {f['baseline_accuracy_paired']:.4f} on {rec['n']} "
+            f"documents of {baseline}){more}")
+    return result

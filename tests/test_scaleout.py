@@ -1,0 +1,199 @@
+"""Scale-out: the job plan, shards (identical to the unsharded run, row for row), GPU slots, and the
+Kubernetes / Slurm renderings of the plan (validated against the Kubernetes API schemas)."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import cli
+from jobs import executors, plan, schema, slots
+from jobs.errors import SettingsError
+
+ENV = {"MODELS": "bf16=Qwen/Qwen3-14B llmc=models/Qwen3-14B-NVFP4", "DATASETS": "wikitext2 chat=data/chat.jsonl",
+       "MAX_MODEL_LEN": "2048", "TOPK": "1", "RESULTS_DIR": "results"}
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+def test_one_job_per_model_with_every_set():
+    jobs = plan.plan(ENV)
+    assert [j.id for j in jobs] == ["score.bf16", "score.llmc"]
+    assert jobs[1].args[:6] == ["score", "--model", "models/Qwen3-14B-NVFP4", "--label", "llmc", "--datasets"]
+    assert jobs[1].args[6] == "wikitext2,chat=data/chat.jsonl"
+    assert jobs[0].outputs == ["results/logprobs/model=bf16/dataset=wikitext2", "results/logprobs/model=bf16/dataset=chat"]
+    assert len({s for j in jobs for s in j.stamps}) == 4  # one stamp per (model, set)
+    assert plan.plan(ENV) == jobs  # stable
+
+
+def test_shards_and_weight_only_jobs():
+    jobs = plan.plan({**ENV, "SHARDS": "2", "WEIGHT_ONLY": "llmc"})
+    assert [j.id for j in jobs] == ["score.bf16.shard-1-of-2", "score.bf16.shard-2-of-2", "score.llmc.shard-1-of-2",
+                                   "score.llmc.shard-2-of-2", "score.llmc-w4a16.shard-1-of-2",
+                                   "score.llmc-w4a16.shard-2-of-2"]
+    wo = jobs[-1]
+    assert wo.args[wo.args.index("--nvfp4-compute") + 1] == "weight-only" and wo.args[-2:] == ["--shard", "2/2"]
+    assert wo.outputs[0] == "results/logprobs/model=llmc-w4a16/dataset=wikitext2/shard=2-of-2"
+
+
+@pytest.mark.parametrize("env, msg", [
+    ({"MODELS": "oops"}, "not label=path"),
+    ({"MODELS": "a=x a=y"}, "labels repeat"),
+    ({"MODELS": ""}, "MODELS is empty"),
+    ({"WEIGHT_ONLY": "nope"}, "not in MODELS"),
+    ({"SHARDS": "0"}, "at least 1"),
+    ({"DATASETS": "bogus"}, "unknown evaluation set"),
+])
+def test_bad_plans_are_named(env, msg):
+    with pytest.raises(Exception, match=msg) as e:
+        plan.plan({**ENV, **env})
+    assert isinstance(e.value, (SettingsError,)) or "evaluation set" in str(e.value)
+
+
+def test_plan_command_prints_json_lines_and_one_job(capsys):
+    assert plan.main(["--index", "1"], env=ENV) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and '"id": "score.llmc"' in out[0]
+    assert plan.main(["--index", "5"], env=ENV) == 1
+    assert "out of range" in capsys.readouterr().err
+
+
+# -- shards ------------------------------------------------------------------------------------------------
+def test_sharded_run_is_the_unsharded_run_row_for_row(tiny_model, tmp_path):
+    wiki = Path(__file__).resolve().parent.parent / "data" / "wiki_mini.txt"
+    sets = f"wiki={wiki}"
+    base = ["--model", tiny_model, "--label", "m", "--datasets", sets, "--backend", "transformers", "--part-size", "8",
+            "--topk", "3"]
+    for args in ([*base, "--results-dir", tmp_path / "one"],
+                 [*base, "--results-dir", tmp_path / "two", "--shard", "2/2"],
+                 [*base, "--results-dir", tmp_path / "two", "--shard", "1/2"]):
+        r = cli("score", *args)
+        assert r.exit_code == 0, r.output
+    one, meta1 = schema.read_dataset(schema.dataset_dir(tmp_path / "one", "m", "wiki"))
+    two, meta2 = schema.read_dataset(schema.dataset_dir(tmp_path / "two", "m", "wiki"))
+    assert one.num_rows > 0 and one.equals(two)
+    assert meta2["fingerprint"] == meta1["fingerprint"]  # the shards' set fingerprint is the unsharded run's
+    shard1 = schema.dataset_dir(tmp_path / "two", "m", "wiki") / "shard=1-of-2"
+    assert sorted(p.name for p in shard1.glob("part-*")) == [f"part-{k:05d}.parquet" for k in range(0, 17, 2)]
+    # the aggregate stage reads the merged shards like any dataset
+    r = cli("aggregate", "--results-dir", tmp_path / "two", "--baseline", "m", "--bootstrap", 100)
+    assert r.exit_code == 0, r.output
+
+
+def _fake_shards(root: Path, names: list[str]):
+    d = root / "logprobs" / "model=m" / "dataset=wiki"
+    for n in names:
+        (d / n).mkdir(parents=True)
+        table = pa.table({"sample_id": pa.array([0], pa.int32()), "position": pa.array([0], pa.int32())})
+        schema.atomic_write_table(table, d / n / "part-00000.parquet", {"set_fingerprint": "x", "fingerprint": n})
+    return d
+
+
+@pytest.mark.parametrize("names, msg", [
+    (["shard=1-of-3", "shard=3-of-3"], "missing shard(s) 2-of-3"),
+    (["shard=1-of-2", "shard=2-of-2", "shard=1-of-3"], "shards of different splits (of-2 and of-3) overlap"),
+])
+def test_incomplete_or_overlapping_shards_are_refused(tmp_path, names, msg):
+    _fake_shards(tmp_path, names)
+    r = cli("aggregate", "--results-dir", tmp_path, "--baseline", "m")
+    assert r.exit_code == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_shard_names(tmp_path):
+    assert schema.shard_problem(["shard=1-of-2", "shard=2-of-2"]) is None
+    assert "unexpected directory" in schema.shard_problem(["shard=x"])
+    r = cli("score", "--model", tmp_path, "--label", "m", "--shard", "3/2")
+    assert r.exit_code == 1 and "--shard must be i/N" in r.stderr
+
+
+# -- one job per GPU -----------------------------------------------------------------------------------------
+def test_gpus_values():
+    assert slots.parse_gpus("all", ["0", "1"]) == ["0", "1"]
+    assert slots.parse_gpus("device=0") == ["0"]
+    assert slots.parse_gpus('"device=0,1"') == ["0", "1"]
+    assert slots.parse_gpus("2, 3") == ["2", "3"]
+    assert slots.docker_value(["1"]) == "device=1" and slots.docker_value(["0", "1"]) == '"device=0,1"'
+
+
+def test_jobs_wait_for_a_free_gpu(tmp_path):
+    """Two jobs on one GPU run one after the other; on two GPUs, side by side, each with its own."""
+    def start(gpus, out):
+        cmd = [sys.executable, "-m", "jobs.slots", "--gpus", gpus, "--lock-dir", str(tmp_path / "locks"), "--",
+               "sh", "-c", f'echo "$CUDA_VISIBLE_DEVICES {{gpus}} $(date +%s.%N)" >> {out}; sleep 1.5; date +%s.%N >> {out}']
+        return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [start("0", a), start("0", b)]
+    assert [p.wait(timeout=30) for p in procs] == [0, 0]
+    (ga, _, sa), ea = a.read_text().split()[:3], float(a.read_text().split()[3])
+    (gb, _, sb), eb = b.read_text().split()[:3], float(b.read_text().split()[3])
+    assert ga == gb == "0" and (float(sb) >= ea - 0.05 or float(sa) >= eb - 0.05)  # never at once
+    a.unlink(), b.unlink()
+    t = time.time()
+    procs = [start("0,1", a), start("0,1", b)]
+    assert [p.wait(timeout=30) for p in procs] == [0, 0]
+    assert time.time() - t < 2.9  # side by side
+    assert {a.read_text().split()[0], b.read_text().split()[0]} == {"0", "1"}
+    assert {a.read_text().split()[1], b.read_text().split()[1]} == {"device=0", "device=1"}
+
+
+# -- Kubernetes and Slurm ----------------------------------------------------------------------------------
+def _run_case(script: str, var: str, index: int, tmp_path: Path) -> list[str]:
+    """Run the rendered dispatch with a stand-in python3 that prints its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("python3", "python"):
+        (bin_dir / name).write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+        (bin_dir / name).chmod(0o755)
+    r = subprocess.run(["sh", "-c", script], env={**os.environ, var: str(index), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_kubernetes_manifests_are_valid_and_each_index_runs_its_job(tmp_path):
+    import kubernetes_validate
+    import yaml
+
+    jobs = plan.plan({**ENV, "SHARDS": "2"})
+    docs = [d for d in yaml.safe_load_all(executors.render("k8s", jobs, {"K8S_PVC": "pvc1", "TAG": "v1"})) if d]
+    assert [d["metadata"]["name"] for d in docs] == ["qscore-score", "qscore-aggregate"]
+    for d in docs:
+        kubernetes_validate.validate(d, "1.33", strict=True)
+    score = docs[0]["spec"]
+    assert score["completionMode"] == "Indexed" and score["completions"] == len(jobs) == 4
+    pod = score["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "qscore-vllm:v1" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "pvc1"
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}} in c["env"]
+    script = c["command"][2]
+    for i, job in enumerate(jobs):
+        args = _run_case(script, "JOB_COMPLETION_INDEX", i, tmp_path)
+        assert args == ["-m", "jobs", *executors.relocate(job.args, "/workspace")]
+    assert "/workspace/models/Qwen3-14B-NVFP4" in _run_case(script, "JOB_COMPLETION_INDEX", 2, tmp_path)
+    r = subprocess.run(["sh", "-c", script], env={**os.environ, "JOB_COMPLETION_INDEX": "9"}, capture_output=True, text=True)
+    assert r.returncode == 2 and "no job" in r.stderr
+    agg = docs[1]["spec"]["template"]["spec"]
+    assert agg["containers"][0]["args"][:1] == ["aggregate"] and "until [ -d" in agg["initContainers"][0]["command"][2]
+
+
+def test_slurm_array_runs_the_plan(tmp_path):
+    jobs = plan.plan(ENV)
+    text = executors.render("slurm", jobs, {"SLURM_PREFIX": "srun --container-image=q.sqsh"})
+    assert "#SBATCH --array=0-1" in text and "#SBATCH --gpus-per-task=1" in text
+    script = text.split("set -euo pipefail", 1)[1]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    r = subprocess.run(["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": "1",
+                                                     "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["--container-image=q.sqsh", ".venv-vllm/bin/python", "-m", "jobs", *jobs[1].args]
+    assert shlex.split(text.split("--aggregate\" ]; then\n", 1)[1].splitlines()[0])[1:5] == [".venv/bin/python", "-m", "jobs", "aggregate"]
