@@ -239,16 +239,17 @@ FORCE_IF_MISSING = $(if $(wildcard $(1)),,FORCE)
 
 # docker run for a stage: $(1)=image, $(2)=what the stage is: gpu or slot, a model stage (models/, data/, the
 # caches, and the GPUs of GPUS unless GPUS is empty; slot: the GPUs jobs.slots hands this job), cpu-models (the
-# same mounts, never a GPU: build-tiny) or cpu (the results only: aggregate); $(3)=models mount mode (rw|ro),
+# same mounts, never a GPU: build-tiny) or cpu (aggregate: the results, and models/ and the HF cache read-only,
+# where the baseline's tokenizer is that decodes the worst tokens' context); $(3)=models mount mode (rw|ro),
 # $(4)=extra mounts. CACHE_DIR=/cache: every compile/JIT cache goes there.
-docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(if $(call model_stage,$(2)),$(HF_HOME) $(CACHE_DIR)) && \
+docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(HF_HOME) $(if $(call model_stage,$(2)),$(CACHE_DIR)) && \
   $(if $(filter slot,$(2)),$(slot))docker run --rm --pull never \
   $(if $(and $(filter gpu slot,$(2)),$(strip $(GPUS))),--gpus $(if $(filter slot,$(2)),{gpus},'$(GPUS)')) \
   $(if $(filter gpu slot,$(2)),--ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(call model_stage,$(2)),$(HF_ENV)) \
   -u $(or $(strip $(DOCKER_USER)),$$(id -u):$$(id -g)) \
   $(if $(call model_stage,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e CACHE_DIR=/cache -v $(CACHE_DIR):/cache \
-  -v $(CURDIR)/models:/models$(if $(filter ro,$(3)),:ro) -v $(CURDIR)/data:/data:ro) -v $(abspath $(RESULTS_DIR)):/results \
-  $(4) $(DOCKER_ARGS) $(1))
+  -v $(CURDIR)/models:/models$(if $(filter ro,$(3)),:ro) -v $(CURDIR)/data:/data:ro,-v $(CURDIR)/models:/models:ro \
+  -v $(HF_HOME):/hf:ro) -v $(abspath $(RESULTS_DIR)):/results $(4) $(DOCKER_ARGS) $(1))
 model_stage = $(filter gpu slot cpu-models,$(1))
 # passed by name, so only where set: the token, and offline mode (`make demo` runs offline; the stages load
 # differently, and transformers records local_files_only in a tokenizer it saves, when offline)

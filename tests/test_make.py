@@ -212,7 +212,9 @@ def test_docker_commands_of_the_pipeline(repo):
     for s in common + ["qscore-aggregate:latest aggregate --results-dir /results --baseline bf16 "
                        "--report-dir /results/report"]:
         assert s in a, f"{s!r} not in {a}"
-    assert "--gpus" not in a and "/hf" not in a and "/models" not in a
+    assert "--gpus" not in a and "/data" not in a and "HF_TOKEN" not in a
+    # read-only, the baseline's tokenizer (under models/ or the HF cache) decodes the worst tokens' context
+    assert f"-v {path}/models:/models:ro" in a and f"-v {home}/.cache/huggingface:/hf:ro" in a
     # the order make runs them in: quantize before its scores, the report last
     assert lines.index(q) < min(lines.index(s) for s in scores if "/models/" in opt(s, "--model"))
     assert lines.index(a) > max(lines.index(s) for s in scores)
