@@ -43,20 +43,23 @@ def _run(root: Path, docker: bool, logprobs=(-1.5, -0.25, -3.0)) -> Path:
     (ckpt / "qscore.json").write_text(json.dumps({
         "scheme": "NVFP4", "model_id": f"{prefix}models/tiny", "versions": {"torch": "2.13.0+cpu"},
         "wall_time_s": 14.2 if docker else 12.9, "created": "2026-11-25T21:1%dZ" % docker,
+        "phases_s": {"load_model": 6.7 if docker else 10.9, "save": 0.1},
         "host": {"hostname": "0f3c2a" if docker else "vm", "python": "3.11.2" if docker else "3.11.7"},
         "command": f"python -m jobs quantize --output {prefix}models/tiny-nvfp4"}, indent=2))
     content_hash = checkpoint.inspect(ckpt).content_hash  # covers qscore.json: differs between the runs
     (root / "models" / ".stamps" / "build-tiny").mkdir(parents=True)
     (root / "models" / ".stamps" / "build-tiny" / "x.ok").write_text("")
     table = pa.table({"sample_id": pa.array([0, 0, 0], pa.int32()), "position": pa.array([0, 1, 2], pa.int32()),
-                      "logprob": pa.array(logprobs, pa.float32())})
+                      "logprob": pa.array(logprobs, pa.float32()),
+                      "kld": pa.array([float("nan"), 0.5, 0.25], pa.float64())})  # NaN equals NaN here
     meta = _meta(prefix, "/results" if docker else "results/demo", "2026-11-25T21:2%dZ" % docker, content_hash)
+    meta["set_fingerprint"] = "ca93a830adaccb4f" if docker else "29be2f4b6a4b58dc"  # hashes the set's path
     part = root / PART
     part.parent.mkdir(parents=True)
     pq.write_table(table.replace_schema_metadata({"qscore": json.dumps(meta)}), part)
     report = root / "results" / "demo" / "report"
     report.mkdir(parents=True)
-    (report / "summary.json").write_text(json.dumps({"models": {"bf16": {"ppl": 4.3}}, "provenance": {
+    (report / "summary.json").write_text(json.dumps({"models": {"bf16": {"ppl": 4.3, "kld_lo": float("nan")}}, "provenance": {
         "bf16": {"model": f"{prefix}models/tiny-nvfp4", "content_hash": content_hash[:12]}}}))
     (report / "report.md").write_text(f"| bf16 | {prefix}models/tiny-nvfp4 | {content_hash[:12]} | 4.3 |\n")
     (report / "score.png").write_bytes(b"\x89PNG-same")
@@ -84,6 +87,9 @@ def test_equal_runs_pass_and_excluded_differences_are_shown(runs, capsys):
     assert "  qscore.json: host.python: Debian's python3 (3.11.2) in the stand-in base image" in out
     assert "excluded created: '2026-11-25T21:20Z' (local) vs '2026-11-25T21:21Z' (docker)" in out
     assert "  parquet: created: when the part was written" in out
+    assert "excluded phases_s.load_model: 10.9 (local) vs 6.7 (docker)" in out and "phases_s.save" not in out
+    assert "  qscore.json: phases_s.*: how long each phase" in out
+    assert "excluded set_fingerprint: '29be2f4b6a4b58dc' (local) vs 'ca93a830adaccb4f' (docker)" in out
     assert ".ok" not in out  # make's stamps are not outputs
     assert "0 differ, 0 missing" in out
     # the checkpoints' content hashes differ (they cover qscore.json) and are shown, then read as what they name
@@ -101,14 +107,19 @@ def test_equal_runs_pass_and_excluded_differences_are_shown(runs, capsys):
                                                     d.parent / "local/models/tiny-nvfp4").content_hash}}),
      "metadata model.content_hash: '<content hash of models/tiny-nvfp4>' (local) vs "),
     (lambda d: _rewrite_part(d, logprobs=(-1.5, -0.25, -3.0001)), "rows differ in logprob"),
+    (lambda d: _rewrite_part(d, kld=(0.0, 0.5, 0.25)), "rows differ in kld"),
     (lambda d: _rewrite_part(d, meta={"runtime": {"torch": "2.12.0", "device": "cpu"}}),
      "metadata runtime.torch: '2.13.0+cpu' (local) vs '2.12.0' (docker)"),
     (lambda d: _rewrite_part(d, meta={"model": {**_part_meta(d)["model"], "path": "/elsewhere/tiny"}}),
      "metadata model.path: 'models/tiny-nvfp4' (local) vs '/elsewhere/tiny' (docker)"),
     (lambda d: _edit_json(d / "models/tiny-nvfp4/qscore.json", versions={"torch": "2.13.0+cu130"}),
      "versions.torch: '2.13.0+cpu' (local) vs '2.13.0+cu130' (docker)"),
-    (lambda d: _edit_json(d / "results/demo/report/summary.json", models={"bf16": {"ppl": 4.31}}),
+    (lambda d: _edit_json(d / "results/demo/report/summary.json", models={"bf16": {"ppl": 4.31, "kld_lo": None}}),
      "models.bf16.ppl: 4.3 (local) vs 4.31 (docker)"),
+    (lambda d: _edit_json(d / "results/demo/report/summary.json", models={"bf16": {"ppl": 4.3, "kld_lo": 0.1}}),
+     "models.bf16.kld_lo: nan (local) vs 0.1 (docker)"),
+    (lambda d: _edit_json(d / "models/tiny-nvfp4/qscore.json", phase_s={"load_model": 1.0}),
+     "phase_s.load_model: '<absent>' (local) vs 1.0 (docker)"),
     (lambda d: (d / "results/demo/report/report.md").write_text("| bf16 | /models/tiny-nvfp4 | 4.4 |\n"),
      "differs    results/demo/report/report.md  (line 1: "),
     (lambda d: (d / "results/demo/report/score.png").unlink(),
@@ -141,12 +152,14 @@ def test_container_paths_only_at_the_mount_points(tmp_path):
         assert compare.host_paths(kept) == kept
 
 
-def _rewrite_part(root: Path, logprobs=None, meta=None):
+def _rewrite_part(root: Path, logprobs=None, meta=None, kld=None):
     path = root / PART
     table = pq.read_table(path)
     old = json.loads(table.schema.metadata[b"qscore"])
     if logprobs is not None:
         table = table.set_column(2, "logprob", pa.array(logprobs, pa.float32()))
+    if kld is not None:
+        table = table.set_column(3, "kld", pa.array(kld, pa.float64()))
     table = table.replace_schema_metadata({"qscore": json.dumps({**old, **(meta or {})})})
     pq.write_table(table, path)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -38,17 +39,22 @@ CONTAINER_PATH = re.compile(r"(?<![\w./-])/(models|data)(?=/)")
 RESULTS_PATH = re.compile(r"(?<![\w./-])/results(?![\w.-])")  # RESULTS_DIR is mounted at /results
 HEX = re.compile(r"\b[0-9a-f]{12,64}\b")
 
-# kind of file -> fields (dotted paths) left out of the comparison
+FINGERPRINT = ("a hash of the job's inputs as the stage saw them, which include the evaluation set's path (/data/x "
+               "in a container) and the checkpoint's content hash (it covers qscore.json); each input is "
+               "compared on its own: model.content_hash, tokenizer.hash, dataset.sha256, sampling, runtime, and "
+               "the token stream (the rows)")
+
+# kind of file -> fields (dotted paths; "x.*": every field under x) left out of the comparison
 EXCLUDED: dict[str, dict[str, str]] = {
     "parquet": {
         "created": "when the part was written",
-        "fingerprint": "a hash of the inputs that includes the evaluation set's path as the stage saw it (/data/x "
-                       "in a container); each input it hashes is compared on its own: model.content_hash, "
-                       "tokenizer.hash, dataset.sha256, sampling, runtime, and the token stream (the rows)",
+        "fingerprint": FINGERPRINT,
+        "set_fingerprint": FINGERPRINT,
     },
     "qscore.json": {  # the quantize stage's provenance beside the checkpoint
         "created": "when the checkpoint was written",
         "wall_time_s": "how long quantizing took",
+        "phases_s.*": "how long each phase of quantizing took",
         "peak_rss_gib": "memory of the process (the interpreter and libraries differ in size)",
         "host.hostname": "the container's hostname is its id",
         "host.python": "Debian's python3 (3.11.2) in the stand-in base image, the venv's own elsewhere",
@@ -135,13 +141,31 @@ def compare_json(a, b, excluded: dict[str, str], runs=None) -> tuple[list[str], 
     diffs, notes = [], []
     for key in sorted(set(fa) | set(fb)):
         va, vb = fa.get(key, "<absent>"), fb.get(key, "<absent>")
-        if va == vb:
+        if same_value(va, vb):
             continue
-        if key in excluded:
+        if excluded_as(key, excluded):
             notes.append(f"excluded {key}: {_short(va)} (local) vs {_short(vb)} (docker)")
         else:
             diffs.append(f"{key}: {va!r} (local) vs {vb!r} (docker)")
     return diffs, notes
+
+
+def same_value(a, b) -> bool:
+    """Equal, NaN included (a statistic without data is NaN in both runs)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def excluded_as(key: str, excluded: dict[str, str]) -> str | None:
+    """The pattern of ``excluded`` that names ``key`` (itself, or ``prefix.*``), else None."""
+    if key in excluded:
+        return key
+    return next((p for p in excluded if p.endswith(".*") and key.startswith(p[:-1])), None)
 
 
 def _short(value, width: int = 60) -> str:
@@ -199,9 +223,11 @@ def compare_parquet(rel: str, a: Path, b: Path, runs) -> Result:
         problems.append(f"schema {ta.schema} (local) vs {tb.schema} (docker)")
     elif ta.num_rows != tb.num_rows:
         problems.append(f"{ta.num_rows} rows (local) vs {tb.num_rows} (docker)")
-    elif not ta.equals(tb):
-        bad = [c for c in ta.column_names if not ta[c].equals(tb[c])]
-        problems.append(f"rows differ in {', '.join(bad)}")
+    elif not ta.equals(tb):  # Arrow's equality has NaN != NaN: look again, NaN equal to NaN
+        bad = [c for c in ta.column_names
+               if not ta[c].equals(tb[c]) and not same_value(ta[c].to_pylist(), tb[c].to_pylist())]
+        if bad:
+            problems.append(f"rows differ in {', '.join(bad)}")
     if other_a != other_b:
         problems.append("other schema metadata differs")
     diffs, notes = compare_json(meta_a, meta_b, EXCLUDED["parquet"], runs)
@@ -273,8 +299,8 @@ def main(argv=None) -> int:
         print(f"{r.status:9s}  {r.path}" + (f"  ({r.detail})" if r.detail else ""))
         for n in r.notes:
             print(f"{'':11s}{n}")
-    seen = sorted({(kind, key) for r in results for n in r.notes for kind, fields in EXCLUDED.items()
-                   for key in fields if n.startswith(f"excluded {key}:") and _kind(r.path) == kind})
+    seen = sorted({(kind, excluded_as(n.split()[1].rstrip(":"), EXCLUDED[kind])) for r in results
+                   for n in r.notes for kind in EXCLUDED if _kind(r.path) == kind})
     if seen:
         print("excluded fields that differ, and why two honest runs differ there:")
         for kind, key in seen:
