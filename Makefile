@@ -441,7 +441,7 @@ DEMO_VARS = RUNNER=local \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
 	  MODELS="bf16=$(DEMO_BASE) llmc-nvfp4=$(DEMO_QUANT) modelopt-nvfp4=$(DEMO_MODELOPT)" \
 	  WEIGHT_ONLY="llmc-nvfp4 modelopt-nvfp4" NVFP4_COMPUTE=declared SHARDS=1 TENSOR_PARALLEL_SIZE= GPUS= \
-	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl" \
+	  DATASETS="wiki_mini=data/wiki_mini.txt chat_mini=data/chat_mini.jsonl wikitext2_doc=data/wiki_mini.txt" \
 	  BASELINE=bf16 TOKENIZER=$(DEMO_BASE) BACKEND=transformers MAX_MODEL_LEN=256 TOPK=20 \
 	  NOISE_LABEL=bf16~noise NOISE_BACKEND=transformers NOISE_ARGS="--dtype bfloat16" \
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \

@@ -5,11 +5,13 @@
 
 Writes an archive shaped like the score stage's (two sets, texts of 1000 tokens, parts of 32 texts,
 zstd, the same schema) for a baseline and two models whose top-20 lists mostly overlap the baseline's,
-then runs the aggregate stage's own functions and prints one JSON line of timings (seconds):
-``read`` (Parquet → arrays), ``paired`` (the existing SPEC §4 metrics and Δnll intervals), ``kl``
-(per-position KL bounds and agreement, inside ``stats``), ``stats`` (every statistic of
-comparison.statistics and where-it-hurts, bootstrap included), ``report`` (plots, report.md,
-worst_tokens.parquet), and ``aggregate`` = their sum, the stage minus interpreter start-up.
+then runs the aggregate stage's own functions and prints one JSON line of timings, wall and CPU seconds
+(all threads; the load average before and after says whether the machine was shared): ``read``
+(Parquet → arrays), ``paired`` (the existing SPEC §4 metrics and Δnll intervals), ``kl_one_model``
+(the per-position KL kernel for one model, both sets — it runs again inside ``stats``), ``stats``
+(every statistic of comparison.statistics and where-it-hurts, bootstrap included), ``report`` (plots,
+report.md, worst_tokens.parquet), and ``aggregate`` = read + paired + stats + report, the stage minus
+interpreter start-up.
 """
 from __future__ import annotations
 
@@ -86,32 +88,47 @@ def write_archive(root: Path, n_tokens: int, k: int, seed: int = 0) -> None:
                                           {"fingerprint": label, "model": {"ref": label}, "dataset": {"name": name}})
 
 
-def run(root: Path, n_boot: int) -> dict:
-    t = {}
-    t0 = time.perf_counter()
-    found = aggregate.discover(root)
-    data, meta = aggregate.load(found)
-    t["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    summary = aggregate.compute(data, "bf16", n_boot, 0)
-    summary["provenance"] = report.provenance_table(meta)
-    deltas = aggregate.delta_logprobs(data, "bf16", summary["sets"])
-    t["paired"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for m in ("llmc-nvfp4",):  # the kernel alone, once (it also runs inside add_to_summary)
+class Clock:
+    """Wall and CPU seconds (all threads) of a phase: on a shared machine the wall time alone misleads."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+
+    def __call__(self, name):
+        clock = self
+
+        class Phase:
+            def __enter__(self):
+                self.w, self.c = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                clock.wall[name] = time.perf_counter() - self.w
+                clock.cpu[name] = time.process_time() - self.c
+
+        return Phase()
+
+
+def run(root: Path, n_boot: int) -> tuple[dict, dict]:
+    c = Clock()
+    with c("read"):
+        found = aggregate.discover(root)
+        data, meta = aggregate.load(found)
+    with c("paired"):
+        summary = aggregate.compute(data, "bf16", n_boot, 0)
+        summary["provenance"] = report.provenance_table(meta)
+        deltas = aggregate.delta_logprobs(data, "bf16", summary["sets"])
+    with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_to_summary)
         for s in summary["sets"]:
-            b, q = data[("bf16", s)], data[(m, s)]
+            b, q = data[("bf16", s)], data[("llmc-nvfp4", s)]
             divergence.topk_kl(b.topk_ids, b.topk_logprobs, q.topk_ids, q.topk_logprobs, b.logprob, q.logprob,
                                b.token_id)
-    t["kl_one_model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    extra = quantstats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
-    t["stats"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report.write_all(summary, deltas, root / "report", extra)
-    t["report"] = time.perf_counter() - t0
-    t["aggregate"] = t["read"] + t["paired"] + t["stats"] + t["report"]
-    return t
+    with c("stats"):
+        extra = quantstats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
+    with c("report"):
+        report.write_all(summary, deltas, root / "report", extra)
+    for d in (c.wall, c.cpu):
+        d["aggregate"] = d["read"] + d["paired"] + d["stats"] + d["report"]
+    return c.wall, c.cpu
 
 
 def main() -> None:
@@ -130,10 +147,13 @@ def main() -> None:
         divergence.topk_kl(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1),
                            np.zeros(1), np.zeros(1))  # load the compiled kernel before timing
         size = sum(f.stat().st_size for f in (root / "logprobs").rglob("*.parquet"))
-        t = run(root, args.bootstrap)
+        load0 = os.getloadavg()[0]
+        wall, cpu = run(root, args.bootstrap)
         print(json.dumps({"tokens_per_model": args.tokens, "models": 3, "topk": args.topk, "bootstrap": args.bootstrap,
                           "archive_gib": round(size / 2**30, 3), "generate_s": round(gen, 1),
-                          **{f"{k}_s": round(v, 2) for k, v in t.items()}, "cpus": os.cpu_count(),
+                          "wall_s": {k: round(v, 2) for k, v in wall.items()},
+                          "cpu_s": {k: round(v, 2) for k, v in cpu.items()}, "cpus": os.cpu_count(),
+                          "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
                           "machine": platform.processor() or platform.machine()}))
     finally:
         if not args.keep:

@@ -172,12 +172,13 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
     from jobs.stages import score as stage
 
     tokens = sum(len(s.token_ids) for s in samples)
+    topk = options.max_logprobs or 1
     quant = describe_quantization(json.loads((path / "config.json").read_text()))
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         eng = VllmBackend(path, quant, options, expected_tokens=tokens)
         start = time.perf_counter() - t0
-        params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False, flat_logprobs=True)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(s.token_ids)) for s in samples]
         eng.llm.generate(prompts[:16], params, use_tqdm=False)  # warm-up: kernels chosen, caches allocated
         t = time.perf_counter()
@@ -191,7 +192,7 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
                           stage.staging_dir(final), "bench", "bench")
         ckpt = SimpleNamespace(content_hash="bench", architecture="Qwen3ForCausalLM", path=path,
                                quant=SimpleNamespace(method=None, format=None, scheme=None, group_size=None, ignore=[]))
-        settings = ScoreSettings(model=str(path), label="bench", engine=options, part_size=part_size)
+        settings = ScoreSettings(model=str(path), label="bench", engine=options, part_size=part_size, topk=topk)
         t = time.perf_counter()
         stage.write_dataset(plan, eng, {"backend": "vllm"}, ckpt, settings, path, {"tokenizer_hash": "-"})
         staged = time.perf_counter() - t
@@ -256,6 +257,8 @@ def main():
     ap.add_argument("--hf-batch-tokens", type=int, default=16384)
     ap.add_argument("--quant-config", default=None, help="config.json of an NVFP4 checkpoint llm-compressor wrote")
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
+    ap.add_argument("--topk", default="1", help="comma list: candidates per position (the score stage's --topk), "
+                                                "one run per value")
     a = ap.parse_args()
     import torch
 
@@ -272,20 +275,22 @@ def main():
 
     from jobs.settings import EngineOptions
 
-    for mnbt in [int(x) for x in a.max_num_batched_tokens.split(",") if x] or [None]:
-        for fmt in a.formats.split(","):
-            weights, mode = FORMATS[fmt]
-            options = EngineOptions(max_model_len=a.len + 8, gpu_memory_utilization=a.gpu_memory_utilization,
-                                    enforce_eager=a.enforce_eager, max_num_batched_tokens=mnbt,
-                                    nvfp4_compute=mode, load_format="dummy")
-            row = {**base, "path": "vllm", "format": fmt, "max_num_batched_tokens": mnbt}
-            row.update(run_vllm(config_dir(work, a.shape, weights, a.quant_config), samples, options,
-                                work / "results" / f"{a.shape}-{fmt}"))
-            for k in ("bare", "stage"):
-                row[f"{k}_peak_share"] = share(row[f"{k}_tok_s"])
-                row[f"{k}_tok_s"] = round(row[f"{k}_tok_s"])
-            row["stage_vs_bare"] = round(row["stage_tok_s"] / row["bare_tok_s"], 3)
-            emit(row, a.out)
+    for mnbt, fmt, topk in [(m, f, int(k)) for m in [int(x) for x in a.max_num_batched_tokens.split(",") if x] or [None]
+                            for f in a.formats.split(",") for k in a.topk.split(",")]:
+        weights, mode = FORMATS[fmt]
+        options = EngineOptions(max_model_len=a.len + 8, gpu_memory_utilization=a.gpu_memory_utilization,
+                                enforce_eager=a.enforce_eager, max_num_batched_tokens=mnbt, nvfp4_compute=mode,
+                                load_format="dummy", max_logprobs=topk)
+        row = {**base, "path": "vllm", "format": fmt, "max_num_batched_tokens": mnbt, "topk": topk}
+        results = work / "results" / f"{a.shape}-{fmt}-top{topk}"
+        row.update(run_vllm(config_dir(work, a.shape, weights, a.quant_config), samples, options, results))
+        row["parquet_bytes_per_token"] = round(sum(p.stat().st_size for p in results.rglob("*.parquet"))
+                                               / (a.n * a.len), 1)
+        for k in ("bare", "stage"):
+            row[f"{k}_peak_share"] = share(row[f"{k}_tok_s"])
+            row[f"{k}_tok_s"] = round(row[f"{k}_tok_s"])
+        row["stage_vs_bare"] = round(row["stage_tok_s"] / row["bare_tok_s"], 3)
+        emit(row, a.out)
     if a.hf:
         row = {**base, "path": "transformers", "format": "bf16 (NVFP4 is dequantised to it)"}
         row.update(run_hf(cfg, samples, a.hf_batch_tokens))

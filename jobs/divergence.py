@@ -86,39 +86,35 @@ def _three_cells(p1, q1_max, q2, p2_max, s, r, floor, reverse):
     """min over the unknown masses of KL on the cells C1 = A\\S, C2 = B\\S, C3 = the rest.
 
     Known: p(C1) = p1, q(C2) = q2; p(C2 ∪ C3) = s, q(C1 ∪ C3) = r. Unknown: x = q(C1) ∈ [0, q1_max],
-    y = p(C2) ∈ [0, p2_max]. The KL of the (convex) objective's minimiser over that box is a lower bound of
-    the KL on these cells, hence of the full KL. Stationary in x: x = r p1 / (p1 + s − y); in y:
-    y = s q2 / (q2 + r − x), for both directions. The minimum is the unconstrained one (every cell's ratio
-    equal: the two-cell partition) when it is feasible, else the least of the faces' minimisers.
+    y = p(C2) ∈ [0, p2_max]. The objective is convex; its stationary conditions are x = r p1 / (p1 + s − y)
+    and y = s q2 / (q2 + r − x) in both directions, solved together by every cell having the same ratio
+    (x = p1/λ, y = λ q2, λ = (p1 + s)/(r + q2): the two-cell bound). When that point is in the box it is
+    the minimum; else the minimum lies on a face of the box, where the other variable's optimum is in
+    closed form, and the least of those is taken.
     """
     ux = min(q1_max, r)
     uy = min(p2_max, s)
+    den = r + q2
+    if den > 0.0:
+        lam = (p1 + s) / den
+        if lam > 0.0 and p1 / lam <= ux and lam * q2 <= uy:  # feasible: the cells merge
+            if reverse:
+                return _rel(den, max(p1 + s, floor))
+            return _rel(p1 + s, max(den, floor))
     best = np.inf
-    for case in range(4):
-        if case == 0:  # interior: x = p1/λ, y = λ q2, λ = (p1 + s)/(r + q2)
-            den = r + q2
-            if den <= 0.0:
-                continue
-            lam = (p1 + s) / den
-            x = p1 / lam if lam > 0.0 else 0.0
-            y = lam * q2
-            if x > ux or y > uy:
-                continue
-        elif case == 1:  # x = ux
+    for case in range(3):
+        if case == 0:  # x = ux
             x = ux
             d = q2 + r - x
-            y = s * q2 / d if d > 0.0 else 0.0
-            y = min(max(y, 0.0), uy)
-        elif case == 2:  # y = uy
+            y = min(max(s * q2 / d if d > 0.0 else 0.0, 0.0), uy)
+        elif case == 1:  # y = uy
             y = uy
             d = p1 + s - y
-            x = r * p1 / d if d > 0.0 else ux
-            x = min(max(x, 0.0), ux)
+            x = min(max(r * p1 / d if d > 0.0 else ux, 0.0), ux)
         else:  # y = 0
             y = 0.0
             d = p1 + s
-            x = r * p1 / d if d > 0.0 else ux
-            x = min(max(x, 0.0), ux)
+            x = min(max(r * p1 / d if d > 0.0 else ux, 0.0), ux)
         p3 = max(s - y, 0.0)
         q3 = max(r - x, 0.0)
         # Denominators are floored (see the module's note on numerics): that only lowers the value.
@@ -132,19 +128,20 @@ def _three_cells(p1, q1_max, q2, p2_max, s, r, floor, reverse):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _kernel(b_ids, b_lp, m_ids, m_lp, b_act, m_act, tok, kagree, floor, tighten, kl, rkl, agree):
+def _kernel(b_ids, b_lp, b_p, b_listed, m_ids, m_lp, m_q, m_listed, b_act, m_act, tok, kagree, floor, tighten,
+            kl, rkl, agree):
     n = b_ids.shape[0]
     kb = b_ids.shape[1]
     km = m_ids.shape[1]
     for r in numba.prange(n):
         t = tok[r]
         la, lm = np.float64(b_act[r]), np.float64(m_act[r])
-        sp = np.exp(la)
-        sq = np.exp(lm)
-        fwd = sp * (la - lm)
-        rev = sq * (lm - la)
-        p1 = 0.0  # the baseline's mass on its top-K tokens the model does not list (C1)
-        n1 = 0
+        pa, qa = np.exp(la), np.exp(lm)
+        fwd = pa * (la - lm)
+        rev = qa * (lm - la)
+        sp = pa  # mass of S (the tokens known under both) under each model
+        sq = qa
+        act_in_a = 0
         n_matched = 0  # tokens of A ∩ B other than the actual one
         runmax = -1
         bits = 0
@@ -163,35 +160,34 @@ def _kernel(b_ids, b_lp, m_ids, m_lp, b_act, m_act, tok, kagree, floor, tighten,
                 if runmax <= i:  # the first i+1 of A sit in the first i+1 of B: equal sets
                     bits |= 1 << i
             if a == t:  # already counted as the actual token
+                act_in_a = 1
+                continue
+            if found < 0:
                 continue
             lp = np.float64(b_lp[r, i])
-            if found < 0:
-                p1 += np.exp(lp)
-                n1 += 1
-                continue
             lq = np.float64(m_lp[r, found])
-            p, q = np.exp(lp), np.exp(lq)
-            n_matched += 1
+            p = np.float64(b_p[r, i])
+            q = np.float64(m_q[r, found])
             fwd += p * (lp - lq)
             rev += q * (lq - lp)
             sp += p
             sq += q
-        # C2 = the model's top-K tokens outside S: its listed mass minus the matched ones and the actual token
-        q_listed = 0.0
-        act_listed = 0
-        for j in range(km):
-            q_listed += np.exp(np.float64(m_lp[r, j]))
-            if m_ids[r, j] == t:
-                act_listed = 1
-        n2 = km - n_matched - act_listed
-        q2 = max(q_listed - (sq - np.exp(lm)) - (np.exp(lm) if act_listed else 0.0), 0.0) if n2 > 0 else 0.0
-        pr = max(1.0 - sp, 0.0)  # p of everything but S
+            n_matched += 1
+        pr = max(1.0 - sp, 0.0)  # mass of everything but S
         qr = max(1.0 - sq, 0.0)
         if tighten:
-            p_k = np.exp(np.float64(b_lp[r, kb - 1]))  # a token outside A has p ≤ the K-th of A
-            q_k = np.exp(np.float64(m_lp[r, km - 1]))
-            p1 = min(p1, pr)
-            q2 = min(q2, qr)
+            act_in_b = 0
+            for j in range(km):
+                if m_ids[r, j] == t:
+                    act_in_b = 1
+                    break
+            # C1 = A∖S, C2 = B∖S: their listed masses are each list's total less what S took from it
+            n1 = kb - n_matched - act_in_a
+            n2 = km - n_matched - act_in_b
+            p1 = min(max(b_listed[r] - (sp - pa) - act_in_a * pa, 0.0), pr) if n1 > 0 else 0.0
+            q2 = min(max(m_listed[r] - (sq - qa) - act_in_b * qa, 0.0), qr) if n2 > 0 else 0.0
+            p_k = np.float64(b_p[r, kb - 1])  # a token outside A has p ≤ the K-th of A
+            q_k = np.float64(m_q[r, km - 1])
             fwd += _three_cells(p1, n1 * q_k, q2, n2 * p_k, pr - p1, qr - q2, floor, False)
             rev += _three_cells(p1, n1 * q_k, q2, n2 * p_k, pr - p1, qr - q2, floor, True)
         else:
@@ -202,32 +198,48 @@ def _kernel(b_ids, b_lp, m_ids, m_lp, b_act, m_act, tok, kagree, floor, tighten,
         agree[r] = bits
 
 
+@dataclass
+class TopK:
+    """One model's top-K candidates with their probabilities, computed once and shared by every pair."""
+
+    ids: np.ndarray  # (N, K) int32
+    logprobs: np.ndarray  # (N, K) float32
+    probs: np.ndarray  # (N, K) float32
+    listed: np.ndarray  # (N,) float64 Σ of probs: the mass of the K candidates
+
+    @classmethod
+    def of(cls, ids, logprobs) -> "TopK":
+        lp = np.ascontiguousarray(logprobs, dtype=np.float32)
+        p = np.exp(lp)  # float32 SIMD, once per model here, not per pair inside the kernel
+        return cls(np.ascontiguousarray(ids, dtype=np.int32), lp, p, p.sum(axis=1, dtype=np.float64))
+
+
 def topk_kl(base_ids, base_lp, model_ids, model_lp, base_actual, model_actual, token_id,
-            floor: float = REST_FLOOR, tighten: bool = True) -> PairDivergence:
+            floor: float = REST_FLOOR, tighten: bool = True, base: TopK | None = None,
+            model: TopK | None = None) -> PairDivergence:
     """Lower bounds of KL(base ‖ model) and KL(model ‖ base) per position, and top-k set agreement.
 
     ``base_ids``/``base_lp`` are (N, K_b) arrays of the baseline's top-K ids and logprobs (most likely
     first), ``model_ids``/``model_lp`` (N, K_m) the model's; ``*_actual`` the actual token's logprob under
-    each, ``token_id`` the actual token. K_b and K_m may differ (and be 1: the top-1 columns).
+    each, ``token_id`` the actual token. K_b and K_m may differ (and be 1: the top-1 columns). ``base``
+    and ``model`` may pass them as ``TopK`` already computed (the baseline's is shared by every model).
     """
-    base_ids = np.ascontiguousarray(base_ids, dtype=np.int32)
-    model_ids = np.ascontiguousarray(model_ids, dtype=np.int32)
-    base_lp = np.ascontiguousarray(base_lp, dtype=np.float32)
-    model_lp = np.ascontiguousarray(model_lp, dtype=np.float32)
-    n = base_ids.shape[0]
-    for name, a in (("base top-K", base_lp), ("model top-K", model_ids), ("model top-K", model_lp),
-                    ("base actual", base_actual), ("model actual", model_actual), ("token ids", token_id)):
+    base = base or TopK.of(base_ids, base_lp)
+    model = model or TopK.of(model_ids, model_lp)
+    n = base.ids.shape[0]
+    for name, a in (("model top-K", model.ids), ("base actual", base_actual), ("model actual", model_actual),
+                    ("token ids", token_id)):
         if a.shape[0] != n:
             raise ValueError(f"{name}: {a.shape[0]} rows for {n} positions")
-    k = min(base_ids.shape[1], model_ids.shape[1])
+    k = min(base.ids.shape[1], model.ids.shape[1])
     kagree = min(k, MAX_AGREE_K)
     kl = np.empty(n)
     rkl = np.empty(n)
     agree = np.empty(n, dtype=np.uint16)
     if n:
-        _kernel(base_ids, base_lp, model_ids, model_lp, np.asarray(base_actual, np.float32),
-                np.asarray(model_actual, np.float32), np.asarray(token_id, np.int32), kagree, floor,
-                tighten, kl, rkl, agree)
+        _kernel(base.ids, base.logprobs, base.probs, base.listed, model.ids, model.logprobs, model.probs,
+                model.listed, np.asarray(base_actual, np.float32), np.asarray(model_actual, np.float32),
+                np.asarray(token_id, np.int32), kagree, floor, tighten, kl, rkl, agree)
     return PairDivergence(kl=kl, kl_reverse=rkl, agree=agree, agree_k=kagree, k=k)
 
 

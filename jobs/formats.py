@@ -23,9 +23,12 @@ def modelopt_to_compressed_tensors(ckpt: Checkpoint, dest: Path) -> Path:
         raise CheckpointError(f"{ckpt.path}: not a ModelOpt NVFP4 checkpoint ({ckpt.quant.method} {ckpt.quant.scheme})")
     ignore = quantcheck.as_compressed_tensors_ignore(ckpt.quant.ignore)
     log.info("converting ModelOpt NVFP4 %s to compressed-tensors with compressed-tensors' converter", ckpt.path)
+    import inspect
+
+    # compressed-tensors 0.19 (llm-compressor's) can convert on a GPU and takes device=; 0.17 (vLLM's) cannot
+    kw = {"device": "cpu"} if "device" in inspect.signature(convert_checkpoint).parameters else {}
     try:
-        convert_checkpoint(str(ckpt.path), str(dest), ModelOptNvfp4Converter(ignore=ignore, targets=["Linear"]),
-                           device="cpu")
+        convert_checkpoint(str(ckpt.path), str(dest), ModelOptNvfp4Converter(ignore=ignore, targets=["Linear"]), **kw)
     except ValueError as exc:  # the converter's own validation: orphan scales, untargeted tensors
         raise CheckpointError(f"{ckpt.path}: compressed-tensors cannot convert it ({str(exc).splitlines()[0][:300]})") from None
     return dest

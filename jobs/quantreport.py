@@ -62,8 +62,9 @@ def render_sections(summary: dict) -> list[str]:
     ks = st["topk"]
     L = docs + ["## Distribution shift: KL divergence, Δp, top-k agreement", "",
          f"Per position, against **{base}**, on the identical token stream. **KLD is a lower bound** of the "
-         "full-vocabulary KL divergence: it is computed exactly on a partition of the vocabulary into the tokens "
-         "known under both models (both top-K lists, and the actual token) and one bucket for the rest — merging "
+         "full-vocabulary KL divergence: it is computed exactly on a partition of the vocabulary (the tokens "
+         "known under both models — in both top-K lists, or the actual token — each alone, then the rest in "
+         "three cells, bounded by what each top-K list says of the other model's probabilities); merging "
          "outcomes can only lower a KL divergence (docs/statistics.md). Top-K stored: "
          + ", ".join(f"{m} K={k}" for m, k in ks.items())
          + ". Intervals: 95 %, bootstrap over texts; percentiles are read off per-text histograms with "
@@ -88,8 +89,8 @@ def render_sections(summary: dict) -> list[str]:
                      f"| {_ci(r, '{:+.5f}')} | ({r['lo_token']:+.5f}, {r['hi_token']:+.5f}) "
                      f"| {_ci(c['ln_ppl_correlation'], '{:.4f}')} |")
     L += ["", "The ln PPL ratio is Δnll. Its bootstrap interval resamples texts; llama.cpp's ± 1.96·SE treats every "
-          "token as independent (the standard error of the mean paired difference) and is narrower because tokens "
-          "of one text are correlated — the bootstrap is the one to trust. The correlation of ln PPL is over "
+          "token as independent (the standard error of the mean paired difference); tokens of one text are "
+          "correlated, so it is usually too narrow — the bootstrap is the one to trust. The correlation of ln PPL is over "
           "texts (per-text NLL of the two models); over tokens it is "
           + ", ".join(f"{m} {summary['models'][m]['overall']['comparison']['ln_ppl_correlation_tokens']:.4f}"
                       for m in models) + ".", ""]
@@ -138,7 +139,7 @@ def render_sections(summary: dict) -> list[str]:
               "of the actual token. Context = the 12 tokens before it, then the token in ⟦ ⟧"
               + ("" if summary.get("where_it_hurts_decoded") else
                  " (token ids: no tokenizer was readable here; pass `--tokenizer path/to/tokenizer.json`)")
-              + f". The top {1000} positions per model and criterion are in `worst_tokens.parquet`.", ""]
+              + ". The top 1000 positions per model, set and criterion are in `worst_tokens.parquet`.", ""]
         for m in models:
             h = hurts[m]
             L += [f"### {_name(summary, m)}", "", "| set | text (sample_id) | tokens | mean Δnll | mean KLD |",

@@ -8,7 +8,6 @@ is at hand). The numbers are computed here; ``quantreport`` renders them.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pyarrow.parquet as pq
 from . import comparison, docppl, schema
 from .errors import AggregateError, ArchiveError
 
-log = logging.getLogger("qscore.aggregate")
 TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]
 NOISE_SEP = "~"  # <baseline>~noise: the baseline through another path (backend, batch layout, dtype)
 WORST_MD = 10  # rows per table in report.md
@@ -99,11 +97,13 @@ def add_to_summary(summary: dict, data: dict, meta: dict, *, n_boot: int, seed: 
     decode = _decoder(tokenizer, meta, base)
     extra = Extra(decoded=decode is not None)
     hurts = {}
+    base_topk = {s: comparison.topk_of(data[(base, s)]) for s in sets}  # shared by every model
     for m in labels:
         pairs = {}
         for s in sets:
             try:
-                pairs[s] = comparison.pair(data[(base, s)], data[(m, s)], f"{m} vs {base} on {s}: ")
+                pairs[s] = comparison.pair(data[(base, s)], data[(m, s)], f"{m} vs {base} on {s}: ",
+                                           base_topk=base_topk[s])
             except ValueError as exc:
                 raise AggregateError(f"{m} vs {base} on {s}: {exc}") from None
             summary["models"][m]["sets"][s]["comparison"] = comparison.statistics([pairs[s]], n_boot, seed)
@@ -164,9 +164,11 @@ def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
     for s, p in pairs.items():
         texts += [{"dataset": s, **t} for t in comparison.worst_texts(p, WORST_MD)]
         ids = data[(base, s)].token_id
+        starts = np.flatnonzero(np.r_[True, np.diff(p.sample_id) != 0])  # first row of each text
+        text_start = starts[np.searchsorted(starts, np.arange(len(p.sample_id)), side="right") - 1]
         for crit, idx in comparison.worst_tokens(p, WORST_PARQUET).items():
             for i in idx:
-                rows.append(_row(model, s, crit, p, ids, int(i), decode))
+                rows.append(_row(model, s, crit, p, ids, int(i), int(text_start[i]), decode))
     texts.sort(key=lambda t: -t["delta_nll"])
     for crit in md:
         ranked = sorted((r for r in rows if r["criterion"] == crit),
@@ -175,9 +177,9 @@ def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
     return {"texts": texts[:WORST_MD], "tokens_by_delta_nll": md["delta_nll"], "tokens_by_kld": md["kld"]}, rows
 
 
-def _row(model, s, crit, p, ids, i, decode) -> dict:
+def _row(model, s, crit, p, ids, i, text_start, decode) -> dict:
     sid = p.sample_id[i]
-    lo = max(i - CONTEXT_TOKENS, int(np.searchsorted(p.sample_id, sid)))
+    lo = max(i - CONTEXT_TOKENS, text_start)
     ctx = ids[lo:i].tolist()
     tok = int(p.token_id[i])
     return {

@@ -12,7 +12,7 @@ from . import atomic, quantreport
 
 CSV_FIELDS = ["model", "dataset", "tokens", "texts", "nll", "ppl", "top1_acc", "conf_nll", "conf_ppl", "score",
               "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi",
-              "same_top1", "delta_p"]
+              "same_top1", "delta_p", "kld", "kld_lo", "kld_hi", "kld_reverse", "delta_p_rms", "topk"]
 
 
 def provenance_table(meta: dict) -> dict:
@@ -27,6 +27,7 @@ def provenance_table(meta: dict) -> dict:
             "quantization": q.get("scheme"), "format": q.get("format"), "backend": rt.get("backend"),
             "backend_version": rt.get("backend_version"), "dtype": rt.get("dtype"), "gpu": rt.get("gpu_name"),
             "compute_capability": rt.get("compute_capability"), "kernel_path": rt.get("kernel_path"),
+            "arithmetic": rt.get("arithmetic") or q.get("scheme"),
             "tokenizer": m.get("tokenizer", {}).get("name"), "max_model_len": m.get("sampling", {}).get("max_model_len"),
         }
     return out
@@ -38,6 +39,11 @@ def csv_rows(summary: dict) -> list[dict]:
         for name, stats in list(entry["sets"].items()) + [("overall", entry["overall"])]:
             row = {"model": model, "dataset": name, **{k: stats.get(k) for k in CSV_FIELDS[2:10]}}
             row.update({k: v for k, v in (stats.get("paired") or {}).items() if k in CSV_FIELDS})
+            c = stats.get("comparison")
+            if c:  # the KL lower bound and friends (docs/statistics.md)
+                row.update(kld=c["kld"]["mean"]["value"], kld_lo=c["kld"]["mean"]["lo"], kld_hi=c["kld"]["mean"]["hi"],
+                           kld_reverse=c["kld_reverse"]["mean"]["value"], delta_p_rms=c["delta_p"]["rms"]["value"],
+                           topk=c["k"])
             rows.append(row)
     return rows
 
@@ -62,12 +68,13 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
          "(position 0 of each text excluded); the overall figure is token-weighted over sets. "
          f"Score = 100 · PPL(baseline) / PPL(model). Intervals: 95 %, bootstrap over texts "
          f"({summary['bootstrap']['replicates']} replicates, seed {summary['bootstrap']['seed']}).", ""]
-    L += ["## Perplexity", "", "| model | " + " | ".join(f"{s} PPL" for s in sets) + " | overall PPL | score (95 % CI) |",
-          "|---|" + "---:|" * (len(sets) + 2)]
+    prov = summary.get("provenance", {})
+    L += ["## Perplexity", "", "| model | arithmetic | " + " | ".join(f"{s} PPL" for s in sets)
+          + " | overall PPL | score (95 % CI) |", "|---|---|" + "---:|" * (len(sets) + 2)]
     for m, e in models.items():
         p = e["overall"].get("paired")
         ci = f" ({p['score_lo']:.2f}–{p['score_hi']:.2f})" if p else ""
-        L.append(f"| {m} | " + " | ".join(_f(e["sets"][s]["ppl"]) for s in sets)
+        L.append(f"| {m} | {(prov.get(m) or {}).get('arithmetic') or ''} | " + " | ".join(_f(e["sets"][s]["ppl"]) for s in sets)
                  + f" | {_f(e['overall']['ppl'])} | {e['overall']['score']:.2f}{ci} |")
     L += ["", "## Paired with the baseline (identical token streams)", "",
           "| model | set | Δnll (95 % CI) | PPL ratio (95 % CI) | same top-1 | Δp | tokens |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -96,6 +103,9 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
         from .taskreport import markdown as task_markdown
 
         L += task_markdown(summary["tasks"])
+    L += ["Arithmetic: what the NVFP4 rows computed. W4A4 is what their configs declare (FP4 activations too): "
+          "native on Blackwell, emulated elsewhere; W4A16 (weight-only) is what vLLM's Marlin kernel serves on "
+          "Hopper. See docs/SPEC.md §2.", ""] if any("W4A" in str((v or {}).get("arithmetic")) for v in prov.values()) else []
     L += ["## Provenance", "", "| model | checkpoint | hash | quantization | backend | dtype | GPU (cc) | low-precision kernel path |",
           "|---|---|---|---|---|---|---|---|"]
     for m, p in summary.get("provenance", {}).items():

@@ -44,14 +44,16 @@ def _is_yaml(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) and Path(name).is_file()
 
 
-def task_manager(names: list[str], include_path: str | os.PathLike | None):
+def task_manager(names: list[str], include_path):
     """A TaskManager that knows ``names``. Indexing lm-eval's ~15,000 built-in tasks takes ~20 s, so
-    when every name is under ``include_path`` only that directory is indexed."""
+    when every name is under ``include_path`` (a directory, or a list of them) only that is indexed."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise SettingsError(f"task include path {include_path} is not a directory")
-    paths = [str(include_path)] if include_path else None
+    paths = [str(p) for p in (include_path if isinstance(include_path, (list, tuple)) else [include_path]) if p]
+    for p in paths:
+        if not Path(p).is_dir():
+            raise SettingsError(f"task include path {p} is not a directory")
+    paths = paths or None
     if paths:
         local = TaskManager(include_path=paths, include_defaults=False)
         if all(n in local.all_tasks or _is_yaml(n) for n in names):
@@ -59,7 +61,7 @@ def task_manager(names: list[str], include_path: str | os.PathLike | None):
     return TaskManager(include_path=paths)
 
 
-def load_tasks(names: list[str], include_path: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
+def load_tasks(names: list[str], include_path) -> tuple[Any, dict[str, Any]]:
     """The TaskManager and {task name: lm-eval Task} for task, group or tag names (or YAML paths).
 
     Building a task loads its documents: a hub dataset comes from the datasets cache under HF_HOME,

@@ -84,7 +84,8 @@ def summarize(data: dict[str, dict[str, tuple]], baseline: str, recovery_min: fl
                        "recovery": None, "recovery_lo": None, "recovery_hi": None, "paired_docs": None,
                        "verdict": "baseline" if m == baseline else None, "note": ""}
                 if m != baseline and base is not None and key in base:
-                    c = taskstats.compare(base[key], mv, recovery_min, n_boot, seed, what=f"{m} vs {baseline} on {task}: ")
+                    c = taskstats.compare(base[key], mv, recovery_min, n_boot, seed,
+                                          what=f"{m} vs {baseline} on {task}: ")
                     rec = c["recovery"]
                     row.update(recovery=rec["value"], recovery_lo=rec["lo"], recovery_hi=rec["hi"],
                                paired_docs=rec["n"], verdict=c["verdict"])
@@ -145,8 +146,8 @@ def markdown(summary: dict) -> list[str]:
             rec, ok = "undefined" + (" (baseline 0)" if "baseline scores 0" in r["note"] else ""), "—"
         else:
             rec, ok = _ci(r["recovery"], r["recovery_lo"], r["recovery_hi"], 3), r["verdict"]
-        L.append("| " + " | ".join(cells + [r["model"], _ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]), rec, ok])
-                 + " |")
+        acc = _ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"])
+        L.append("| " + " | ".join(cells + [r["model"], acc, rec, ok]) + " |")
     notes = [f"{r['model']} on {r['task']} {r['metric']} ({r['filter']}): {r['note']}" for r in summary["rows"]
              if r["note"]] + summary["notes"]
     if notes:

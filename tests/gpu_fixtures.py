@@ -12,6 +12,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def given_or_built(tmp_path_factory) -> Path:
+    """QSCORE_GPU_FIXTURES when set (carried to the GPU machine), else built here."""
+    import os
+
+    given = os.environ.get("QSCORE_GPU_FIXTURES")
+    return Path(given) if given else build(tmp_path_factory.mktemp("gpu-fixtures"))
+
+
 def build(out: Path) -> Path:
     from click.testing import CliRunner
 

@@ -31,8 +31,8 @@ def test_two_cell_bound_by_hand():
     pr, qr = 1 - 0.5 - 0.1, 1 - 0.4 - 0.1
     fwd = 0.5 * math.log(0.5 / 0.4) + 0.1 * math.log(0.1 / 0.1) + pr * math.log(pr / qr)
     rev = 0.4 * math.log(0.4 / 0.5) + qr * math.log(qr / pr)
-    assert d.kl[0] == pytest.approx(fwd, rel=1e-6)
-    assert d.kl_reverse[0] == pytest.approx(rev, rel=1e-6)
+    assert d.kl[0] == pytest.approx(fwd, rel=1e-5)  # probabilities in float32, as stored
+    assert d.kl_reverse[0] == pytest.approx(rev, rel=1e-5)
     assert d.k == 2 and d.agree_k == 2
     assert d.agree[0] == 0b01  # same top-1 (token 0); the top-2 sets {0,1} and {0,2} differ
 

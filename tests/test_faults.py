@@ -111,6 +111,32 @@ def test_max_model_len_below_24(tiny_model, tmp_path):
     one_line_error(score(tiny_model, tmp_path, "--max-model-len", 20), "max_model_len 20 is below 24")
 
 
+def test_max_model_len_beyond_the_models_context(tiny_model, tmp_path):
+    """The tiny model's context is 2048 (max_position_embeddings): more is refused, with the limit named."""
+    one_line_error(score(tiny_model, tmp_path, "--max-model-len", 1000000),
+                   "--max-model-len 1000000 is beyond", "context of 2048 tokens")
+    assert no_datasets(tmp_path)
+
+
+def test_context_length_follows_rope_scaling():
+    from jobs.checkpoint import context_length
+
+    assert context_length({"max_position_embeddings": 40960}) == 40960
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert context_length({"max_position_embeddings": 40960, "rope_scaling": yarn}) == 131072
+    assert context_length({"max_position_embeddings": 2048, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}) == 4096
+    assert context_length({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}) == 131072
+    assert context_length({"text_config": {"max_position_embeddings": 1024}}) == 1024
+    assert context_length({}) is None
+
+
+def test_missing_local_calibration_file_is_named_as_such(tiny_model, tmp_path):
+    r = cli("quantize", "--model-id", tiny_model, "--output", tmp_path / "q", "--calibration-dataset",
+            tmp_path / "missing.jsonl")
+    one_line_error(r, f"calibration file not found: {tmp_path / 'missing.jsonl'}")
+    assert "hub" not in r.stderr and not (tmp_path / "q").exists()
+
+
 # -- bad archives --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_tokenizers(tiny_model, tmp_path_factory):

@@ -16,23 +16,16 @@ import numpy as np
 import pytest
 
 from conftest import cli_subprocess
+from gpu_fixtures import cuda_available, given_or_built
 from jobs import metrics, schema
 from jobs.stages.aggregate import COLUMNS
 
 pytestmark = pytest.mark.gpu
 
 
-def _cuda() -> bool:
-    try:
-        import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-needs_cuda = pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")
-needs_vllm = pytest.mark.skipif(not _cuda() or importlib.util.find_spec("vllm") is None,
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU")
+needs_vllm = pytest.mark.skipif(not cuda_available() or importlib.util.find_spec("vllm") is None,
                                 reason="needs a CUDA GPU and vLLM")
 DATA = Path(__file__).resolve().parent.parent / "data"
 SETS = f"wiki={DATA}/wiki_mini.txt,chat={DATA}/chat_mini.jsonl"
@@ -42,12 +35,7 @@ REPORT = {}  # observed differences, printed at the end for the record
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    given = os.environ.get("QSCORE_GPU_FIXTURES")
-    if given:
-        return Path(given)
-    from gpu_fixtures import build
-
-    return build(tmp_path_factory.mktemp("gpu-fixtures"))
+    return given_or_built(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +151,7 @@ def test_vllm_on_nvfp4_checkpoints(fixtures, results, fmt, mode):
         native = cc >= 10.0
         assert rt["arithmetic"] == ("W4A4 (native)" if native else "W4A4 (emulated)"), rt["arithmetic"]
         assert native or "Emulation" in rt["kernel_path"], rt["kernel_path"]
-        bound, mean_bound = (0.2, 0.05) if native else (0.05, 0.01)
+        bound, mean_bound = (0.2, 0.05) if native else (0.08, 0.01)  # observed on an H200: 0.046 / 0.0004
     for name, (mean, _, same) in deltas.items():
         assert mean <= bound and same > 0.9, f"{name}: mean |Δ| {mean:.4f} > {bound}, same top-1 {same:.3f}"
     for name in ("wiki", "chat"):
@@ -190,6 +178,41 @@ def test_vllm_parquet_passes_aggregate(fixtures, results, tmp_path):
     # the activation half of NVFP4 costs something on top of the weights
     assert s["models"]["vllm-nvfp4-w4a4"]["overall"]["nll"] > s["models"]["vllm-nvfp4-w4a16"]["overall"]["nll"]
     REPORT["vllm scores"] = {m: round(e["overall"]["score"], 3) for m, e in s["models"].items()}
+
+
+@needs_vllm
+def test_noise_floor_and_kl_from_vllm_top20(fixtures, results, tmp_path):
+    """vLLM's top-20 lists pair with transformers': transformers bf16, shown as the noise floor of vLLM bf16,
+    sits far below NVFP4's KL divergence; and --topk above vLLM's default max_logprobs (20) works."""
+    for label in ("vllm-bf16", "hf-bf16", "vllm-nvfp4"):
+        assert schema.dataset_dir(results, label, "wiki").exists(), f"{label} not scored"
+    view = tmp_path / "view"
+    (view / "logprobs").mkdir(parents=True)
+    for label, shown in (("vllm-bf16", "vllm-bf16"), ("hf-bf16", "vllm-bf16~noise"), ("vllm-nvfp4", "vllm-nvfp4")):
+        (view / "logprobs" / f"model={shown}").symlink_to(results / "logprobs" / f"model={label}")
+    r = cli_subprocess("aggregate", "--results-dir", view, "--baseline", "vllm-bf16", "--bootstrap", 200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((view / "report" / "summary.json").read_text())
+    assert s["noise_floor"] == ["vllm-bf16~noise"] and s["statistics"]["topk"]["vllm-bf16"] == 20
+    noise = s["models"]["vllm-bf16~noise"]["overall"]["comparison"]
+    q = s["models"]["vllm-nvfp4"]["overall"]["comparison"]
+    assert noise["kld"]["mean"]["value"] < q["kld"]["mean"]["value"]
+    assert noise["same_top1"]["value"] > 0.95
+    REPORT["noise floor: hf bf16 vs vllm bf16 (top-20)"] = {
+        "kld_mean": noise["kld"]["mean"], "kld_99": noise["kld"]["quantiles"]["99"],
+        "delta_nll": noise["ln_ppl_ratio"]["value"], "same_top1": noise["same_top1"]["value"],
+        "top5_agreement": noise["topk_agreement"][4]["value"]}
+    REPORT["vllm nvfp4 vs vllm bf16 (top-20)"] = {
+        "kld_mean": q["kld"]["mean"], "kld_99": q["kld"]["quantiles"]["99"], "delta_nll": q["ln_ppl_ratio"]["value"],
+        "same_top1": q["same_top1"]["value"], "top5_agreement": q["topk_agreement"][4]["value"]}
+    score(fixtures / "tiny-bf16", "vllm-top32", results, "vllm", "--dtype", "bfloat16", "--topk", "32", *VLLM_OPTS)
+    t32, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-top32", "wiki"), ["position", "topk_ids"])
+    t20, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-bf16", "wiki"), ["position", "topk_ids"])
+    ids32 = [x for x in t32.column("topk_ids").to_pylist() if x is not None]
+    ids20 = [x for x in t20.column("topk_ids").to_pylist() if x is not None]
+    assert {len(x) for x in ids32} == {32} and {len(x) for x in ids20} == {20}
+    same = np.mean([a[:10] == b[:10] for a, b in zip(ids32, ids20)])
+    assert same > 0.95, f"top-10 of the top-32 run equal the top-20 run's at only {same:.3f} of positions"
 
 
 @needs_vllm

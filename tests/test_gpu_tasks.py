@@ -26,22 +26,15 @@ import numpy as np
 import pytest
 
 from conftest import cli_subprocess
+from gpu_fixtures import cuda_available, given_or_built
 from jobs import taskarchive, taskreport
 
 pytestmark = pytest.mark.gpu
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
 
 needs_vllm = pytest.mark.skipif(
-    not _cuda() or importlib.util.find_spec("vllm") is None or importlib.util.find_spec("lm_eval") is None,
+    not cuda_available() or importlib.util.find_spec("vllm") is None or importlib.util.find_spec("lm_eval") is None,
     reason="needs a CUDA GPU, vLLM and lm-eval")
 VLLM_OPTS = ["--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
 # greedy decoding never samples: skipping FlashInfer's sampler skips its first-use JIT (minutes on a fresh host)
@@ -54,12 +47,7 @@ SHAPE_1P7B = {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    given = os.environ.get("QSCORE_GPU_FIXTURES")
-    if given:
-        return Path(given)
-    from gpu_fixtures import build
-
-    return build(tmp_path_factory.mktemp("gpu-fixtures"))
+    return given_or_built(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -442,7 +442,7 @@ def test_demo_is_local_cpu_and_offline(repo):
     assert (".venv/bin/python -m jobs export-modelopt --model models/tiny-qwen3 "
             "--output models/tiny-qwen3-modelopt-nvfp4") in lines
     scores = stage_lines(lines, "score")
-    sets = "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl"
+    sets = "wiki_mini=data/wiki_mini.txt,chat_mini=data/chat_mini.jsonl,wikitext2_doc=data/wiki_mini.txt"
     assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {
         (m, sets) for m in ("bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16",
                             "bf16~noise")}

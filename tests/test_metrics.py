@@ -107,3 +107,17 @@ def test_mismatched_streams_name_the_first_differing_text():
     shorter = toks([0, 0, 3], [-1.0] * 3, token_ids=[1, 2, 3])
     with pytest.raises(metrics.TokenStreamMismatch, match="sample_id=3"):
         metrics.check_same_stream(base, shorter)
+
+
+def test_scored_tokens_takes_topk_rows_of_every_position_or_of_the_scored_ones():
+    cols = {"sample_id": [1, 1, 0, 0, 0], "position": [1, 0, 2, 0, 1], "token_id": [7, 6, 5, 3, 4],
+            "logprob": [-1.0, np.nan, -3.0, np.nan, -2.0], "rank": [1, -1, 2, -1, 1],
+            "top1_id": [7, -1, 9, -1, 4], "top1_logprob": [-1.0, np.nan, -0.1, np.nan, -2.0]}
+    every = np.array([[71, 72], [-1, -1], [51, 52], [-1, -1], [41, 42]])
+    scored = every[[0, 2, 4]]  # Parquet keeps no list for position 0: the scored rows only, in table order
+    for ids in (every, scored):
+        t = metrics.scored_tokens({**cols, "topk_ids": ids, "topk_logprobs": -ids.astype(float)})
+        assert t.topk_ids.tolist() == [[41, 42], [51, 52], [71, 72]]  # (0,1), (0,2), (1,1)
+        assert t.topk_logprobs[0].tolist() == [-41.0, -42.0]
+    with pytest.raises(ValueError, match="rows"):
+        metrics.scored_tokens({**cols, "topk_ids": every[:2], "topk_logprobs": every[:2]})

@@ -88,8 +88,20 @@ def test_report_files(results):
     assert "95 % CI" in md
     csv = (rep / "summary.csv").read_text().splitlines()
     assert csv[0].startswith("model,dataset,tokens") and len(csv) == 1 + 3 * 3
+    assert csv[0].endswith(",kld,kld_lo,kld_hi,kld_reverse,delta_p_rms,topk")
     for png in ["score.png", "delta_logprob_wiki.png", "delta_logprob_chat.png"]:
         assert (rep / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_top20_by_default_gives_every_statistic(results):
+    s = json.loads((results / "report" / "summary.json").read_text())
+    assert s["statistics"]["topk"] == {"bf16": 20, "llmc-nvfp4": 20, "modelopt-nvfp4": 20}
+    for label in ("llmc-nvfp4", "modelopt-nvfp4"):
+        c = s["models"][label]["overall"]["comparison"]
+        assert 0 < c["kld"]["mean"]["lo"] <= c["kld"]["mean"]["value"] <= c["kld"]["mean"]["hi"]
+        assert len(c["topk_agreement"]) == 10 and c["topk_agreement"][0]["value"] > c["topk_agreement"][9]["value"]
+    md = (results / "report" / "report.md").read_text()
+    assert "## Distribution shift" in md and "## Where it hurts" in md and "⟦" in md
 
 
 def test_validate_passes_on_both_nvfp4_formats(tiny_nvfp4, tiny_modelopt):

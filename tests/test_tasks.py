@@ -75,7 +75,7 @@ def test_metadata_records_provenance(results, tiny_nvfp4):
     assert "dequantized" in meta["runtime"]["kernel_path"]  # the score stage's loader, so its arithmetic
     t = meta["task"]
     assert (t["name"], t["version"], t["output_type"]) == ("qscore_arith", 1.0, "generate_until")
-    assert t["num_fewshot"] == t["num_fewshot_used"] == 5 and t["limit"] == int(LIMIT)
+    assert t["num_fewshot"] == t["num_fewshot_used"] == 3 and t["limit"] == int(LIMIT)
     assert t["n_docs"] == int(LIMIT) and t["n_docs_total"] == 60 and len(t["config_hash"]) == 64
     lm = meta["lm_eval"]
     assert (lm["version"], lm["chat_template"], lm["add_bos_token"], lm["fewshot_as_multiturn"]) == (
@@ -88,7 +88,7 @@ def test_metadata_records_provenance(results, tiny_nvfp4):
 
 def test_the_bundled_cloze_task_is_above_chance_for_the_tiny_model(results):
     table, _ = taskarchive.read_task(taskarchive.task_dir(results, "bf16", "qscore_cloze"))
-    assert np.mean(table.column("acc").to_numpy()) > 0.5  # chance is 0.25: recovery means something
+    assert np.mean(table.column("acc").to_numpy()) > 0.4  # chance is 0.25: recovery means something
 
 
 def test_config_hash_ignores_where_the_yaml_was_read(tmp_path, tiny_model):

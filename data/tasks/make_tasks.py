@@ -7,11 +7,13 @@ seed of their own), the word problems from templates below. Nothing is copied fr
 
 * ``arith_mini.jsonl``: arithmetic word problems with whole-number answers (``qscore_arith``,
   generate_until, exact match on the first number of the answer), 60 test + 10 few-shot rows.
-* ``cloze_mini.jsonl``: the first half of a sentence and four candidate second halves — its own,
-  its own words shuffled, and the second halves of two other sentences (``qscore_cloze``,
-  multiple choice by loglikelihood), 60 test + 10 few-shot rows. A model that has learnt the style
-  of the bundled text (the demo's tiny model, trained on ``train_mini.txt``) beats chance (0.25)
-  comfortably without finding it trivial, so a quantized copy has room to lose accuracy.
+* ``cloze_mini.jsonl``: the first half of a sentence and four candidate second halves — its own, its
+  own with one word replaced by a word from another sentence, and the second halves of two other
+  sentences that start with the same word where there are such (``qscore_cloze``, multiple choice by
+  loglikelihood), 60 test + 10 few-shot rows. A model that has learnt the style of the bundled text
+  (the demo's tiny model, trained on ``train_mini.txt``) beats chance (0.25) clearly but is often
+  unsure between close options, so a quantized copy's small changes to loglikelihoods change some
+  answers and its recovery has an interval worth reading.
 
 Deterministic (fixed seeds, standard library only): ``python data/tasks/make_tasks.py --check``
 fails if the committed files differ from a fresh build. No sentence of ``cloze_mini.jsonl`` appears
@@ -92,19 +94,25 @@ def halves(sentence: str) -> tuple[str, list[str]]:
 def cloze_rows() -> list[dict]:
     g = mt.Gen(SEEDS["cloze"], "eval")
     n = N_TEST + N_TRAIN
-    sents = sentences(g, 3 * n, (HERE.parent / "train_mini.txt").read_text(encoding="utf-8"))
-    items, pool = sents[:n], sents[n:]
+    sents = sentences(g, 6 * n, (HERE.parent / "train_mini.txt").read_text(encoding="utf-8"))
+    items = sents[:n]
+    others = list(dict.fromkeys(" ".join(halves(p)[1]) for p in sents[n:]))
+    words = [w for o in others for w in o.split()]
     rows = []
     for i, s in enumerate(items):
         context, rest = halves(s)
         gold = " ".join(rest)
         options = [gold]
-        shuffled = list(rest)
-        while " ".join(shuffled) == gold:
-            g.r.shuffle(shuffled)
-        options.append(" ".join(shuffled))
+        while len(options) < 2:  # one word swapped: the closest distractor
+            edited = list(rest)
+            edited[g.r.randrange(len(edited))] = g.pick(words)
+            if " ".join(edited) != gold:
+                options.append(" ".join(edited))
+        same_start = [o for o in others if o.split()[0] == rest[0] and o not in options]
+        g.r.shuffle(same_start)
+        options += same_start[:2]
         while len(options) < 4:
-            other = " ".join(halves(g.pick(pool))[1])
+            other = g.pick(others)
             if other not in options:
                 options.append(other)
         g.r.shuffle(options)

@@ -156,7 +156,8 @@ def document_samples(evalset, tok, max_model_len: int, doc_stride: int):
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if prefix is None:
         raise ScoreError(f"{evalset.name}: the tokenizer has neither a BOS nor an EOS token to start a document")
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in evalset.texts]
+    # whole documents are longer than the model: no truncation warning, they are scored in windows
+    ids = [tok(t, add_special_tokens=False, verbose=False)["input_ids"] for t in evalset.texts]
     window = sampling.max_tokens(max_model_len)
     sampling.rolling_windows(2, window, doc_stride)  # a bad stride fails here, before any model is loaded
     evalset.source["rolling"] = {"window": window, "stride": doc_stride or window - 1, "prefix_token": int(prefix)}

@@ -206,7 +206,10 @@ def quality_gate(*, model: str, baseline: str, recovery_min: float, backend: str
     lm_settings = first["lm_eval"]
     path = hub.resolve(model, "model")
     backend = backends.pick(backend)
-    tm, tasks = taskeval.load_tasks(list(base), include or taskeval.default_include_path())
+    if include is None:  # where the baseline's YAML files were read, if they exist here (/data/tasks in a container)
+        sources = [Path(m["task"]["config_source"]).parent for _, m in base.values() if m["task"].get("config_source")]
+        include = list(dict.fromkeys(str(d) for d in sources if d.is_dir())) or taskeval.default_include_path()
+    tm, tasks = taskeval.load_tasks(list(base), include)
     for name, (_, meta) in base.items():
         if taskeval.config_hash(tasks[name]) != meta["task"]["config_hash"]:
             raise ValidationError(f"quality gate: task {name}'s definition differs from the one the baseline "
