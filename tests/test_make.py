@@ -20,7 +20,7 @@ MAKEFILE = ROOT / "Makefile"
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
-TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "images", "image-quantize", "image-vllm",
+TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "test-images", "images", "image-quantize", "image-vllm",
            "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "noise-floor", "report", "aggregate", "serve", "clean",
            "plan", "k8s", "slurm"]
 LABELS = ("bf16", "llmc-nvfp4", "nvidia-nvfp4")
@@ -212,7 +212,9 @@ def test_docker_commands_of_the_pipeline(repo):
     for s in common + ["qscore-aggregate:latest aggregate --results-dir /results --baseline bf16 "
                        "--report-dir /results/report"]:
         assert s in a, f"{s!r} not in {a}"
-    assert "--gpus" not in a and "/hf" not in a and "/models" not in a
+    assert "--gpus" not in a and "/data" not in a and "HF_TOKEN" not in a
+    # read-only, the baseline's tokenizer (under models/ or the HF cache) decodes the worst tokens' context
+    assert f"-v {path}/models:/models:ro" in a and f"-v {home}/.cache/huggingface:/hf:ro" in a
     # the order make runs them in: quantize before its scores, the report last
     assert lines.index(q) < min(lines.index(s) for s in scores if "/models/" in opt(s, "--model"))
     assert lines.index(a) > max(lines.index(s) for s in scores)
@@ -229,6 +231,101 @@ def test_docker_image_names_gpus_and_extra_options(repo):
         assert "--gpus {gpus}" in ln and "--shm-size 16g" in ln
         assert "--gpu-memory-utilization 0.7" in ln and ln.rstrip().endswith("--enforce-eager")
     assert "reg.example/qs-aggregate:v7 aggregate" in stage_lines(lines, "aggregate")[0]
+
+
+def test_gpus_empty_in_env_file_or_environment(repo):
+    """GPUS= from .env or the environment (not only the command line) also runs the model stages on the CPU:
+    `--gpus` with an empty value fails on a host without GPUs (could not select device driver "" with
+    capabilities: [[gpu]], exit 125). The model stages keep everything else."""
+    for env in (None, {"GPUS": ""}):
+        if env is None:
+            (repo.path / ".env").write_text("GPUS=\n")
+        lines = repo.dry("RUNNER=docker", "quantize", "validate", "eval", "report", env=env)
+        runs = [ln for ln in lines if "docker run" in ln]
+        assert stage_lines(runs, "score") and not any("--gpus" in ln or "jobs.slots" in ln for ln in runs), env
+        for ln in stage_lines(lines, "quantize") + stage_lines(lines, "score"):
+            assert "--ipc=host" in ln and f"-v {repo.path}/data:/data:ro" in ln and "-e HF_HOME=/hf" in ln
+        (repo.path / ".env").unlink(missing_ok=True)
+    # unset, the default is every GPU
+    [q] = stage_lines(repo.dry("RUNNER=docker", "quantize"), "quantize")
+    assert "--gpus 'all' --ipc=host" in q
+    assert repo.var("GPUS") == "all"
+
+
+def test_cpu_stages_never_ask_for_a_gpu(repo):
+    """build-tiny (the demo's fixture) and aggregate run on the CPU whatever GPUS says; build-tiny gets data/
+    where jobs.tinymodel reads it (beside the package, /opt/qscore in the images) and models/ writable."""
+    stamp = repo.var("DEMO_BASE_STAMP")
+    [b] = [ln for ln in repo.dry("RUNNER=docker", "GPUS=all", stamp) if "docker run" in ln]
+    assert "--gpus" not in b and "--ipc=host" not in b
+    assert b.endswith("qscore-quantize:latest build-tiny --output /models/tiny-qwen3")
+    assert f"-v {repo.path}/data:/opt/qscore/data:ro" in b and f"-v {repo.path}/models:/models " in b
+    assert "-u $(id -u):$(id -g)" in b
+    [a] = stage_lines(repo.dry("RUNNER=docker", "GPUS=all", "aggregate"), "aggregate")
+    assert "--gpus" not in a and "/data" not in a
+    # locally, the same fixture from the venv
+    assert ".venv/bin/python -m jobs build-tiny --output models/tiny-qwen3" in repo.dry("RUNNER=local", stamp)
+
+
+def _sub_makes(lines: list[str]) -> list[list[str]]:
+    """A dry run of `make demo`, cut at each sub-make it starts: [[its command line, what it prints], ...]."""
+    out = []
+    for ln in lines:
+        if "HF_HUB_OFFLINE=1" in ln and "--no-print-directory" in ln:
+            out.append([])
+        if out:
+            out[-1].append(ln)
+    return out
+
+
+def test_demo_in_the_images(repo):
+    """DEMO_RUNNER=docker: the demo's jobs in the containers, on the CPU; the ModelOpt fixture and the task
+    accuracy (lm-eval is in the vLLM image only) from the venv."""
+    score_part, tasks_part, report_part = _sub_makes(repo.dry("demo", "DEMO_RUNNER=docker", "GPUS=all", "TAG=ci"))
+    assert "RUNNER=docker" in score_part[0] and "RUNNER=docker" in report_part[0]
+    assert "RUNNER=docker" not in tasks_part[0] and tasks_part[0].rstrip().endswith(" tasks")
+    runs = [ln for ln in score_part if "docker run" in ln]
+    assert runs and not any("--gpus" in ln or "jobs.slots" in ln for ln in runs)
+    for stage in ("build-tiny", "quantize", "validate", "score"):  # in the quantize image (CPU torch)
+        assert any(f"qscore-quantize:ci {stage} " in ln for ln in runs), stage
+    scores = stage_lines(runs, "score")
+    assert {opt(s, "--label") for s in scores} == {"bf16", "llmc-nvfp4", "modelopt-nvfp4", "llmc-nvfp4-w4a16",
+                                                   "modelopt-nvfp4-w4a16", "bf16~noise"}
+    assert all("qscore-quantize:ci score" in s and f"-v {repo.path}/models:/models:ro" in s
+               and opt(s, "--backend") == "transformers" for s in scores)
+    # the local demo's sets, their files read where the container has data/
+    local = {opt(s, "--datasets") for s in stage_lines(_sub_makes(repo.dry("demo"))[0], "score")}
+    assert {opt(s, "--datasets") for s in scores} == {d.replace("=data/", "=/data/") for d in local}
+    assert len(local) == 1 and "=data/" in local.pop()
+    [v] = stage_lines(runs, "validate")
+    assert "qscore-quantize:ci validate --model /models/tiny-qwen3-nvfp4 --backend transformers" in v
+    # the demo runs offline, and so do its containers (the variables are passed by name)
+    offline = "-e HF_HUB_OFFLINE -e HF_DATASETS_OFFLINE -e TRANSFORMERS_OFFLINE"
+    assert all(offline in ln for ln in runs) and all("HF_HUB_OFFLINE=1" in p[0] for p in (score_part, report_part))
+    # nvidia-modelopt is in no image: its fixture is made by the venv, before it is scored
+    [m] = [ln for ln in score_part if "jobs export-modelopt" in ln]
+    assert m.startswith(".venv/bin/python -m jobs export-modelopt")
+    assert score_part.index(m) < min(score_part.index(s) for s in scores if "--label modelopt" in s)
+    tasks = stage_lines(tasks_part, "tasks")
+    assert tasks and all(t.startswith(".venv/bin/python -m jobs tasks") for t in tasks)
+    [a] = stage_lines(report_part, "aggregate")
+    assert "qscore-aggregate:ci aggregate" in a and offline not in a and "--gpus" not in a
+    r = repo.make("-n", "demo", "DEMO_RUNNER=podman", check=False)
+    assert r.returncode != 0 and "DEMO_RUNNER must be docker or local" in r.stderr
+
+
+def test_docker_user(repo):
+    """Containers run as the caller (-u $(id -u):$(id -g)) unless DOCKER_USER names another uid:gid, e.g. a
+    non-root one when make itself runs as root (make test-images in CI)."""
+    for args, user in (([], "$(id -u):$(id -g)"), (["DOCKER_USER=1000:1000"], "1000:1000")):
+        runs = [ln for ln in repo.dry("RUNNER=docker", *args, "quantize", "eval", "report") if "docker run" in ln]
+        assert len(runs) >= 5 and all(f" -u {user} " in ln for ln in runs), (args, runs)
+
+
+def test_test_images_target(repo):
+    lines = repo.dry("test-images")
+    assert lines[-1] == "bash tests/images/test-images.sh"
+    assert lines[0] == "python3 -m venv .venv"  # the comparison's local run needs the venv
 
 
 def test_docker_env_file_falls_back_to_the_example_or_is_left_out(repo):
