@@ -15,7 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/opt/qscore \
     HOME=/home/qscore \
     USER=qscore \
-    HF_HOME=/hf
+    HF_HOME=/hf \
+    CACHE_DIR=/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/qscore

@@ -7,6 +7,8 @@
 # /opt/qscore/pip-freeze.txt records what the image holds.
 FROM vllm/vllm-openai:v0.26.0
 
+# CACHE_DIR: every compile and JIT cache goes under /cache (jobs/caches.py); mount a host directory there
+# (make does) and the next container starts from them instead of a fresh HOME's nothing.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -15,7 +17,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/qscore \
     USER=qscore \
     HF_HOME=/hf \
-    VLLM_NO_USAGE_STATS=1
+    VLLM_NO_USAGE_STATS=1 \
+    CACHE_DIR=/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/qscore
