@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One visit to the lent GPU machine (../shared/gpu/README.md describes the carried runtimes), in calls
+# One visit to the lent GPU machine (vLLM's and llm-compressor's runtimes carried there in parts), in calls
 # that follow each other within the machine's 30 s of grace:
 #   bash bench/gpu_visit.sh start      unpack what has arrived; in the background (setsid, it outlives the
 #                                      call): the reference sets, a 14B checkpoint and its quantization on

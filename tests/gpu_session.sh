@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One visit to the GPU machine, once the runtimes' parts have arrived (../shared/gpu/README.md):
+# One visit to the GPU machine, once the runtimes' parts have arrived (vLLM's and llm-compressor's, carried
+# in parts and unpacked by .gpu-carry/unpack.sh):
 #   bash tests/gpu_session.sh tests              the tests marked gpu (fixtures from QSCORE_GPU_FIXTURES)
 #   bash tests/gpu_session.sh bench ARGS...      bench/bench_score.py ARGS
 #   bash tests/gpu_session.sh tasks              tests/test_gpu_tasks.py (lm-eval: its wheels in .whl/, see the file)

@@ -197,3 +197,17 @@ def test_slurm_array_runs_the_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["--container-image=q.sqsh", ".venv-vllm/bin/python", "-m", "jobs", *jobs[1].args]
     assert shlex.split(text.split("--aggregate\" ]; then\n", 1)[1].splitlines()[0])[1:5] == [".venv/bin/python", "-m", "jobs", "aggregate"]
+
+
+def test_a_job_wanting_more_gpus_than_listed_is_refused(capsys):
+    assert slots.main(["--gpus", "0", "--per-job", "2", "--", "true"]) == 1
+    assert "needs 2 GPUs but GPUS lists 1" in capsys.readouterr().err
+
+
+def test_unknown_engine_options_are_refused():
+    from jobs.settings import EngineOptions
+
+    with pytest.raises(SettingsError, match="unknown engine option"):
+        EngineOptions.from_mapping({"max_model_len": 64, "enforce_eger": True})
+    with pytest.raises(SettingsError, match="--nvfp4-compute must be one of declared, weight-only"):
+        EngineOptions(nvfp4_compute="w4a4")
