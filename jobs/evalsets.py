@@ -122,25 +122,34 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def source_identity(path: str, ds) -> dict:
+    """What names a set's content: the bytes of a local copy (file or directory), else the hub dataset's
+    fingerprint. ``datasets`` fingerprints a local file by its path and modification time, so the same
+    bytes mounted at /data in a container would look like another set."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        return {"sha256": hashlib.sha256(local.read_bytes()).hexdigest()}
+    if local.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            h.update(f.relative_to(local).as_posix().encode() + b"\0" + f.read_bytes())
+        return {"sha256": h.hexdigest()}
+    return {"fingerprint": getattr(ds, "_fingerprint", None)}
+
+
 def load_hub_set(spec: HubSet, n: int, source: str | None = None, revision: str | None = None) -> EvalSet:
     path = source or os.environ.get(spec.source_env) or spec.path
     ds = load_rows(path, spec.config if path == spec.path else None, spec.split, revision)
+    about = {"dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
+             "revision": revision, **source_identity(path, ds)}
     if spec.kind == "document":
-        return document_set(spec.name, _pages(ds, path), {
-            "dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
-            "revision": revision, "fingerprint": getattr(ds, "_fingerprint", None)})
+        return document_set(spec.name, _pages(ds, path), about)
     column = "text" if spec.kind == "text" else "messages"
     if column not in ds.column_names:
         raise EvalSetError(f"dataset {path!r} has no {column!r} column (has {ds.column_names})")
     rows = (r[column] for r in ds)
     texts = render_wikitext(rows, n) if spec.kind == "text" else render_chats(rows, n)
-    fingerprint = getattr(ds, "_fingerprint", None)
-    return EvalSet(
-        spec.name,
-        texts,
-        {"dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
-         "revision": revision, "n": n, "kind": spec.kind, "fingerprint": fingerprint},
-    )
+    return EvalSet(spec.name, texts, {**about, "n": n, "kind": spec.kind})
 
 
 def read_local_texts(path: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Document-level WikiText-2 (lm-eval's `wikitext` task): pages, detokenizer, rolling windows, the metrics."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -44,6 +45,20 @@ def test_document_set_from_a_local_copy(tmp_path):
         assert es.source["kind"] == "document"
         assert es.source["units"]["bytes"] == [len(p.encode()) for p in pages]
     assert evalsets.parse_specs("wikitext2_doc") == [("wikitext2_doc", None)]
+
+
+def test_a_local_copy_is_named_by_its_bytes_not_its_path(tmp_path):
+    # the same file mounted at /data/x in a container must record the same identity as data/x locally
+    a, b = tmp_path / "a" / "wiki.txt", tmp_path / "b" / "wiki.txt"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text("\n".join(RAW) + "\n")
+    os.utime(b, (1, 1))
+    sa, sb = (evalsets.load_set("wikitext2_doc", str(p), {}).source for p in (a, b))
+    assert sa["sha256"] == sb["sha256"] and "fingerprint" not in sa
+    assert {k: v for k, v in sa.items() if k != "dataset"} == {k: v for k, v in sb.items() if k != "dataset"}
+    b.write_text("\n".join(RAW[:-2]) + "\n")
+    assert evalsets.load_set("wikitext2_doc", str(b), {}).source["sha256"] != sa["sha256"]
 
 
 def test_disjoint_windows_are_lm_evals():
