@@ -999,26 +999,32 @@ def build() -> dict[str, str]:
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=HERE, help="output directory (default: next to this script)")
+def write_or_check(files: dict[str, str], *, here: Path, description: str, argv=None) -> int:
+    """The generators' command line: write ``files`` (name -> text) atomically, or with ``--check``
+    report any committed file that differs from the fresh build (exit 1)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: next to the script)")
     ap.add_argument("--check", action="store_true", help="fail if the files on disk differ from a fresh build")
     args = ap.parse_args(argv)
-    files = build()
+    out = args.out or here
     bad = 0
     for name, text in files.items():
-        path = args.out / name
+        path = out / name
         if args.check:
             same = path.is_file() and path.read_text(encoding="utf-8") == text
             print(f"{name}: {'ok' if same else 'DIFFERS'}")
             bad += not same
         else:
-            args.out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text, encoding="utf-8", newline="\n")
             tmp.replace(path)
             print(f"wrote {path} ({len(text.encode('utf-8')):,} bytes, {text.count(chr(10)):,} lines)")
     return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    return write_or_check(build(), here=HERE, description=__doc__.splitlines()[0], argv=argv)
 
 
 if __name__ == "__main__":

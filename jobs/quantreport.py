@@ -191,39 +191,45 @@ def plot_kld_cdf(summary: dict, kl: dict[str, np.ndarray], path: Path, save) -> 
     save(fig, path)
 
 
-def plot_topk_agreement(summary: dict, path: Path, save) -> None:
+def _interval_plot(summary: dict, path: Path, save, *, points, xlabel: str, ylabel: str, title: str,
+                   zero_line: bool = False) -> None:
+    """One line with 95 % error bars per model; ``points(m)`` gives its x values and its interval cells
+    (dicts with value, lo and hi)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for m in _ordered(summary):
-        ag = summary["models"][m]["overall"]["comparison"]["topk_agreement"]
-        k = [a["k"] for a in ag]
-        v = np.array([a["value"] for a in ag])
-        err = [v - [a["lo"] for a in ag], np.array([a["hi"] for a in ag]) - v]
-        ax.errorbar(k, v, yerr=err, marker="o", ms=3, capsize=3, lw=1.2, label=m, **_style(summary, m))
-    ax.set_xlabel("k")
-    ax.set_ylabel("share of positions with equal top-k sets")
-    ax.set_title(f"Top-k agreement with {summary['baseline']} (95 % CI)")
+        x, cells = points(m)
+        v = np.array([c["value"] for c in cells])
+        err = [v - [c["lo"] for c in cells], np.array([c["hi"] for c in cells]) - v]
+        ax.errorbar(x, v, yerr=err, marker="o", ms=3, capsize=3, lw=1.2, label=m, **_style(summary, m))
+    if zero_line:
+        ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)
+
+
+def plot_topk_agreement(summary: dict, path: Path, save) -> None:
+    def points(m):
+        ag = summary["models"][m]["overall"]["comparison"]["topk_agreement"]
+        return [a["k"] for a in ag], ag
+
+    _interval_plot(summary, path, save, points=points, xlabel="k",
+                   ylabel="share of positions with equal top-k sets",
+                   title=f"Top-k agreement with {summary['baseline']} (95 % CI)")
 
 
 def plot_by_confidence(summary: dict, path: Path, save) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for m in _ordered(summary):
+    def points(m):
         rows = summary["models"][m]["overall"]["comparison"]["by_confidence"]
-        x = np.array([(r["lo_edge"] + r["hi_edge"]) / 2 for r in rows])
-        v = np.array([r["delta_nll"]["value"] for r in rows])
-        err = [v - [r["delta_nll"]["lo"] for r in rows], np.array([r["delta_nll"]["hi"] for r in rows]) - v]
-        ax.errorbar(x, v, yerr=err, marker="o", ms=3, capsize=3, lw=1.2, label=m, **_style(summary, m))
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel(f"{summary['baseline']}'s top-1 probability (bucket centre)")
-    ax.set_ylabel("Δnll (nats/token)")
-    ax.set_title("Δnll by the baseline's confidence (95 % CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save(fig, path)
+        return np.array([(r["lo_edge"] + r["hi_edge"]) / 2 for r in rows]), [r["delta_nll"] for r in rows]
+
+    _interval_plot(summary, path, save, points=points, zero_line=True,
+                   xlabel=f"{summary['baseline']}'s top-1 probability (bucket centre)",
+                   ylabel="Δnll (nats/token)", title="Δnll by the baseline's confidence (95 % CI)")
 
 
 def write_all(summary: dict, extra, out_dir: Path, save) -> list[str]:

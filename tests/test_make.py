@@ -503,13 +503,7 @@ def test_tasks_settings_and_local_task_files(repo):
 
 
 def test_tasks_stamps_and_the_report(repo):
-    (repo.path / ".venv").mkdir()
-    (repo.path / ".venv" / ".qscore-setup").write_text("")
-    qscore = repo.path / "models" / "Qwen3-14B-NVFP4" / "qscore.json"
-    qscore.parent.mkdir(parents=True)
-    qscore.write_text("{}")
-    t = time.time() - 1000
-    os.utime(qscore, (t - 10, t - 10))
+    t = _set_up_and_quantized(repo, age=1000) + 10
     stamps = repo.var("TASKS_STAMPS", "RUNNER=local").split()
     assert len(stamps) == len(set(stamps)) == 3  # one file per job
     for k, stamp in enumerate(stamps):
@@ -546,15 +540,21 @@ def test_demo_runs_the_bundled_tasks_before_its_report(repo):
 
 # --- stamps ---------------------------------------------------------------------------------------
 
-def _complete(repo: Repo, *args: str) -> list[str]:
-    """Make the outputs and stamps a real run would leave, oldest first; returns the stamps."""
+def _set_up_and_quantized(repo: Repo, *, age: float) -> float:
+    """A set-up venv and a quantized checkpoint written ``age`` seconds ago; returns that time."""
     (repo.path / ".venv").mkdir()
     (repo.path / ".venv" / ".qscore-setup").write_text("")
     qscore = repo.path / "models" / "Qwen3-14B-NVFP4" / "qscore.json"
     qscore.parent.mkdir(parents=True)
     qscore.write_text("{}")
-    t = time.time() - 1000
+    t = time.time() - age
     os.utime(qscore, (t, t))
+    return t
+
+
+def _complete(repo: Repo, *args: str) -> list[str]:
+    """Make the outputs and stamps a real run would leave, oldest first; returns the stamps."""
+    t = _set_up_and_quantized(repo, age=1000)
     for job in repo.var("JOB_STAMPS", *args).split():  # each model's job, then its (model, set) stamps
         Path(repo.path, job).parent.mkdir(parents=True, exist_ok=True)
         Path(repo.path, job).write_text("")

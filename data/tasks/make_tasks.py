@@ -21,7 +21,6 @@ in ``train_mini.txt``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -129,24 +128,7 @@ def build() -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=HERE, help="output directory (default: next to this script)")
-    ap.add_argument("--check", action="store_true", help="fail if the files on disk differ from a fresh build")
-    args = ap.parse_args(argv)
-    bad = 0
-    for name, text in build().items():
-        path = args.out / name
-        if args.check:
-            same = path.is_file() and path.read_text(encoding="utf-8") == text
-            print(f"{name}: {'ok' if same else 'DIFFERS'}")
-            bad += not same
-        else:
-            args.out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8", newline="\n")
-            tmp.replace(path)
-            print(f"wrote {path} ({text.count(chr(10))} rows)")
-    return 1 if bad else 0
+    return mt.write_or_check(build(), here=HERE, description=__doc__.splitlines()[0], argv=argv)
 
 
 if __name__ == "__main__":
