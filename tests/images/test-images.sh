@@ -306,8 +306,9 @@ if ! "$PY" "$HERE/compare.py" --local "$WORK/local" --docker "$WORK/docker" --re
 fi
 
 say "images:"
-docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' \
-  | grep -E "  ($PREFIX-(aggregate|quantize):$TAG|$TORCH_BASE|${PYTHON_BASE})  " || true
+# docker trims the format's leading blanks, so the indent is added after the match
+docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
+  | grep -E "^($PREFIX-(aggregate|quantize):$TAG|$TORCH_BASE|${PYTHON_BASE})  " | sed 's/^/  /' || true
 say "times:"
 printf '  %s\n' "${TIMES[@]}"
 STATUS=0
