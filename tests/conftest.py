@@ -78,5 +78,14 @@ def tiny_modelopt(tiny_model, models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpu_checkpoints(tmp_path_factory) -> Path:
+    """The GPU tests' checkpoints: QSCORE_GPU_FIXTURES where carried, else built once for the session
+    (both GPU test files use them)."""
+    from gpu_fixtures import given_or_built
+
+    return given_or_built(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def eval_files() -> str:
     return f"wiki={DATA / 'wiki_mini.txt'},chat={DATA / 'chat_mini.jsonl'}"

@@ -21,6 +21,15 @@ def cuda_available() -> bool:
         return False
 
 
+def write_report(report: dict, env_var: str) -> None:
+    """What a GPU test module observed, for the record: to the JSON file that ``env_var`` names, if set."""
+    import json
+    import os
+
+    if os.environ.get(env_var):
+        Path(os.environ[env_var]).write_text(json.dumps(report, indent=1))
+
+
 def given_or_built(tmp_path_factory) -> Path:
     """QSCORE_GPU_FIXTURES when set (carried to the GPU machine), else built here."""
     import os

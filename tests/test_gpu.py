@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import cli_subprocess
-from gpu_fixtures import cuda_available, given_or_built
+from gpu_fixtures import cuda_available, write_report
 from jobs import metrics, schema
 from jobs.stages.aggregate import COLUMNS
 
@@ -34,16 +34,9 @@ REPORT = {}  # observed differences, printed at the end for the record
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return given_or_built(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def results(tmp_path_factory):
     yield tmp_path_factory.mktemp("gpu-results")
-    # What the comparisons observed, for the record (QSCORE_GPU_REPORT names a JSON file to write).
-    if os.environ.get("QSCORE_GPU_REPORT"):
-        Path(os.environ["QSCORE_GPU_REPORT"]).write_text(json.dumps(REPORT, indent=1))
+    write_report(REPORT, "QSCORE_GPU_REPORT")
 
 
 def score(model, label, results, backend, *extra):
@@ -70,9 +63,9 @@ def mean_abs_delta(results, a, b):
 
 
 @needs_cuda
-def test_transformers_backend_on_cuda(fixtures, results):
-    score(fixtures / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
-    score(fixtures / "tiny-bf16", "hf-fp32", results, "transformers", "--dtype", "float32")
+def test_transformers_backend_on_cuda(gpu_checkpoints, results):
+    score(gpu_checkpoints / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
+    score(gpu_checkpoints / "tiny-bf16", "hf-fp32", results, "transformers", "--dtype", "float32")
     _, meta = tokens(results, "hf-bf16")
     assert meta["runtime"]["device"] == "cuda" and meta["runtime"]["gpu_name"]
     REPORT["hf bf16 vs fp32 (cuda)"] = mean_abs_delta(results, "hf-bf16", "hf-fp32")
@@ -90,10 +83,10 @@ def quantize_env() -> dict | None:
 
 @needs_cuda
 @pytest.mark.skipif(quantize_env() is None, reason="needs llm-compressor (or QSCORE_QUANTIZE_PYTHONPATH)")
-def test_quantize_calibrates_on_cuda(fixtures, tmp_path):
+def test_quantize_calibrates_on_cuda(gpu_checkpoints, tmp_path):
     """llm-compressor's sequential pipeline onloads each layer to the GPU: the manifest says it did."""
     out = tmp_path / "tiny-nvfp4-cuda"
-    r = cli_subprocess("quantize", "--model-id", fixtures / "tiny-bf16", "--output", out, "--scheme", "NVFP4",
+    r = cli_subprocess("quantize", "--model-id", gpu_checkpoints / "tiny-bf16", "--output", out, "--scheme", "NVFP4",
                        "--calibration-dataset", DATA / "calib_mini.jsonl", "--num-calibration-samples", "32",
                        "--max-sequence-length", "128", env=quantize_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -106,10 +99,10 @@ def test_quantize_calibrates_on_cuda(fixtures, tmp_path):
 
 
 @needs_vllm
-def test_vllm_matches_transformers_on_bf16(fixtures, results):
-    score(fixtures / "tiny-bf16", "vllm-bf16", results, "vllm", "--dtype", "bfloat16", *VLLM_OPTS)
+def test_vllm_matches_transformers_on_bf16(gpu_checkpoints, results):
+    score(gpu_checkpoints / "tiny-bf16", "vllm-bf16", results, "vllm", "--dtype", "bfloat16", *VLLM_OPTS)
     if not schema.dataset_dir(results, "hf-bf16", "wiki").exists():
-        score(fixtures / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
+        score(gpu_checkpoints / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
     deltas = mean_abs_delta(results, "vllm-bf16", "hf-bf16")
     REPORT["vllm bf16 vs hf bf16"] = deltas
     for name, (mean, _, _) in deltas.items():
@@ -123,7 +116,7 @@ def test_vllm_matches_transformers_on_bf16(fixtures, results):
 @needs_vllm
 @pytest.mark.parametrize("mode", ["weight-only", "declared"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "modelopt"])
-def test_vllm_on_nvfp4_checkpoints(fixtures, results, fmt, mode):
+def test_vllm_on_nvfp4_checkpoints(gpu_checkpoints, results, fmt, mode):
     """vLLM against the transformers backend computing the same NVFP4 arithmetic, per token.
 
     weight-only: Marlin (W4A16) vs compressed-tensors' dequantized weights times bf16 activations: the
@@ -132,9 +125,9 @@ def test_vllm_on_nvfp4_checkpoints(fixtures, results, fmt, mode):
     quantize each activation group to FP4, so a bf16 difference that moves a value across an FP4
     rounding boundary changes that value by a whole FP4 step: a looser per-token bound, and the means
     must still agree (a broken path is off by nats, or by the weight-only/W4A4 gap of ~0.01-0.05)."""
-    model = fixtures / f"tiny-{fmt}"
+    model = gpu_checkpoints / f"tiny-{fmt}"
     tag = f"{fmt}-{'w4a16' if mode == 'weight-only' else 'w4a4'}"
-    extra = ["--tokenizer", fixtures / "tiny-bf16", "--nvfp4-compute", mode]
+    extra = ["--tokenizer", gpu_checkpoints / "tiny-bf16", "--nvfp4-compute", mode]
     score(model, f"vllm-{tag}", results, "vllm", *extra, *VLLM_OPTS)
     score(model, f"hf-{tag}", results, "transformers", "--dtype", "bfloat16", *extra)
     deltas = mean_abs_delta(results, f"vllm-{tag}", f"hf-{tag}")
@@ -162,7 +155,7 @@ def test_vllm_on_nvfp4_checkpoints(fixtures, results, fmt, mode):
 
 
 @needs_vllm
-def test_vllm_parquet_passes_aggregate(fixtures, results, tmp_path):
+def test_vllm_parquet_passes_aggregate(gpu_checkpoints, results, tmp_path):
     labels = ("vllm-bf16", "vllm-nvfp4-w4a4", "vllm-modelopt-w4a4", "vllm-nvfp4-w4a16")
     for label in labels:
         assert schema.dataset_dir(results, label, "wiki").exists(), f"{label} not scored"
@@ -181,7 +174,7 @@ def test_vllm_parquet_passes_aggregate(fixtures, results, tmp_path):
 
 
 @needs_vllm
-def test_noise_floor_and_kl_from_vllm_top20(fixtures, results, tmp_path):
+def test_noise_floor_and_kl_from_vllm_top20(gpu_checkpoints, results, tmp_path):
     """vLLM's top-20 lists pair with transformers': transformers bf16, shown as the noise floor of vLLM bf16,
     sits far below NVFP4's KL divergence; and --topk above vLLM's default max_logprobs (20) works."""
     for label in ("vllm-bf16", "hf-bf16", "vllm-nvfp4"):
@@ -205,7 +198,7 @@ def test_noise_floor_and_kl_from_vllm_top20(fixtures, results, tmp_path):
     REPORT["vllm nvfp4 vs vllm bf16 (top-20)"] = {
         "kld_mean": q["kld"]["mean"], "kld_99": q["kld"]["quantiles"]["99"], "delta_nll": q["ln_ppl_ratio"]["value"],
         "same_top1": q["same_top1"]["value"], "top5_agreement": q["topk_agreement"][4]["value"]}
-    score(fixtures / "tiny-bf16", "vllm-top32", results, "vllm", "--dtype", "bfloat16", "--topk", "32", *VLLM_OPTS)
+    score(gpu_checkpoints / "tiny-bf16", "vllm-top32", results, "vllm", "--dtype", "bfloat16", "--topk", "32", *VLLM_OPTS)
     t32, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-top32", "wiki"), ["position", "topk_ids"])
     t20, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-bf16", "wiki"), ["position", "topk_ids"])
     ids32 = [x for x in t32.column("topk_ids").to_pylist() if x is not None]
@@ -216,8 +209,8 @@ def test_noise_floor_and_kl_from_vllm_top20(fixtures, results, tmp_path):
 
 
 @needs_vllm
-def test_validate_with_vllm(fixtures, results):
-    r = cli_subprocess("validate", "--model", fixtures / "tiny-nvfp4", "--backend", "vllm", "--expect-scheme",
+def test_validate_with_vllm(gpu_checkpoints, results):
+    r = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--expect-scheme",
                        "NVFP4", "--baseline-logprobs", schema.dataset_dir(results, "vllm-bf16", "wiki"),
                        "--max-nll-increase", "1.0", *VLLM_OPTS)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -226,7 +219,7 @@ def test_validate_with_vllm(fixtures, results):
     # the gate judges the arithmetic the checkpoint declares: W4A4 (emulated on Hopper)
     assert out["backend"]["arithmetic"].startswith("W4A4"), out["backend"]
     assert "EngineCore" not in r.stderr or "died" not in r.stderr
-    bad = cli_subprocess("validate", "--model", fixtures / "tiny-nvfp4", "--backend", "vllm", "--baseline-logprobs",
+    bad = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--baseline-logprobs",
                          schema.dataset_dir(results, "vllm-bf16", "wiki"), "--max-nll-increase", "0", *VLLM_OPTS)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: quality gate")
     REPORT["validate vllm"] = {"probe_nll": out["probe_nll"], "gate": out["quality_gate"]["delta_nll"]}

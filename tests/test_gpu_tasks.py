@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import cli_subprocess
-from gpu_fixtures import cuda_available, given_or_built
+from gpu_fixtures import cuda_available, write_report
 from jobs import taskarchive, taskreport
 
 pytestmark = pytest.mark.gpu
@@ -46,16 +44,10 @@ SHAPE_1P7B = {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return given_or_built(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def results(tmp_path_factory):
     yield tmp_path_factory.mktemp("gpu-task-results")
     print("\nGPU tasks:", json.dumps(REPORT, indent=1))
-    if os.environ.get("QSCORE_GPU_TASKS_REPORT"):
-        Path(os.environ["QSCORE_GPU_TASKS_REPORT"]).write_text(json.dumps(REPORT, indent=1))
+    write_report(REPORT, "QSCORE_GPU_TASKS_REPORT")
 
 
 def run_tasks(model, label, results, backend, *extra) -> float:
@@ -77,9 +69,9 @@ def accuracy(results, label) -> dict:
 
 
 @needs_vllm
-def test_vllm_runs_the_bundled_tasks(fixtures, results):
+def test_vllm_runs_the_bundled_tasks(gpu_checkpoints, results):
     for label, name in (("bf16", "tiny-bf16"), ("llmc-nvfp4", "tiny-nvfp4"), ("modelopt-nvfp4", "tiny-modelopt")):
-        seconds = run_tasks(fixtures / name, label, results, "vllm", *VLLM_OPTS)
+        seconds = run_tasks(gpu_checkpoints / name, label, results, "vllm", *VLLM_OPTS)
         for task in TASKS:
             table, meta = taskarchive.read_task(taskarchive.task_dir(results, label, task))
             rt = meta["runtime"]
@@ -92,9 +84,9 @@ def test_vllm_runs_the_bundled_tasks(fixtures, results):
 
 
 @needs_vllm
-def test_vllm_agrees_with_transformers_on_bf16(fixtures, results):
+def test_vllm_agrees_with_transformers_on_bf16(gpu_checkpoints, results):
     assert taskarchive.task_dir(results, "bf16", "qscore_cloze").exists(), "run test_vllm_runs_the_bundled_tasks first"
-    seconds = run_tasks(fixtures / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
+    seconds = run_tasks(gpu_checkpoints / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
     REPORT["transformers bf16 (cuda)"] = {**accuracy(results, "hf-bf16"), "seconds": round(seconds, 1)}
     v, _ = taskarchive.read_task(taskarchive.task_dir(results, "bf16", "qscore_cloze"))
     h, _ = taskarchive.read_task(taskarchive.task_dir(results, "hf-bf16", "qscore_cloze"))
@@ -107,29 +99,29 @@ def test_vllm_agrees_with_transformers_on_bf16(fixtures, results):
 
 
 @needs_vllm
-def test_validate_task_gate_through_vllm(fixtures, results):
+def test_validate_task_gate_through_vllm(gpu_checkpoints, results):
     base = results / "tasks" / "model=bf16"
     assert base.exists(), "run test_vllm_runs_the_bundled_tasks first"
-    r = cli_subprocess("validate", "--model", fixtures / "tiny-nvfp4", "--backend", "vllm", "--baseline-tasks",
+    r = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--baseline-tasks",
                        base / "task=qscore_cloze", "--recovery-min", "0", *VLLM_OPTS, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     [m] = json.loads(r.stdout)["task_gate"]["measures"]
     assert m["verdict"] in ("pass", "undefined") and m["recovery"]["n"] == 60
     REPORT["validate task gate (vllm)"] = {"recovery": m["recovery"]["value"], "verdict": m["verdict"]}
-    bad = cli_subprocess("validate", "--model", fixtures / "tiny-nvfp4", "--backend", "vllm", "--baseline-tasks",
+    bad = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--baseline-tasks",
                          base / "task=qscore_cloze", "--recovery-min", "100", *VLLM_OPTS, env=ENV)
     if m["verdict"] == "pass":
         assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: quality gate")
 
 
 @needs_vllm
-def test_random_weight_1p7b_shape(fixtures, results, tmp_path_factory):
+def test_random_weight_1p7b_shape(gpu_checkpoints, results, tmp_path_factory):
     """Speed at a real model's size: Qwen3-1.7B's layers, random bf16 weights, the tiny tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
     out = tmp_path_factory.mktemp("qwen3-1.7b-shape-random")
-    tiny = AutoConfig.from_pretrained(fixtures / "tiny-bf16")
+    tiny = AutoConfig.from_pretrained(gpu_checkpoints / "tiny-bf16")
     cfg = Qwen3Config(vocab_size=tiny.vocab_size, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
                       bos_token_id=None, tie_word_embeddings=True, max_position_embeddings=4096, **SHAPE_1P7B)
     cfg.architectures = ["Qwen3ForCausalLM"]
@@ -139,7 +131,7 @@ def test_random_weight_1p7b_shape(fixtures, results, tmp_path_factory):
     model.save_pretrained(out)
     del model
     torch.cuda.empty_cache()
-    for f in (fixtures / "tiny-bf16").iterdir():
+    for f in (gpu_checkpoints / "tiny-bf16").iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
             shutil.copy2(f, out / f.name)
     seconds = run_tasks(out, "random-1.7b", results, "vllm", "--enforce-eager", "--gpu-memory-utilization", "0.5",
