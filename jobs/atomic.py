@@ -14,6 +14,29 @@ def _sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
 
+def remove_stale_temporaries(final: Path) -> None:
+    """Remove the temporary siblings of ``final`` that a killed run left (SIGKILL skips the cleanup
+    above): never renamed, so never complete. Those of a process still alive are its work in progress."""
+    for stale in Path(final).parent.glob(f".{Path(final).name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and replaces ``path``, on failure removed."""

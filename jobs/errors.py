@@ -47,3 +47,9 @@ class ValidationError(QscoreError):
 
 class AggregateError(QscoreError):
     pass
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line, for the one-line errors above (its type when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

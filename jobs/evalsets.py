@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import EvalSetError, OfflineError
+from .errors import EvalSetError, OfflineError, first_line
 from .hub import hub_offline
 
 
@@ -109,17 +109,12 @@ def load_rows(path: str, config: str | None, split: str, revision: str | None = 
                 " (HF_HUB_OFFLINE=1?): run once online with HF_HOME set to a shared cache,"
                 " or point the set's *_SOURCE variable at a local copy"
             ) from None
-        raise EvalSetError(f"cannot load dataset {path!r} split {split!r}: {_one_line(exc)}") from None
+        raise EvalSetError(f"cannot load dataset {path!r} split {split!r}: {first_line(exc)}") from None
 
 
 def _looks_offline(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(w in text for w in ("offline", "connection", "resolve", "network", "couldn't reach"))
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def source_identity(path: str, ds) -> dict:
@@ -171,7 +166,7 @@ def read_local_texts(path: Path) -> list[str]:
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:
-            raise EvalSetError(f"{path}: unreadable Parquet ({_one_line(exc)})") from None
+            raise EvalSetError(f"{path}: unreadable Parquet ({first_line(exc)})") from None
     else:
         raise EvalSetError(f"{path}: unknown file type {suffix!r} (use .txt, .jsonl or .parquet)")
     if rows and "messages" in rows[0]:

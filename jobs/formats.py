@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import quantcheck
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 log = logging.getLogger("qscore.formats")
 
@@ -30,5 +30,5 @@ def modelopt_to_compressed_tensors(ckpt: Checkpoint, dest: Path) -> Path:
     try:
         convert_checkpoint(str(ckpt.path), str(dest), ModelOptNvfp4Converter(ignore=ignore, targets=["Linear"]), **kw)
     except ValueError as exc:  # the converter's own validation: orphan scales, untargeted tensors
-        raise CheckpointError(f"{ckpt.path}: compressed-tensors cannot convert it ({str(exc).splitlines()[0][:300]})") from None
+        raise CheckpointError(f"{ckpt.path}: compressed-tensors cannot convert it ({first_line(exc)[:300]})") from None
     return dest

@@ -19,7 +19,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from . import atomic
-from .errors import ArchiveError, ScoreError, SettingsError
+from .errors import ArchiveError, ScoreError, SettingsError, first_line
 
 SCHEMA_VERSION = "1"
 META_KEY = b"qscore"  # one JSON document under this key holds the metadata of SPEC §3
@@ -134,7 +134,7 @@ def read_metadata(path: Path) -> dict:
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception as exc:  # pyarrow raises several types for a damaged footer
-        raise ArchiveError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise ArchiveError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     if META_KEY not in meta:
         raise ArchiveError(f"{path}: no qscore metadata (not written by the score stage)")
     return json.loads(meta[META_KEY])
@@ -156,16 +156,24 @@ def read_dataset(directory: Path, columns: Sequence[str] | None = None) -> tuple
         if part_files(directory):
             raise ArchiveError(f"{directory}: holds both an unsharded run and shards; delete one of them")
         return _read_shards(directory, shards, columns)
-    return _read_parts(directory, columns)
+    return read_parts(directory, columns)
 
 
-def _read_parts(directory: Path, columns: Sequence[str] | None) -> tuple[pa.Table, dict]:
+def read_parts(directory: Path, columns: Sequence[str] | None = None, *, required: Sequence[str] | None = None,
+               schema_version: str | None = None, what: str = "dataset") -> tuple[pa.Table, dict]:
+    """One run's parts in one directory: each intact, with the ``required`` columns (default: ``columns``,
+    else the logprob schema's), of ``schema_version`` where given, all from one run (one fingerprint),
+    and as many rows as the run recorded. The task archive reads its parts through this too."""
     parts = part_files(directory)
     if not parts:
         raise ArchiveError(f"{directory}: no part-*.parquet files")
+    required = list(required or columns or REQUIRED_COLUMNS)
     meta0 = None
     for p in parts:
         meta = read_metadata(p)
+        if schema_version is not None and meta.get("schema_version") != schema_version:
+            raise ArchiveError(f"{p}: not a {what} file of schema {schema_version!r} "
+                               f"(schema {meta.get('schema_version')!r})")
         if meta0 is None:
             meta0 = meta
         elif meta.get("fingerprint") != meta0.get("fingerprint"):
@@ -175,8 +183,8 @@ def _read_parts(directory: Path, columns: Sequence[str] | None) -> tuple[pa.Tabl
         try:
             t = pq.read_table(p, columns=list(columns) if columns else None)
         except Exception as exc:
-            raise ArchiveError(f"{p}: corrupt Parquet file ({_first_line(exc)})") from None
-        missing = [c for c in (columns or REQUIRED_COLUMNS) if c not in t.column_names]
+            raise ArchiveError(f"{p}: corrupt Parquet file ({first_line(exc)})") from None
+        missing = [c for c in required if c not in t.column_names]
         if missing:
             raise ArchiveError(f"{p}: missing columns {missing}")
         return t
@@ -188,7 +196,7 @@ def _read_parts(directory: Path, columns: Sequence[str] | None) -> tuple[pa.Tabl
     expected = meta0.get("counts", {}).get("rows_total")
     if expected is not None and table.num_rows != expected:
         raise ArchiveError(
-            f"{directory}: {table.num_rows} rows but the run recorded {expected} (incomplete dataset)"
+            f"{directory}: {table.num_rows} rows but the run recorded {expected} (incomplete {what})"
         )
     return table, meta0
 
@@ -217,7 +225,7 @@ def _read_shards(directory: Path, shards: list[Path], columns: Sequence[str] | N
         raise ArchiveError(f"{directory}: {problem}")
     tables, metas = [], []
     for d in shards:
-        t, m = _read_parts(d, list(dict.fromkeys(["sample_id", "position", *columns])) if columns else None)
+        t, m = read_parts(d, list(dict.fromkeys(["sample_id", "position", *columns])) if columns else None)
         tables.append(t)
         metas.append(m)
     first = metas[0]
@@ -240,8 +248,3 @@ def _read_shards(directory: Path, shards: list[Path], columns: Sequence[str] | N
             "counts": {**first.get("counts", {}), "rows_total": table.num_rows,
                        "texts_total": sum(m.get("counts", {}).get("texts_total", 0) for m in metas)}}
     return table, meta
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -23,11 +23,9 @@ see a partial task; interrupting a run loses at most the task being evaluated.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import atomic, schema
 from .errors import ArchiveError
@@ -95,32 +93,10 @@ def read_fingerprint(directory: Path) -> str | None:
 
 def read_task(directory: Path) -> tuple[pa.Table, dict]:
     """One model's task: every part intact, from one run, and as many rows as the run recorded."""
-    directory = Path(directory)
-    parts = schema.part_files(directory)
-    if not parts:
-        raise ArchiveError(f"{directory}: no part-*.parquet files")
-    tables, meta0 = [], None
-    for p in parts:
-        meta = read_metadata(p)
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise ArchiveError(f"{p}: not a task-accuracy file (schema {meta.get('schema_version')!r})")
-        if meta0 is None:
-            meta0 = meta
-        elif meta.get("fingerprint") != meta0.get("fingerprint"):
-            raise ArchiveError(f"{p}: written by a different run than {parts[0].name} (settings differ)")
-        try:
-            t = pq.read_table(p)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise ArchiveError(f"{p}: corrupt Parquet file ({_first_line(exc)})") from None
-        missing = [c for c in BASE_COLUMNS + [m["name"] for m in meta.get("metrics", [])] if c not in t.column_names]
-        if missing:
-            raise ArchiveError(f"{p}: missing columns {missing}")
-        tables.append(t)
-    table = pa.concat_tables(tables)
-    expected = meta0.get("counts", {}).get("rows_total")
-    if expected is not None and table.num_rows != expected:
-        raise ArchiveError(f"{directory}: {table.num_rows} rows but the run recorded {expected} (incomplete task)")
-    return table, meta0
+    parts = schema.part_files(Path(directory))
+    metrics = [m["name"] for m in read_metadata(parts[0]).get("metrics", [])] if parts else []
+    return schema.read_parts(Path(directory), required=BASE_COLUMNS + metrics, schema_version=SCHEMA_VERSION,
+                             what="task")
 
 
 def discover(results_dir: str | os.PathLike) -> dict[str, dict[str, Path]]:
@@ -130,27 +106,3 @@ def discover(results_dir: str | os.PathLike) -> dict[str, dict[str, Path]]:
         for tdir in sorted(mdir.glob("task=*")):
             found.setdefault(mdir.name.split("=", 1)[1], {})[tdir.name.split("=", 1)[1]] = tdir
     return found
-
-
-def remove_stale_temporaries(final: Path) -> None:
-    """Temporary siblings left by a killed run (SIGKILL skips cleanup): never renamed, never complete."""
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

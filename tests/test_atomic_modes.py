@@ -1,6 +1,7 @@
 """Checkpoints are readable by whoever may read their directory: safetensors >= 0.8 creates its files
 0600 (safetensors/safetensors#782), which breaks a models/ directory shared with another uid, such as the
-scoring container run with DOCKER_USER (make test-images found it)."""
+scoring container run with DOCKER_USER (make test-images found it). And the clean-up of the temporaries a
+killed run leaves."""
 from __future__ import annotations
 
 import os
@@ -47,3 +48,21 @@ def test_modes_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert mode(f) == 0o640
+
+
+def test_stale_temporaries_of_dead_runs_go_and_those_of_live_ones_stay(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    final = tmp_path / "task=x"
+    gone_dir, gone_file = tmp_path / f".task=x.tmp-{dead}-abc123", tmp_path / f".task=x.tmp-{dead}-def456"
+    live = tmp_path / f".task=x.tmp-{os.getpid()}-0a1b2c"
+    other = tmp_path / f".task=y.tmp-{dead}-abc123"
+    for d in (gone_dir, live, other):
+        d.mkdir()
+    gone_file.write_text("half")
+    atomic.remove_stale_temporaries(final)
+    assert not gone_dir.exists() and not gone_file.exists()
+    assert live.is_dir() and other.is_dir()  # a live run's work, and another directory's temporaries

@@ -222,3 +222,25 @@ def test_validate_task_gate(results, tiny_nvfp4):
     one_line_error(bad, "quality gate: qscore_cloze acc (none) recovery", "< 10.0")
     one_line_error(cli("validate", "--model", tiny_nvfp4, "--baseline-tasks", results / "nothing"),
                    "holds no task results")
+
+
+def test_the_task_reader_refuses_what_is_not_one_whole_task_run(tmp_path):
+    from jobs import errors, schema
+
+    rows = [{"doc_id": i, "filter": "none", "correct": bool(i % 2), "acc": float(i % 2)} for i in range(5)]
+    table = taskarchive.rows_to_table(rows, ["acc"])
+    meta = {"schema_version": taskarchive.SCHEMA_VERSION, "fingerprint": "f", "metrics": [{"name": "acc"}]}
+    good = taskarchive.write_task(tmp_path / "good", table, meta, part_rows=2)
+    assert taskarchive.read_task(good)[0].num_rows == 5
+    (good / "part-00002.parquet").unlink()  # a part lost after the run
+    with pytest.raises(errors.ArchiveError, match=r"4 rows but the run recorded 5 \(incomplete task\)"):
+        taskarchive.read_task(good)
+    other = tmp_path / "logprobs"
+    schema.atomic_write_table(table, other / "part-00000.parquet", {**meta, "schema_version": schema.SCHEMA_VERSION})
+    with pytest.raises(errors.ArchiveError, match=r"not a task file of schema 'tasks-1' \(schema '1'\)"):
+        taskarchive.read_task(other)
+    nometric = taskarchive.write_task(tmp_path / "nometric", taskarchive.rows_to_table(rows, []),
+                                      {**meta, "metrics": [{"name": "exact_match"}]})
+    with pytest.raises(errors.ArchiveError, match=r"missing columns \['exact_match'\]"):
+        taskarchive.read_task(nometric)
+    assert errors.first_line(ValueError()) == "ValueError" and errors.first_line(OSError("a\nb")) == "a"

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import arithmetic as arith_mod
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, SettingsError, first_line
 from ..sampling import Sample
 from ..schema import SequenceScores
 from ..settings import EngineOptions
@@ -70,8 +70,7 @@ def load_model(ckpt: Checkpoint, dtype, device: str, arithmetic: arith_mod.Arith
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{ckpt.path}: cannot load the model ({first[:300]})") from None
+        raise CheckpointError(f"{ckpt.path}: cannot load the model ({first_line(exc)[:300]})") from None
     if q.method is not None and not arithmetic.quantize_activations:
         _drop_activation_quantization(model)
     model.eval()

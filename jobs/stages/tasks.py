@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import backends, hub, provenance, taskarchive, taskeval, taskstats
+from .. import atomic, backends, hub, provenance, taskarchive, taskeval, taskstats
 from ..checkpoint import inspect, tokenizer_hash
 from ..errors import SettingsError, ValidationError
 
@@ -98,7 +98,7 @@ def plan_task(name, task, settings, common) -> Plan:
                       "docs_digest": info["docs_digest"], "num_fewshot": info["num_fewshot"],
                       "limit": settings.limit})
     final = taskarchive.task_dir(settings.results_dir, settings.label, name)
-    taskarchive.remove_stale_temporaries(final)
+    atomic.remove_stale_temporaries(final)
     plan = Plan(name, task, info, final, fp)
     if final.exists():
         old = taskarchive.read_fingerprint(final)
