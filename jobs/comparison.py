@@ -1,15 +1,16 @@
 """The quantization statistics of llama.cpp's ``--kl-divergence`` and exllamav3's model comparison, paired
 with a baseline on the identical token stream, each with a 95 % interval from a bootstrap over texts.
 
-Everything is pure numpy on flat per-token arrays. The bootstrap never loops over tokens: each text is
-reduced once to a row of sums (tokens, ΣΔlogprob, ΣKL, ΣΔp², per-bucket sums, and histogram counts over
-fixed bins), the rows form an (n_texts × columns) matrix M, and a replicate's sums are W @ M, where W
-(n_boot × n_texts) holds how often each text was drawn. Means, ratios and RMS come from the replicate
-sums; percentiles are read off the replicate's summed histogram (``KL_BINS``: 20 log-spaced bins per
-decade, so a percentile's interval is resolved to about ±6 %; ``DP_EDGES``: the same on |Δp|, both signs).
-A percentile that falls in an open end bin (KLD < 1e-10, |Δp| < 1e-8) gets no interval.
-Point estimates of percentiles are exact quantiles of the tokens. Sets are strata: each set's texts are
-drawn separately and the replicate sums added, as ``metrics.bootstrap_delta_nll`` does.
+Everything works on flat per-token arrays. The bootstrap never loops over tokens: each text is reduced
+once, in one compiled pass (``textsums``), to a row of sums (tokens, ΣΔlogprob, ΣKL, ΣΔp², per-bucket
+sums, and histogram counts over fixed bins), the rows form an (n_texts × columns) matrix M, and a
+replicate's sums are W @ M, where W (n_boot × n_texts) holds how often each text was drawn. Means, ratios
+and RMS come from the replicate sums; percentiles are read off the replicate's summed histogram
+(``KL_BINS``: 20 log-spaced bins per decade, so a percentile's interval is resolved to about ±6 %;
+``DP_EDGES``: the same on |Δp|, both signs). A percentile that falls in an open end bin (KLD < 1e-10, |Δp|
+< 1e-8) gets no interval. Point estimates of percentiles are exact quantiles of the tokens. Sets are
+strata: each set's texts are drawn separately and the replicate sums added, as
+``metrics.bootstrap_delta_nll`` does.
 
 Definitions (docs/statistics.md has them in full):
   Δlogprob = logprob_model − logprob_baseline of the actual token; Δnll = −mean Δlogprob = ln PPL ratio.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import divergence
+from . import divergence, textsums
 from .metrics import Tokens, check_same_stream
 
 QUANTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)  # llama.cpp's list (50 = median)
@@ -119,53 +120,13 @@ def _text_index(sample_id: np.ndarray) -> tuple[np.ndarray, int]:
     return np.cumsum(idx), len(starts) + 1
 
 
-def _bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
-
-
 def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
-    """(n_texts × lay.width) sums per text; bins and buckets by bincount, no per-token Python."""
-    ti, nt = _text_index(p.sample_id)
-    m = np.zeros((nt, lay.width))
-    d = p.delta
-    dp = np.exp(p.model_lp) - np.exp(p.base_lp)
-
-    def put(name, values):
-        m[:, lay.slices[name].start] = np.bincount(ti, weights=values, minlength=nt)
-
-    def put_binned(name, bins, nbins, weights=None):
-        flat = np.bincount(ti * nbins + bins, weights=weights, minlength=nt * nbins)
-        m[:, lay.slices[name]] = flat.reshape(nt, nbins)
-
-    put("tokens", np.ones(len(p)))
-    put("delta", d)
-    put("delta_sq", d * d)
-    put("kl", p.div.kl)
-    put("kl_reverse", p.div.kl_reverse)
-    put("dp", dp)
-    put("dp_sq", dp * dp)
-    put("same_top1", p.same_top1.astype(np.float64))
-    start = lay.slices["agree"].start
-    for k in range(1, p.div.agree_k + 1):
-        m[:, start + k - 1] = np.bincount(ti, weights=divergence.agreement_at(p.div.agree, k).astype(np.float64),
-                                          minlength=nt)
-    n = m[:, lay.slices["tokens"].start]
-    nll_b = -np.bincount(ti, weights=p.base_lp, minlength=nt) / n
-    nll_m = -np.bincount(ti, weights=p.model_lp, minlength=nt) / n
-    for name, v in (("texts", np.ones(nt)), ("nll_b", nll_b), ("nll_m", nll_m), ("nll_b2", nll_b ** 2),
-                    ("nll_m2", nll_m ** 2), ("nll_bm", nll_b * nll_m)):
-        m[:, lay.slices[name].start] = v
-    put_binned("kl_hist", _bin(p.div.kl, KL_EDGES), len(KL_EDGES) - 1)
-    put_binned("dp_hist", _bin(dp, DP_EDGES), len(DP_EDGES) - 1)
-    nc, npos = len(CONF_EDGES) - 1, len(POS_EDGES) - 1
-    cb = _bin(p.base_conf, CONF_EDGES)
-    put_binned("conf_n", cb, nc)
-    put_binned("conf_kl", cb, nc, p.div.kl)
-    put_binned("conf_delta", cb, nc, d)
-    pb = _bin(p.position, POS_EDGES)
-    put_binned("pos_n", pb, npos)
-    put_binned("pos_delta", pb, npos, d)
-    return m
+    """(n_texts × lay.width) sums per text: one compiled pass (``textsums``), no per-token Python."""
+    return textsums.fill(starts=textsums.text_starts(p.sample_id), base_lp=p.base_lp, model_lp=p.model_lp,
+                         kl=p.div.kl, kl_reverse=p.div.kl_reverse, same_top1=p.same_top1, agree=p.div.agree,
+                         agree_k=p.div.agree_k, base_conf=p.base_conf, position=p.position, kl_edges=KL_EDGES,
+                         dp_edges=DP_EDGES, conf_edges=CONF_EDGES, pos_edges=POS_EDGES,
+                         columns={name: sl.start for name, sl in lay.slices.items()}, width=lay.width)
 
 
 # -- bootstrap ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ def scored_tokens(columns: dict) -> Tokens:
     pos = np.asarray(columns["position"])
     sid = np.asarray(columns["sample_id"])
     keep = pos > 0
+    if keep.all():  # already selected (the aggregate stage reads only the scored rows): no copies
+        keep = slice(None)
     s, p = sid[keep], pos[keep]
     ds, dp = np.diff(s), np.diff(p)
     # The score stage writes texts in order: then the (costly, at millions of rows) sort is skipped.

@@ -8,6 +8,7 @@ is at hand). The numbers are computed here; ``quantreport`` renders them.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +46,8 @@ def topk_matrices(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
     chunk by chunk into one array (no combine_chunks copy)."""
     scored = table.column("position").to_numpy() > 0
     n = int(scored.sum())
-    out = {}
-    for name, dtype in (("topk_ids", np.int32), ("topk_logprobs", np.float32)):
+
+    def matrix(name: str, dtype) -> np.ndarray:
         col = table.column(name)
         valid = np.concatenate([c.is_valid().to_numpy(zero_copy_only=False) for c in col.chunks]) \
             if col.num_chunks else np.zeros(0, bool)
@@ -68,8 +69,13 @@ def topk_matrices(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
                 raise ArchiveError(f"{where}: {name} lists of different lengths")
             mat[row:row + rows] = values.reshape(rows, k)
             row += rows
-        out[name] = mat if mat is not None else np.zeros((0, 1), dtype=dtype)
-    return out
+        return mat if mat is not None else np.zeros((0, 1), dtype=dtype)
+
+    # Most of the time here is the kernel mapping fresh pages for the two matrices (bench/RESULTS.md);
+    # numpy copies without the GIL, so the two fill side by side.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ids, lps = pool.map(lambda a: matrix(*a), (("topk_ids", np.int32), ("topk_logprobs", np.float32)))
+    return {"topk_ids": ids, "topk_logprobs": lps}
 
 
 @dataclass

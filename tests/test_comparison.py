@@ -131,3 +131,63 @@ def test_worst_tokens_and_texts():
     t = comparison.worst_texts(p, 5, min_tokens=1)
     assert [x["sample_id"] for x in t] == [0, 1]
     assert t[0]["delta_nll"] == pytest.approx((math.log(0.5 / 0.4) + math.log(10)) / 2)
+
+
+def _text_matrix_by_bincount(p, lay):
+    """The per-text matrix as numpy's bincount and searchsorted give it: the reference for textsums."""
+    ti = np.cumsum(np.r_[0, np.diff(p.sample_id) != 0])
+    nt = ti[-1] + 1
+    m = np.zeros((nt, lay.width))
+    d = p.model_lp - p.base_lp
+    dp = np.exp(p.model_lp) - np.exp(p.base_lp)
+
+    def binned(values, edges):
+        return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+
+    def put(name, values, bins=None, nbins=1):
+        idx = ti if bins is None else ti * nbins + bins
+        m[:, lay.slices[name]] = np.bincount(idx, weights=values, minlength=nt * nbins).reshape(nt, nbins)
+
+    for name, values in (("tokens", np.ones(len(d))), ("delta", d), ("delta_sq", d * d), ("kl", p.div.kl),
+                         ("kl_reverse", p.div.kl_reverse), ("dp", dp), ("dp_sq", dp * dp),
+                         ("same_top1", p.same_top1.astype(float))):
+        put(name, values)
+    for k in range(p.div.agree_k):
+        m[:, lay.slices["agree"].start + k] = np.bincount(ti, weights=(p.div.agree >> k) & 1, minlength=nt)
+    n = m[:, lay.slices["tokens"].start]
+    nll_b = -np.bincount(ti, weights=p.base_lp) / n
+    nll_m = -np.bincount(ti, weights=p.model_lp) / n
+    for name, v in (("texts", 1.0), ("nll_b", nll_b), ("nll_m", nll_m), ("nll_b2", nll_b ** 2), ("nll_m2", nll_m ** 2),
+                    ("nll_bm", nll_b * nll_m)):
+        m[:, lay.slices[name].start] = v
+    nk, nd = len(comparison.KL_EDGES) - 1, len(comparison.DP_EDGES) - 1
+    put("kl_hist", None, binned(p.div.kl, comparison.KL_EDGES), nk)
+    put("dp_hist", None, binned(dp, comparison.DP_EDGES), nd)
+    cb, nc = binned(p.base_conf, comparison.CONF_EDGES), len(comparison.CONF_EDGES) - 1
+    pb, npos = binned(p.position, comparison.POS_EDGES), len(comparison.POS_EDGES) - 1
+    put("conf_n", None, cb, nc)
+    put("conf_kl", p.div.kl, cb, nc)
+    put("conf_delta", d, cb, nc)
+    put("pos_n", None, pb, npos)
+    put("pos_delta", d, pb, npos)
+    return m
+
+
+def test_the_compiled_text_matrix_equals_bincount():
+    rng = np.random.default_rng(11)
+    sids = np.repeat(rng.choice(10_000, 60, replace=False).cumsum(), rng.integers(1, 80, 60))
+    n = len(sids)
+    b = -rng.exponential(2.0, n)
+    m = b + rng.normal(0, 0.3, n)
+    m[::7] = b[::7]  # Δp = 0: the central bin
+    kl = rng.exponential(1e-3, n)
+    kl[::5] = 0.0
+    kl[1::9] = comparison.KL_EDGES[100]  # on an edge: the bin above, as searchsorted(side="right")
+    kl[2::11] = 1e3  # beyond the last edge
+    conf = rng.random(n)
+    conf[::13] = 1.0
+    pos = np.concatenate([np.arange(1, c + 1) for c in np.unique(sids, return_counts=True)[1]]) * 37
+    p = make_pair(sids, b, m, kl=kl, conf=conf, same=rng.random(n) > 0.2,
+                  agree=rng.integers(0, 4, n), positions=pos)
+    lay = comparison.layout(2)
+    np.testing.assert_allclose(comparison.text_matrix(p, lay), _text_matrix_by_bincount(p, lay), rtol=1e-12, atol=1e-15)

@@ -110,6 +110,29 @@ def test_agreement_is_of_sets_not_order():
     assert [bool(divergence.agreement_at(d.agree, k)[0]) for k in (1, 2, 3, 4)] == [False, True, False, True]
 
 
+def test_shared_tokens_are_found_wherever_the_model_lists_them():
+    # The kernel looks for each baseline id first at the same rank in the model's list; ranks moved
+    # anywhere (and ids missing) must give the two-cell bound computed here by plain set arithmetic.
+    rng = np.random.default_rng(5)
+    n, k, v = 300, 6, 40
+    b_ids = np.stack([rng.choice(v, k, replace=False) for _ in range(n)]).astype(np.int32)
+    m_ids = np.stack([rng.permutation(np.r_[r[:4], v + 2 * i, v + 2 * i + 1]) for i, r in enumerate(b_ids)])
+    b_lp = np.log(rng.dirichlet(np.ones(k), n) * 0.9).astype(np.float32)
+    m_lp = np.log(rng.dirichlet(np.ones(k), n) * 0.9).astype(np.float32)
+    tok = b_ids[:, 0]
+    act_m = np.log(np.full(n, 1e-3))  # the actual token's logprob under the model, stored beside its list
+    d = divergence.topk_kl(b_ids, b_lp, m_ids.astype(np.int32), m_lp, b_lp[:, 0], act_m, tok, tighten=False)
+    for r in range(n):
+        p = dict(zip(b_ids[r].tolist(), np.exp(b_lp[r].astype(float))))
+        q = dict(zip(m_ids[r].tolist(), np.exp(m_lp[r].astype(float))))
+        q[int(tok[r])] = math.exp(act_m[r])
+        shared = (set(p) & set(q)) | {int(tok[r])}
+        fwd = sum(p[x] * math.log(p[x] / q[x]) for x in shared)
+        pr, qr = 1 - sum(p[x] for x in shared), 1 - sum(q[x] for x in shared)
+        fwd += pr * math.log(pr / max(qr, divergence.REST_FLOOR)) if pr > 0 else 0.0
+        assert d.kl[r] == pytest.approx(fwd, rel=1e-5, abs=1e-6), r
+
+
 def test_different_k_per_model_and_top1_only():
     rng = np.random.default_rng(2)
     lp = np.log(rng.dirichlet(np.ones(40), 200))

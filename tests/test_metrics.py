@@ -121,3 +121,27 @@ def test_scored_tokens_takes_topk_rows_of_every_position_or_of_the_scored_ones()
         assert t.topk_logprobs[0].tolist() == [-41.0, -42.0]
     with pytest.raises(ValueError, match="rows"):
         metrics.scored_tokens({**cols, "topk_ids": every[:2], "topk_logprobs": every[:2]})
+
+
+def test_the_aggregate_reads_the_scored_rows_of_every_chunk_and_refuses_a_scored_null():
+    import pyarrow as pa
+
+    from jobs import schema
+    from jobs.errors import AggregateError
+    from jobs.stages.aggregate import COLUMNS, scored_columns
+
+    rng = np.random.default_rng(0)
+    seqs = [schema.SequenceScores(i, rng.integers(0, 99, n), -rng.random(n), rng.integers(1, 9, n),
+                                  rng.integers(0, 99, n), -rng.random(n)) for i, n in enumerate((5, 3, 7))]
+    # three chunks, one of them a slice (a buffer offset), as concat_tables of parts gives
+    table = pa.concat_tables([schema.sequences_to_table(seqs[:1]), schema.sequences_to_table(seqs[1:]).slice(0, 10)])
+    plain = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+    keep = plain["position"] > 0
+    got = scored_columns(table, "t")
+    for c in COLUMNS:
+        np.testing.assert_array_equal(got[c], plain[c][keep].astype(got[c].dtype))
+    assert got["logprob"].dtype == np.float64 and got["rank"].dtype == np.int64
+    broken = table.set_column(3, "logprob", pa.chunked_array([pa.array([None, -1.0, None] + [-0.5] * 12,
+                                                                       pa.float32())]))
+    with pytest.raises(AggregateError, match="logprob is null at a scored position"):
+        scored_columns(broken, "t")

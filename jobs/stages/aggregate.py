@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .. import metrics, quantstats, report, schema, taskreport
 from ..errors import AggregateError
@@ -30,13 +31,41 @@ def load(found: dict[str, dict[str, Path]]):
         for name, ddir in sets.items():
             topk = quantstats.has_topk(ddir)
             table, m = schema.read_dataset(ddir, COLUMNS + (quantstats.TOPK_COLUMNS if topk else []))
-            cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+            cols = scored_columns(table, ddir)
             if topk:
                 cols.update(quantstats.topk_matrices(table, ddir))
             del table
             data[(label, name)] = metrics.scored_tokens(cols)
             meta[(label, name)] = m
     return data, meta
+
+
+def scored_columns(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
+    """COLUMNS at the scored positions (> 0), in table order and in the dtypes ``metrics`` computes in.
+
+    One array per column, filled chunk by chunk from Arrow's value buffers: at 10M rows, converting the
+    nullable columns whole (nulls to NaN, ints to float) and then selecting and casting made five copies of
+    each, and fresh memory is slow to map (bench/RESULTS.md). Values under position 0's nulls are skipped;
+    a null anywhere else is an error."""
+    keep = table.column("position").to_numpy() > 0
+    n = int(keep.sum())
+    out = {}
+    for name in COLUMNS:
+        col = table.column(name)
+        if col.null_count and not np.array_equal(col.is_null().to_numpy(zero_copy_only=False), ~keep):
+            raise AggregateError(f"{where}: {name} is null at a scored position (or set at position 0)")
+        dst = np.empty(n, np.float64 if pa.types.is_floating(col.type) else np.int64)
+        row = put = 0
+        for chunk in col.chunks:
+            size = len(chunk)
+            values = np.frombuffer(chunk.buffers()[1], dtype=chunk.type.to_pandas_dtype(),
+                                   count=chunk.offset + size)[chunk.offset:]
+            k = keep[row:row + size]
+            m = int(np.count_nonzero(k))
+            dst[put:put + m] = values[k]
+            row, put = row + size, put + m
+        out[name] = dst
+    return out
 
 
 def compute(data, baseline: str, n_boot: int, seed: int) -> dict:
