@@ -245,10 +245,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     out["ln_ppl_ratio"] = {**_ci(ln_ratio, -lay(reps, "delta") / rn), "se_token": se,
                            "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
     out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
-    with np.errstate(invalid="ignore", divide="ignore"):  # constant logprobs: no correlation (NaN)
-        out["ln_ppl_correlation_tokens"] = float(np.corrcoef(np.concatenate([p.base_lp for p in pairs]),
-                                                             np.concatenate([p.model_lp for p in pairs]))[0, 1]) \
-            if len(d) > 1 else float("nan")
+    out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if len(d) > 1 else float("nan")
     out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True)
     out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False)
     return out
@@ -259,6 +256,20 @@ def _matrix(p: Pair, lay: Layout) -> np.ndarray:
     if lay.width not in p.cache:
         p.cache[lay.width] = text_matrix(p, lay)
     return p.cache[lay.width]
+
+
+def _token_correlation(pairs: list[Pair]) -> float:
+    """Pearson's r of the per-token logprobs, from centred dot products set by set (np.corrcoef stacks
+    and copies every token first); NaN where a side is constant."""
+    n = sum(len(p) for p in pairs)
+    mb = sum(p.base_lp.sum() for p in pairs) / n
+    mm = sum(p.model_lp.sum() for p in pairs) / n
+    sbb = smm = sbm = 0.0
+    for p in pairs:
+        b, m = p.base_lp - mb, p.model_lp - mm
+        sbb, smm, sbm = sbb + b @ b, smm + m @ m, sbm + b @ m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(sbm / np.sqrt(sbb * smm))
 
 
 def _corr(lay: Layout, s: np.ndarray):

@@ -86,7 +86,7 @@ def set_stats(t: Tokens) -> dict:
         "nll": nll,
         "ppl": float(np.exp(nll)),
         "tokens": int(n),
-        "texts": int(len(np.unique(t.sample_id))),
+        "texts": len(text_starts(t.sample_id)),
         "top1_acc": float(np.mean(t.rank == 1)),
         "conf_nll": conf_nll,
         "conf_ppl": float(np.exp(conf_nll)),
@@ -137,11 +137,19 @@ def check_same_stream(base: Tokens, other: Tokens, what: str = "") -> None:
         )
 
 
+def text_starts(sample_id: np.ndarray) -> np.ndarray:
+    """First row of each text, in order (each text's rows together, as ``scored_tokens`` leaves them):
+    where the id changes — no hashing or sorting of millions of ids, as ``np.unique`` would."""
+    sample_id = np.asarray(sample_id)
+    if not len(sample_id):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.r_[True, sample_id[1:] != sample_id[:-1]])
+
+
 def per_text_sums(sample_id: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of values and token count per text (texts in order of first appearance; input sorted)."""
-    _, start, counts = np.unique(sample_id, return_index=True, return_counts=True)
-    order = np.argsort(start)
-    start, counts = start[order], counts[order]
+    """Sum of values and token count per text (texts in order; each text's rows together)."""
+    start = text_starts(sample_id)
+    counts = np.diff(np.r_[start, len(sample_id)])
     sums = np.add.reduceat(values, start) if len(values) else np.zeros(0)
     return sums, counts
 

@@ -178,10 +178,8 @@ def plot_kld_cdf(summary: dict, kl: dict[str, np.ndarray], path: Path, save) -> 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for m in _ordered(summary):
-        v = np.sort(np.clip(kl[m], 1e-7, None))
-        y = np.arange(1, len(v) + 1) / len(v)
-        step = max(1, len(v) // 4000)  # a few thousand points draw the same curve
-        ax.plot(v[::step], y[::step], lw=1.4, label=f"{m} (mean {kl[m].mean():.4f})", **_style(summary, m))
+        x, y = _log_cdf(kl[m], 1e-7)
+        ax.plot(x, y, lw=1.4, label=f"{m} (mean {kl[m].mean():.4f})", **_style(summary, m))
     ax.set_xscale("log")
     ax.set_xlabel(f"per-position KLD lower bound vs {summary['baseline']} (nats; ≤1e-7 drawn at 1e-7)")
     ax.set_ylabel("share of positions ≤ x")
@@ -189,6 +187,17 @@ def plot_kld_cdf(summary: dict, kl: dict[str, np.ndarray], path: Path, save) -> 
     ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)
+
+
+def _log_cdf(values: np.ndarray, floor: float, per_decade: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """The empirical CDF at the upper edges of bins of 1/200 decade (finer than the plot's pixels), values
+    below ``floor`` counted at it (and any above 1e3 nats at 1e3): one binning pass where sorting 10M values
+    took a second per model."""
+    lv = np.log10(np.clip(values, floor, 1e3))
+    lo = np.log10(floor)
+    idx = np.floor((lv - lo) * per_decade).astype(np.int64)
+    counts = np.bincount(idx, minlength=1)
+    return 10 ** (lo + np.arange(1, len(counts) + 1) / per_decade), np.cumsum(counts) / max(len(values), 1)
 
 
 def _interval_plot(summary: dict, path: Path, save, *, points, xlabel: str, ylabel: str, title: str,

@@ -150,11 +150,12 @@ def plot_deltas(name: str, deltas: dict[str, np.ndarray], baseline: str, path: P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    all_d = np.concatenate(list(deltas.values()))
-    lim = float(np.quantile(np.abs(all_d), 0.995)) or 1.0
-    bins = np.linspace(-lim, lim, 81)
+    lim = float(np.quantile(np.abs(np.concatenate(list(deltas.values()))), 0.995)) or 1.0
     for m, d in deltas.items():
-        ax.hist(np.clip(d, -lim, lim), bins=bins, histtype="step", lw=1.4, label=f"{m} (mean {d.mean():+.4f})")
+        # counted here on 80 equal bins (numpy's arithmetic path), drawn as steps: ax.hist on an array of
+        # edges sorts every value, seconds at 10M tokens
+        counts, edges = np.histogram(np.clip(d, -lim, lim), bins=80, range=(-lim, lim))
+        ax.stairs(counts, edges, lw=1.4, label=f"{m} (mean {d.mean():+.4f})")
     ax.set_yscale("log")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel(f"per-token logprob(model) − logprob({baseline})")
