@@ -71,8 +71,8 @@ def topk_matrices(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
             row += rows
         return mat if mat is not None else np.zeros((0, 1), dtype=dtype)
 
-    # Most of the time here is the kernel mapping fresh pages for the two matrices (bench/RESULTS.md);
-    # numpy copies without the GIL, so the two fill side by side.
+    # Filling the two matrices is memory traffic, much of it the kernel mapping fresh pages
+    # (bench/RESULTS.md); numpy copies without the GIL, so the two fill side by side.
     with ThreadPoolExecutor(max_workers=2) as pool:
         ids, lps = pool.map(lambda a: matrix(*a), (("topk_ids", np.int32), ("topk_logprobs", np.float32)))
     return {"topk_ids": ids, "topk_logprobs": lps}

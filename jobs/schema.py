@@ -125,8 +125,11 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict) -> Path:
     """Write to a hidden temporary name in the same directory, fsync, then rename into place."""
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, sort_keys=True, default=str).encode()
+    # Logprobs are almost all distinct floats: a dictionary page for them is a failed attempt that pyarrow
+    # keeps beside the plain values (18 % of a top-20 file, and slower to read: bench/RESULTS.md).
+    dictionary = [f.name for f in table.schema if not pa.types.is_floating(getattr(f.type, "value_type", f.type))]
     with atomic.atomic_file(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd", use_dictionary=dictionary)
     return Path(path)
 
 
