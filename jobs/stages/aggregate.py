@@ -58,6 +58,8 @@ def scored_columns(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
         row = put = 0
         for chunk in col.chunks:
             size = len(chunk)
+            if not size:
+                continue
             values = np.frombuffer(chunk.buffers()[1], dtype=chunk.type.to_pandas_dtype(),
                                    count=chunk.offset + size)[chunk.offset:]
             k = keep[row:row + size]
