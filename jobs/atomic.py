@@ -15,8 +15,8 @@ def _sibling(path: Path, tag: str) -> Path:
 
 
 def remove_stale_temporaries(final: Path) -> None:
-    """Remove the temporary siblings of ``final`` that a killed run left (SIGKILL skips the cleanup
-    above): never renamed, so never complete. Those of a process still alive are its work in progress."""
+    """Remove the temporary siblings of ``final`` that a killed run left (SIGKILL skips the clean-up of
+    ``atomic_file`` and ``atomic_dir``): never renamed, so never complete. Those of a process still alive are its work in progress."""
     for stale in Path(final).parent.glob(f".{Path(final).name}.tmp-*"):
         pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and _alive(int(pid)):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import divergence, textsums
-from .metrics import Tokens, check_same_stream
+from .metrics import Tokens, check_same_stream, text_starts
 
 QUANTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)  # llama.cpp's list (50 = median)
 # KL: 20 bins per decade over [1e-10, 1e2) nats, plus one below (incl. 0) and one above.
@@ -111,18 +111,16 @@ def layout(agree_k: int) -> Layout:
 
 
 def _text_index(sample_id: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dense 0..T-1 text index per token (input sorted by sample_id)."""
-    if not len(sample_id):
-        return np.zeros(0, np.int64), 0
-    starts = np.flatnonzero(np.diff(sample_id)) + 1
+    """Dense 0..T-1 text index per token (each text's rows together)."""
+    starts = text_starts(sample_id)
     idx = np.zeros(len(sample_id), np.int64)
-    idx[starts] = 1
-    return np.cumsum(idx), len(starts) + 1
+    idx[starts[1:]] = 1
+    return np.cumsum(idx), len(starts)
 
 
 def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
     """(n_texts × lay.width) sums per text: one compiled pass (``textsums``), no per-token Python."""
-    return textsums.fill(starts=textsums.text_starts(p.sample_id), base_lp=p.base_lp, model_lp=p.model_lp,
+    return textsums.fill(sample_id=p.sample_id, base_lp=p.base_lp, model_lp=p.model_lp,
                          kl=p.div.kl, kl_reverse=p.div.kl_reverse, same_top1=p.same_top1, agree=p.div.agree,
                          agree_k=p.div.agree_k, base_conf=p.base_conf, position=p.position, kl_edges=KL_EDGES,
                          dp_edges=DP_EDGES, conf_edges=CONF_EDGES, pos_edges=POS_EDGES,

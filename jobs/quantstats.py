@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import comparison, docppl, schema
+from . import comparison, docppl, metrics, schema
 from .errors import AggregateError, ArchiveError
 
 TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]
@@ -170,7 +170,7 @@ def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
     for s, p in pairs.items():
         texts += [{"dataset": s, **t} for t in comparison.worst_texts(p, WORST_MD)]
         ids = data[(base, s)].token_id
-        starts = np.flatnonzero(np.r_[True, np.diff(p.sample_id) != 0])  # first row of each text
+        starts = metrics.text_starts(p.sample_id)
         text_start = starts[np.searchsorted(starts, np.arange(len(p.sample_id)), side="right") - 1]
         for crit, idx in comparison.worst_tokens(p, WORST_PARQUET).items():
             for i in idx:

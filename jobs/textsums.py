@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import metrics
+
 # Column starts in the order _fill reads them (comparison.layout names them).
 FIELDS = ("tokens", "delta", "delta_sq", "kl", "kl_reverse", "dp", "dp_sq", "same_top1", "agree", "texts",
           "nll_b", "nll_m", "nll_b2", "nll_m2", "nll_bm", "kl_hist", "dp_hist", "conf_n", "conf_kl",
@@ -75,16 +77,11 @@ def _fill(starts, base_lp, model_lp, kl, kl_rev, same, agree, agree_k, conf, pos
         row[c[14]] = mb * mm
 
 
-def text_starts(sample_id: np.ndarray) -> np.ndarray:
-    """Row where each text begins, and the end (input sorted by sample_id)."""
-    if not len(sample_id):
-        return np.zeros(1, np.int64)
-    return np.concatenate([[0], np.flatnonzero(np.diff(sample_id)) + 1, [len(sample_id)]]).astype(np.int64)
-
-
-def fill(*, starts, base_lp, model_lp, kl, kl_reverse, same_top1, agree, agree_k, base_conf, position,
+def fill(*, sample_id, base_lp, model_lp, kl, kl_reverse, same_top1, agree, agree_k, base_conf, position,
          kl_edges, dp_edges, conf_edges, pos_edges, columns: dict[str, int], width: int) -> np.ndarray:
-    """(n_texts × width) float64: the sums described above, the layout given as each field's first column."""
+    """(n_texts × width) float64: the sums described above, the layout given as each field's first column
+    (texts in order, each text's rows together)."""
+    starts = np.r_[metrics.text_starts(sample_id), len(sample_id)].astype(np.int64)
     out = np.zeros((len(starts) - 1, width))
     f64 = np.float64
     _fill(starts, np.asarray(base_lp, f64), np.asarray(model_lp, f64), np.asarray(kl, f64),
