@@ -171,6 +171,23 @@ def test_corrupt_parquet_is_named(tiny_model, tmp_path):
     assert not (tmp_path / "report" / "summary.json").exists()
 
 
+def test_a_null_logprob_at_a_scored_position_is_named(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    n = 20
+    seq = schema.SequenceScores(0, np.arange(n), -np.ones(n), np.ones(n, int), np.arange(n), -np.ones(n))
+    table = schema.sequences_to_table([seq])
+    logprob = table.column("logprob").to_pylist()
+    logprob[5] = None  # position 5 is scored: only position 0 may be null
+    table = table.set_column(table.schema.get_field_index("logprob"), "logprob", pa.array(logprob, pa.float32()))
+    ddir = schema.dataset_dir(tmp_path, "m", "wiki")
+    schema.atomic_write_table(table, ddir / "part-00000.parquet", {"fingerprint": "f"})
+    r = cli("aggregate", "--results-dir", tmp_path, "--baseline", "m")
+    one_line_error(r, str(ddir), "logprob is null at a scored position")
+    assert not (tmp_path / "report" / "summary.json").exists()
+
+
 # -- interrupted and repeated runs ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clean_run(tiny_model, tmp_path_factory):

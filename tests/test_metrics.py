@@ -133,8 +133,9 @@ def test_the_aggregate_reads_the_scored_rows_of_every_chunk_and_refuses_a_scored
     rng = np.random.default_rng(0)
     seqs = [schema.SequenceScores(i, rng.integers(0, 99, n), -rng.random(n), rng.integers(1, 9, n),
                                   rng.integers(0, 99, n), -rng.random(n)) for i, n in enumerate((5, 3, 7))]
-    # three chunks, one of them a slice (a buffer offset), as concat_tables of parts gives
-    table = pa.concat_tables([schema.sequences_to_table(seqs[:1]), schema.sequences_to_table(seqs[1:]).slice(0, 10)])
+    # chunks as concat_tables of parts gives them: one a slice (a buffer offset), one empty
+    table = pa.concat_tables([schema.sequences_to_table(seqs[:1]), schema.sequences_to_table(seqs[1:]).slice(0, 10),
+                              schema.sequences_to_table(seqs[:1]).slice(0, 0)])
     plain = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
     keep = plain["position"] > 0
     got = scored_columns(table, "t")
