@@ -2,9 +2,9 @@
 
 Each text's row holds its sums (tokens, Δlogprob, KL, Δp, agreement, ...), histogram counts and bucket
 sums: the columns of ``comparison.layout``. Built with numpy this took ~25 ``bincount`` passes and four
-``searchsorted`` binnings over every token (10 s for 10M paired tokens, bench/RESULTS.md); here every token
-is read once, texts are spread over the cores, and each text's values are added in token order, so the
-sums are the ones ``np.bincount`` gives.
+``searchsorted`` binnings over every token (7.6 s for 20M paired tokens, bench/RESULTS.md); here every
+token is read once, texts are spread over the cores, and each text's values are added in token order, so
+the sums are the ones ``np.bincount`` gives.
 """
 from __future__ import annotations
 
