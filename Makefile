@@ -4,7 +4,7 @@
 #       │
 #       └──────> eval (one scoring job per model, every set through one engine) ──> report
 #
-# The scoring jobs come from `python3 -m jobs.plan` (MODELS, DATASETS, WEIGHT_ONLY, SHARDS and the
+# The scoring jobs come from `python3 -m jobs.runs.plan` (MODELS, DATASETS, WEIGHT_ONLY, SHARDS and the
 # scoring settings, parsed by the same code the stages use); `make plan` prints them, `make k8s` and
 # `make slurm` hand the same jobs to a cluster.
 #
@@ -238,7 +238,7 @@ ds_dir = $(RESULTS_DIR)/logprobs/model=$(1)/dataset=$(2)
 FORCE_IF_MISSING = $(if $(wildcard $(1)),,FORCE)
 
 # docker run for a stage: $(1)=image, $(2)=what the stage is: gpu or slot, a model stage (models/, data/, the
-# caches, and the GPUs of GPUS unless GPUS is empty; slot: the GPUs jobs.slots hands this job), cpu-models (the
+# caches, and the GPUs of GPUS unless GPUS is empty; slot: the GPUs jobs.runs.slots hands this job), cpu-models (the
 # same mounts, never a GPU: build-tiny) or cpu (aggregate: the results, and models/ and the HF cache read-only,
 # where the baseline's tokenizer is that decodes the worst tokens' context); $(3)=models mount mode (rw|ro),
 # $(4)=extra mounts. CACHE_DIR=/cache: every compile/JIT cache goes there.
@@ -254,8 +254,8 @@ model_stage = $(filter gpu slot cpu-models,$(1))
 # passed by name, so only where set: the token, and offline mode (`make demo` runs offline; the stages load
 # differently, and transformers records local_files_only in a tokenizer it saves, when offline)
 HF_ENV = -e HF_TOKEN -e HF_HUB_OFFLINE -e HF_DATASETS_OFFLINE -e TRANSFORMERS_OFFLINE
-# a scoring job on GPUs of its own: waits until jobs.slots holds them (one job per GPU under make -j)
-slot = $(if $(strip $(GPUS)),$(PYTHON3) -m jobs.slots --gpus '$(GPUS)' --per-job $(or $(TENSOR_PARALLEL_SIZE),1) -- )
+# a scoring job on GPUs of its own: waits until jobs.runs.slots holds them (one job per GPU under make -j)
+slot = $(if $(strip $(GPUS)),$(PYTHON3) -m jobs.runs.slots --gpus '$(GPUS)' --per-job $(or $(TENSOR_PARALLEL_SIZE),1) -- )
 # build-tiny trains on the bundled text, which jobs.tinymodel reads from data/ beside the package:
 # /opt/qscore/data in the images (their WORKDIR and PYTHONPATH)
 run_build_tiny_docker = $(call docker_run,$(IMG_QUANTIZE),cpu-models,rw,-v $(CURDIR)/data:/opt/qscore/data:ro) \
@@ -348,7 +348,7 @@ endef
 shq = '$(subst ','\'',$(1))'
 PLAN_ENV = $(foreach v,MODELS DATASETS WEIGHT_ONLY SHARDS RESULTS_DIR TOKENIZER MAX_MODEL_LEN BACKEND TOPK N_WIKITEXT \
   N_ULTRACHAT GPU_MEMORY_UTILIZATION NVFP4_COMPUTE TENSOR_PARALLEL_SIZE SCORE_ARGS,$(v)=$(call shq,$($(v))))
-PLAN_OUT := $(shell $(PLAN_ENV) $(PYTHON3) -m jobs.plan --format make 2>&1; echo "@@QS_STATUS_$$?")
+PLAN_OUT := $(shell $(PLAN_ENV) $(PYTHON3) -m jobs.runs.plan --format make 2>&1; echo "@@QS_STATUS_$$?")
 ifneq ($(filter %@@QS_STATUS_0,$(lastword $(PLAN_OUT))),)
 $(eval $(subst @@,$(newline),$(subst @@QS_STATUS_0,,$(PLAN_OUT))))
 else ifneq ($(filter eval report plan k8s slurm demo,$(MAKECMDGOALS)),)
@@ -492,20 +492,20 @@ $(VALIDATE_STAMP): $(QUANT_STAMP) $(call NEEDS_VENV,$(VLLM_PY))
 eval: $(EVAL_STAMPS) ## score every model in MODELS on every set in DATASETS: one job per model (GPUS: one per GPU under make -j)
 
 plan: ## print the scoring jobs of MODELS x DATASETS (JSON lines: id, command, outputs)
-	@$(PLAN_ENV) $(PYTHON3) -m jobs.plan
+	@$(PLAN_ENV) $(PYTHON3) -m jobs.runs.plan
 
 CLUSTER_ENV = $(PLAN_ENV) BASELINE=$(call shq,$(BASELINE)) TAG=$(call shq,$(TAG)) IMAGE_PREFIX=$(call shq,$(IMAGE_PREFIX)) \
   K8S_PVC=$(call shq,$(K8S_PVC)) K8S_REGISTRY=$(call shq,$(K8S_REGISTRY)) K8S_HF_SECRET=$(call shq,$(K8S_HF_SECRET)) \
   SLURM_PREFIX=$(call shq,$(SLURM_PREFIX))
 k8s: ## render the plan as a Kubernetes Indexed Job + aggregate Job: RESULTS_DIR/cluster/qscore-k8s.yaml
 	@mkdir -p $(RESULTS_DIR)/cluster
-	$(CLUSTER_ENV) $(PYTHON3) -m jobs.plan --format k8s > $(RESULTS_DIR)/cluster/qscore-k8s.yaml.tmp
+	$(CLUSTER_ENV) $(PYTHON3) -m jobs.runs.plan --format k8s > $(RESULTS_DIR)/cluster/qscore-k8s.yaml.tmp
 	@mv $(RESULTS_DIR)/cluster/qscore-k8s.yaml.tmp $(RESULTS_DIR)/cluster/qscore-k8s.yaml
 	@echo "kubectl apply -f $(RESULTS_DIR)/cluster/qscore-k8s.yaml"
 
 slurm: ## render the plan as a Slurm job array: RESULTS_DIR/cluster/qscore.sbatch
 	@mkdir -p $(RESULTS_DIR)/cluster
-	$(CLUSTER_ENV) $(PYTHON3) -m jobs.plan --format slurm > $(RESULTS_DIR)/cluster/qscore.sbatch.tmp
+	$(CLUSTER_ENV) $(PYTHON3) -m jobs.runs.plan --format slurm > $(RESULTS_DIR)/cluster/qscore.sbatch.tmp
 	@mv $(RESULTS_DIR)/cluster/qscore.sbatch.tmp $(RESULTS_DIR)/cluster/qscore.sbatch
 	@echo 'jid=$$(sbatch --parsable $(RESULTS_DIR)/cluster/qscore.sbatch) && sbatch --dependency=afterok:$$jid $(RESULTS_DIR)/cluster/qscore.sbatch --aggregate'
 

@@ -10,7 +10,7 @@ then runs the aggregate stage's own functions and prints one JSON line of timing
 (Parquet → arrays), ``paired`` (the existing SPEC §4 metrics and Δnll intervals), ``kl_one_model``
 (the per-position KL kernel for one model, both sets — it runs again inside ``stats``), ``stats``
 (every statistic of comparison.statistics and where-it-hurts, bootstrap included), ``report`` (plots,
-report.md, worst_tokens.parquet), and ``aggregate`` = read + paired + stats + report, the stage minus
+outputs.md, worst_tokens.parquet), and ``aggregate`` = read + paired + stats + report, the stage minus
 interpreter start-up.
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs import divergence, quantstats, report, schema  # noqa: E402
+from jobs.stats import divergence, quant as quant_stats
+from jobs.report import outputs
+from jobs.archive import logprobs  # noqa: E402
 from jobs.stages import aggregate  # noqa: E402
 
 TEXT_LEN, PART_TEXTS, VOCAB = 1000, 32, 151_936
@@ -71,7 +73,7 @@ def write_archive(root: Path, n_tokens: int, k: int, seed: int = 0) -> None:
             actual = np.where((tk_ids == tok[:, None]).any(1), actual, tk_lp[:, -1] - 1.0).astype(np.float32)
             rank = (tk_lp > actual[:, None]).sum(1).astype(np.int32) + 1
             part_rows = PART_TEXTS * TEXT_LEN
-            ddir = schema.dataset_dir(root, label, name)
+            ddir = logprobs.dataset_dir(root, label, name)
             for p, start in enumerate(range(0, n, part_rows)):
                 sl = slice(start, min(start + part_rows, n))
                 m = first[sl]
@@ -83,8 +85,8 @@ def write_archive(root: Path, n_tokens: int, k: int, seed: int = 0) -> None:
                     pa.array(tk_lp[sl, 0], mask=m),
                     pa.ListArray.from_arrays(offsets, pa.array(tk_ids[sl].reshape(-1)), mask=pa.array(m)),
                     pa.ListArray.from_arrays(offsets, pa.array(tk_lp[sl].reshape(-1)), mask=pa.array(m)),
-                ], schema=schema.arrow_schema(k))
-                schema.atomic_write_table(table, ddir / f"part-{p:05d}.parquet",
+                ], schema=logprobs.arrow_schema(k))
+                logprobs.atomic_write_table(table, ddir / f"part-{p:05d}.parquet",
                                           {"fingerprint": label, "model": {"ref": label}, "dataset": {"name": name}})
 
 
@@ -115,7 +117,7 @@ def run(root: Path, n_boot: int) -> tuple[dict, dict]:
         data, meta = aggregate.load(found)
     with c("paired"):
         summary = aggregate.compute(data, "bf16", n_boot, 0)
-        summary["provenance"] = report.provenance_table(meta)
+        summary["provenance"] = outputs.provenance_table(meta)
         deltas = aggregate.delta_logprobs(data, "bf16", summary["sets"])
     with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_to_summary)
         for s in summary["sets"]:
@@ -123,9 +125,9 @@ def run(root: Path, n_boot: int) -> tuple[dict, dict]:
             divergence.topk_kl(b.topk_ids, b.topk_logprobs, q.topk_ids, q.topk_logprobs, b.logprob, q.logprob,
                                b.token_id)
     with c("stats"):
-        extra = quantstats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
+        extra = quant_stats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
     with c("report"):
-        report.write_all(summary, deltas, root / "report", extra)
+        outputs.write_all(summary, deltas, root / "report", extra)
     for d in (c.wall, c.cpu):
         d["aggregate"] = d["read"] + d["paired"] + d["stats"] + d["report"]
     return c.wall, c.cpu

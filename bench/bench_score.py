@@ -155,7 +155,7 @@ def wait_for_free_gpu(limit_gib: float = 4.0, timeout_s: float = 60.0) -> None:
 def random_samples(n: int, length: int, seed: int = 0):
     import numpy as np
 
-    from jobs.sampling import Sample
+    from jobs.texts.sampling import Sample
 
     rng = np.random.default_rng(seed)
     return [Sample(i, tuple(int(t) for t in rng.integers(0, VOCAB - 1000, length)), False) for i in range(n)]
@@ -165,10 +165,10 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from jobs.backends.vllm import VllmBackend
-    from jobs.checkpoint import describe_quantization
-    from jobs.evalsets import EvalSet
-    from jobs.settings import ScoreSettings
+    from jobs.engines.vllm import VllmBackend
+    from jobs.checkpoints.checkpoint import describe_quantization
+    from jobs.texts.evalsets import EvalSet
+    from jobs.core.settings import ScoreSettings
     from jobs.stages import score as stage
 
     tokens = sum(len(s.token_ids) for s in samples)
@@ -210,7 +210,7 @@ def run_hf(cfg: dict, samples, batch_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from jobs.backends.hf import TransformersBackend
+    from jobs.engines.hf import TransformersBackend
 
     tokens = sum(len(s.token_ids) for s in samples)
     torch.cuda.reset_peak_memory_stats()
@@ -273,7 +273,7 @@ def main():
     def share(tok_s: float) -> float:
         return round(flops_per_token * tok_s / (peak * 1e12), 3)
 
-    from jobs.settings import EngineOptions
+    from jobs.core.settings import EngineOptions
 
     for mnbt, fmt, topk in [(m, f, int(k)) for m in [int(x) for x in a.max_num_batched_tokens.split(",") if x] or [None]
                             for f in a.formats.split(",") for k in a.topk.split(",")]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU of a host busy (nvidia-h100-x2): the project's own `make -j2 eval` on a random-weight
 # checkpoint from disk (bench/random_checkpoint.py), as
-#   serial    two jobs (two labels, one model) with GPUS=0: jobs.slots runs them one after the other
+#   serial    two jobs (two labels, one model) with GPUS=0: jobs.runs.slots runs them one after the other
 #   parallel  the same two jobs with GPUS=0,1: one per GPU, side by side
 #   sharded   one job split in two shards over both GPUs, against the same job unsharded on one GPU;
 #             both with VLLM_BATCH_INVARIANT=1, then compared row for row

@@ -17,7 +17,7 @@ set -euo pipefail
 step=${1:?step}; shape=${2:-14B}; mode=${3:-warm}
 W=${W:-/tmp/rehearsal}; OUT=${OUT:-$W/out}; GPU=${GPU:-0}
 mkdir -p "$W" "$OUT"
-export CUDA_VISIBLE_DEVICES=$GPU  # this step's GPU (a scoring job's own comes from jobs.slots, GPUS=$GPU)
+export CUDA_VISIBLE_DEVICES=$GPU  # this step's GPU (a scoring job's own comes from jobs.runs.slots, GPUS=$GPU)
 root=$(cd "$(dirname "$0")/.." && pwd)
 tok=${TOKENIZER_DIR:-$root/.gpu-fixtures/tiny-bf16}
 venvs() {  # make's RUNNER=local wants VENV/bin/python: wrappers around the two interpreters

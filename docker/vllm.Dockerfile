@@ -7,7 +7,7 @@
 # /opt/qscore/pip-freeze.txt records what the image holds.
 FROM vllm/vllm-openai:v0.26.0
 
-# CACHE_DIR: every compile and JIT cache goes under /cache (jobs/caches.py); mount a host directory there
+# CACHE_DIR: every compile and JIT cache goes under /cache (jobs/core/caches.py); mount a host directory there
 # (make does) and the next container starts from them instead of a fresh HOME's nothing.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from .settings import EngineOptions
+    from jobs.core.settings import EngineOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
@@ -34,10 +34,10 @@ def stage(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from . import provenance
-        from .errors import QscoreError
+        from jobs.core import provenance
+        from jobs.core.errors import QscoreError
 
-        from . import caches
+        from jobs.core import caches
 
         signal.signal(signal.SIGTERM, _on_sigterm)
         caches.use(os.environ.get("CACHE_DIR"))
@@ -119,7 +119,7 @@ ENGINE_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_paral
 
 
 def _engine(kw: dict, **more) -> EngineOptions:
-    from .settings import EngineOptions
+    from jobs.core.settings import EngineOptions
 
     return EngineOptions.from_mapping({**{k: kw.pop(k) for k in ENGINE_KEYS}, **more})
 
@@ -150,8 +150,8 @@ def _engine(kw: dict, **more) -> EngineOptions:
 @stage
 def quantize(ignore, **kw):
     """Quantize a model with llm-compressor and save it compressed (with qscore.json beside the weights)."""
-    from .settings import QuantizeSettings
-    from .stages import quantize as q
+    from jobs.core.settings import QuantizeSettings
+    from jobs.stages import quantize as q
 
     q.run(settings=QuantizeSettings(ignore=tuple(x for x in ignore.split(",") if x), **kw))
 
@@ -176,8 +176,8 @@ def quantize(ignore, **kw):
 def validate(**kw):
     """Check that a checkpoint loads, matches its quantization config, and generates sane text.
     NVFP4 is computed as the checkpoint declares (W4A4)."""
-    from .settings import ValidateSettings
-    from .stages import validate as v
+    from jobs.core.settings import ValidateSettings
+    from jobs.stages import validate as v
 
     engine = _engine(kw)
     report = v.run(settings=ValidateSettings(engine=engine, **kw))
@@ -217,8 +217,8 @@ def validate(**kw):
 @stage
 def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw):
     """Score one model: per-token logprobs of each evaluation set to results/logprobs/model=LABEL/."""
-    from .settings import ScoreSettings, Shard
-    from .stages import score as s
+    from jobs.core.settings import ScoreSettings, Shard
+    from jobs.stages import score as s
 
     engine = _engine(kw, nvfp4_compute=nvfp4_compute, max_batch_tokens=max_batch_tokens)
     paths = s.run(settings=ScoreSettings(engine=engine, shard=Shard.parse(shard),
@@ -241,8 +241,8 @@ def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw)
 @stage
 def aggregate(**kw):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
-    from .settings import AggregateSettings
-    from .stages import aggregate as a
+    from jobs.core.settings import AggregateSettings
+    from jobs.stages import aggregate as a
 
     out = a.run(settings=AggregateSettings(**kw))
     click.echo(str(out / "report.md"))
@@ -279,9 +279,9 @@ def aggregate(**kw):
 def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_multiturn, add_bos_token,
           include_path, batch_size, backend, nvfp4_compute, results_dir, overwrite, engine_kwargs, **kw):
     """Task accuracy with lm-evaluation-harness: per-sample results to results/tasks/model=LABEL/task=T/."""
-    from .errors import SettingsError
-    from .settings import engine_dict
-    from .stages import tasks as t
+    from jobs.core.errors import SettingsError
+    from jobs.core.settings import engine_dict
+    from jobs.stages import tasks as t
 
     engine = _engine(kw, nvfp4_compute=nvfp4_compute)
     try:
@@ -304,7 +304,7 @@ def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_mul
 @stage
 def build_tiny(output, steps):
     """Build (once, cached) the tiny Qwen3 model and tokenizer that the demo and tests use."""
-    from .tinymodel import build_tiny_model
+    from jobs.tinymodel import build_tiny_model
 
     kw = {} if steps is None else {"steps": steps}
     click.echo(str(build_tiny_model(output, **kw)))
@@ -320,7 +320,7 @@ def build_tiny(output, steps):
 def export_modelopt(model, output, calibration_file, overwrite):
     """Quantize a BF16 checkpoint to NVFP4 with nvidia-modelopt and export it in ModelOpt's format
     (the demo's stand-in for NVIDIA's own checkpoints)."""
-    from .modelopt_export import DEFAULT_CALIBRATION, export_modelopt_nvfp4
+    from jobs.modelopt_export import DEFAULT_CALIBRATION, export_modelopt_nvfp4
 
     click.echo(str(export_modelopt_nvfp4(model, output, calibration_file or DEFAULT_CALIBRATION, overwrite=overwrite)))
 

@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import atomic, evalsets, quantcheck
-from .checkpoint import inspect
-from .errors import CheckpointError, QscoreError
+from jobs.core import atomic
+from jobs.texts import evalsets
+from jobs.checkpoints import quantcheck
+from jobs.checkpoints.checkpoint import inspect
+from jobs.core.errors import CheckpointError, QscoreError
 
 log = logging.getLogger(__name__)
 

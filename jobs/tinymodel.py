@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import atomic
+from jobs.core import atomic
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TRAIN_FILES = ("train_mini.txt", "calib_mini.jsonl")
@@ -104,7 +104,7 @@ def recipe(vocab_size: int = 1024, steps: int = DEFAULT_STEPS, seed: int = 0, sh
 # ------------------------------------------------------------------------------------------
 def render_chat(messages: Sequence[dict]) -> str:
     """SPEC §2 rendering, the same one the ``ultrachat`` set is scored with."""
-    from .evalsets import render_messages
+    from jobs.texts.evalsets import render_messages
 
     return render_messages(list(messages or []))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from jobs import atomic
+from jobs.core import atomic
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from jobs import comparison, divergence, metrics
+from jobs.stats import comparison, divergence, metrics
 
 
 def make_pair(sids, base_lp, model_lp, kl=None, conf=None, same=None, agree=None, positions=None):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from jobs import divergence
+from jobs.stats import divergence
 
 
 def topk(logp: np.ndarray, k: int):
@@ -153,10 +153,10 @@ def test_bound_against_the_exact_kl_on_the_tiny_model(tiny_model, tiny_nvfp4, ev
     from transformers import AutoTokenizer
 
     from conftest import DATA
-    from jobs import evalsets, sampling
-    from jobs.backends.hf import TransformersBackend
-    from jobs.checkpoint import inspect
-    from jobs.settings import EngineOptions
+    from jobs.texts import evalsets, sampling
+    from jobs.engines.hf import TransformersBackend
+    from jobs.checkpoints.checkpoint import inspect
+    from jobs.core.settings import EngineOptions
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     texts = evalsets.read_local_texts(DATA / "wiki_mini.txt")[:24]

@@ -207,7 +207,7 @@ def test_dockerignore_keeps_the_context_small():
                  "jobs/__pycache__/cli.cpython-311.pyc", "jobs/stages/__pycache__/score.cpython-311.pyc",
                  ".pytest_cache/v/cache", "data/wiki_mini.txt", "tests/test_make.py"):
         assert excluded(path), f"{path} would be sent to the Docker daemon"
-    for path in ("jobs/__main__.py", "jobs/cli.py", "jobs/stages/score.py", "jobs/backends/vllm.py",
+    for path in ("jobs/__main__.py", "jobs/cli.py", "jobs/stages/score.py", "jobs/engines/vllm.py",
                  "requirements/quantize.txt", "requirements/vllm.txt", "requirements/aggregate.txt"):
         assert not excluded(path), f"{path} is needed by the images but ignored"
     # everything a Dockerfile copies is in the context

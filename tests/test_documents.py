@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import cli
-from jobs import docppl, evalsets, rolling, sampling, schema
-from jobs.errors import SettingsError
+from jobs.stats import docppl
+from jobs.texts import evalsets, sampling
+from jobs.engines import rolling
+from jobs.archive import logprobs
+from jobs.core.errors import SettingsError
 
 RAW = [" ", " = Alpha = ", " ", " The alpha @-@ beta test , in 1990 . ", " ", " = = History = = ", " ",
        " It 's \" quoted \" ( here ) . ", " ", " = Beta = ", " ", " Second page : done ! ", " "]
@@ -98,7 +101,7 @@ class FakeEngine:
             n, doc = len(s.token_ids), self.docs[s.sample_id]
             start = next(i for i in range(len(doc)) if doc[i:i + n] == s.token_ids)
             lp = -(np.arange(n) + 100.0 * start)
-            yield schema.SequenceScores(s.sample_id, np.asarray(s.token_ids), lp.astype(np.float32),
+            yield logprobs.SequenceScores(s.sample_id, np.asarray(s.token_ids), lp.astype(np.float32),
                                         np.ones(n, np.int32), np.asarray(s.token_ids), lp.astype(np.float32))
 
 
@@ -142,7 +145,7 @@ def test_wikitext2_doc_scores_in_windows_end_to_end(tmp_path, tiny_model):
                 "--results-dir", out, "--max-model-len", 32, "--topk", 5,
                 *(["--dtype", "bfloat16"] if "noise" in label else []))
         assert r.exit_code == 0, r.output
-    table, meta = schema.read_dataset(out / "logprobs" / "model=bf16" / "dataset=wikitext2_doc")
+    table, meta = logprobs.read_dataset(out / "logprobs" / "model=bf16" / "dataset=wikitext2_doc")
     assert meta["dataset"]["rolling"]["window"] == 24 and meta["dataset"]["kind"] == "document"
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()

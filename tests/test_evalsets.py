@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import evalsets
+from jobs.texts import evalsets
 
 
 def test_wikitext_rendering_strips_drops_empty_keeps_first_n():

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA, ROOT, cli
-from jobs import schema
+from jobs.archive import logprobs
 
 pytestmark = pytest.mark.slow
 WIKI = f"wiki={DATA / 'wiki_mini.txt'}"
@@ -37,7 +37,7 @@ def score(model, results, *extra, label="m", datasets=WIKI):
 
 
 def rows(results, label="m", name="wiki"):
-    table, _ = schema.read_dataset(schema.dataset_dir(results, label, name))
+    table, _ = logprobs.read_dataset(logprobs.dataset_dir(results, label, name))
     return table
 
 
@@ -119,7 +119,7 @@ def test_max_model_len_beyond_the_models_context(tiny_model, tmp_path):
 
 
 def test_context_length_follows_rope_scaling():
-    from jobs.checkpoint import context_length
+    from jobs.checkpoints.checkpoint import context_length
 
     assert context_length({"max_position_embeddings": 40960}) == 40960
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -176,13 +176,13 @@ def test_a_null_logprob_at_a_scored_position_is_named(tmp_path):
     import pyarrow as pa
 
     n = 20
-    seq = schema.SequenceScores(0, np.arange(n), -np.ones(n), np.ones(n, int), np.arange(n), -np.ones(n))
-    table = schema.sequences_to_table([seq])
+    seq = logprobs.SequenceScores(0, np.arange(n), -np.ones(n), np.ones(n, int), np.arange(n), -np.ones(n))
+    table = logprobs.sequences_to_table([seq])
     logprob = table.column("logprob").to_pylist()
     logprob[5] = None  # position 5 is scored: only position 0 may be null
     table = table.set_column(table.schema.get_field_index("logprob"), "logprob", pa.array(logprob, pa.float32()))
-    ddir = schema.dataset_dir(tmp_path, "m", "wiki")
-    schema.atomic_write_table(table, ddir / "part-00000.parquet", {"fingerprint": "f"})
+    ddir = logprobs.dataset_dir(tmp_path, "m", "wiki")
+    logprobs.atomic_write_table(table, ddir / "part-00000.parquet", {"fingerprint": "f"})
     r = cli("aggregate", "--results-dir", tmp_path, "--baseline", "m")
     one_line_error(r, str(ddir), "logprob is null at a scored position")
     assert not (tmp_path / "report" / "summary.json").exists()
@@ -255,10 +255,10 @@ def test_sigterm_exits_cleanly_and_keeps_parts(tiny_model, tmp_path):
 
 def test_rerun_skips_and_other_settings_are_refused(tiny_model, tmp_path):
     assert score(tiny_model, tmp_path).exit_code == 0
-    first = [p.stat().st_mtime_ns for p in schema.part_files(schema.dataset_dir(tmp_path, "m", "wiki"))]
+    first = [p.stat().st_mtime_ns for p in logprobs.part_files(logprobs.dataset_dir(tmp_path, "m", "wiki"))]
     r = score(tiny_model, tmp_path)
     assert r.exit_code == 0 and "already scored" in r.stderr
-    assert first == [p.stat().st_mtime_ns for p in schema.part_files(schema.dataset_dir(tmp_path, "m", "wiki"))]
+    assert first == [p.stat().st_mtime_ns for p in logprobs.part_files(logprobs.dataset_dir(tmp_path, "m", "wiki"))]
     one_line_error(score(tiny_model, tmp_path, "--max-model-len", 64), "other settings", "--overwrite")
     r = score(tiny_model, tmp_path, "--max-model-len", 64, "--overwrite")
     assert r.exit_code == 0

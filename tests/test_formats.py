@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from conftest import cli, cli_subprocess
-from jobs import evalsets, sampling, schema
-from jobs.checkpoint import inspect
+from jobs.texts import evalsets, sampling
+from jobs.archive import logprobs
+from jobs.checkpoints.checkpoint import inspect
 from jobs.stages.aggregate import COLUMNS
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -58,7 +59,7 @@ def _oracle_logprobs(model, samples) -> np.ndarray:
 
 
 def _scored(results: Path, label: str, n: int) -> np.ndarray:
-    table, meta = schema.read_dataset(schema.dataset_dir(results, label, "wiki"))
+    table, meta = logprobs.read_dataset(logprobs.dataset_dir(results, label, "wiki"))
     t = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
     keep = t["position"] > 0
     order = np.lexsort((t["position"][keep], t["sample_id"][keep]))
@@ -116,8 +117,8 @@ def test_modelopt_checkpoint_converts_to_what_modelopt_dequantizes(tiny_modelopt
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
     from safetensors.torch import load_file
 
-    from jobs.backends.hf import TransformersBackend
-    from jobs.settings import EngineOptions
+    from jobs.engines.hf import TransformersBackend
+    from jobs.core.settings import EngineOptions
 
     raw = load_file(tiny_modelopt / "model.safetensors")
     backend = TransformersBackend(inspect(tiny_modelopt), EngineOptions(dtype="float32", nvfp4_compute="weight-only"))
@@ -147,7 +148,7 @@ def test_modelopt_checkpoint_declares_w4a4_too(tiny_modelopt, tiny_model, wiki_f
 
 
 def test_export_modelopt_is_nvidia_modelopt_and_passes_the_checker(tiny_modelopt, tiny_model):
-    from jobs import quantcheck
+    from jobs.checkpoints import quantcheck
 
     meta = json.loads((tiny_modelopt / "qscore_export.json").read_text())
     assert meta["modelopt_version"] and meta["calibration"]["tokens"] > 0 and meta["quantized_layers"] == 14

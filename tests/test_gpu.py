@@ -17,7 +17,8 @@ import pytest
 
 from conftest import cli_subprocess
 from gpu_fixtures import cuda_available, write_report
-from jobs import metrics, schema
+from jobs.stats import metrics
+from jobs.archive import logprobs
 from jobs.stages.aggregate import COLUMNS
 
 pytestmark = pytest.mark.gpu
@@ -48,12 +49,12 @@ def score(model, label, results, backend, *extra):
 
 def scored(model, label, results, backend, *extra):
     """``score`` unless an earlier test of this module has scored ``label`` already."""
-    if not schema.dataset_dir(results, label, "wiki").exists():
+    if not logprobs.dataset_dir(results, label, "wiki").exists():
         score(model, label, results, backend, *extra)
 
 
 def tokens(results, label, name="wiki"):
-    table, meta = schema.read_dataset(schema.dataset_dir(results, label, name))
+    table, meta = logprobs.read_dataset(logprobs.dataset_dir(results, label, name))
     return metrics.scored_tokens({c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}), meta
 
 
@@ -163,7 +164,7 @@ def test_vllm_on_nvfp4_checkpoints(gpu_checkpoints, results, fmt, mode):
 def test_vllm_parquet_passes_aggregate(gpu_checkpoints, results, tmp_path):
     labels = ("vllm-bf16", "vllm-nvfp4-w4a4", "vllm-modelopt-w4a4", "vllm-nvfp4-w4a16")
     for label in labels:
-        assert schema.dataset_dir(results, label, "wiki").exists(), f"{label} not scored"
+        assert logprobs.dataset_dir(results, label, "wiki").exists(), f"{label} not scored"
     only = tmp_path / "only-vllm"
     (only / "logprobs").mkdir(parents=True)
     for label in labels:
@@ -208,8 +209,8 @@ def test_noise_floor_and_kl_from_vllm_top20(gpu_checkpoints, results, tmp_path):
         "same_top1": q["same_top1"]["value"], "top5_agreement": q["topk_agreement"][4]["value"]}
     score(gpu_checkpoints / "tiny-bf16", "vllm-top32", results, "vllm", "--dtype", "bfloat16", "--topk", "32", *VLLM_OPTS)
     cols = ["position", "topk_ids", "topk_logprobs"]
-    t32, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-top32", "wiki"), cols)
-    t20, _ = schema.read_dataset(schema.dataset_dir(results, "vllm-bf16", "wiki"), cols)
+    t32, _ = logprobs.read_dataset(logprobs.dataset_dir(results, "vllm-top32", "wiki"), cols)
+    t20, _ = logprobs.read_dataset(logprobs.dataset_dir(results, "vllm-bf16", "wiki"), cols)
     rows = [(a, b, la, lb) for a, la, b, lb in zip(*(t.column(c).to_pylist() for t in (t32, t20) for c in cols[1:]))
             if a is not None]
     assert {len(a) for a, *_ in rows} == {32} and {len(b) for _, b, *_ in rows} == {20}
@@ -221,7 +222,7 @@ def test_noise_floor_and_kl_from_vllm_top20(gpu_checkpoints, results, tmp_path):
 @needs_vllm
 def test_validate_with_vllm(gpu_checkpoints, results):
     r = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--expect-scheme",
-                       "NVFP4", "--baseline-logprobs", schema.dataset_dir(results, "vllm-bf16", "wiki"),
+                       "NVFP4", "--baseline-logprobs", logprobs.dataset_dir(results, "vllm-bf16", "wiki"),
                        "--max-nll-increase", "1.0", *VLLM_OPTS)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
@@ -230,7 +231,7 @@ def test_validate_with_vllm(gpu_checkpoints, results):
     assert out["backend"]["arithmetic"].startswith("W4A4"), out["backend"]
     assert "EngineCore" not in r.stderr or "died" not in r.stderr
     bad = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--baseline-logprobs",
-                         schema.dataset_dir(results, "vllm-bf16", "wiki"), "--max-nll-increase", "0", *VLLM_OPTS)
+                         logprobs.dataset_dir(results, "vllm-bf16", "wiki"), "--max-nll-increase", "0", *VLLM_OPTS)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: quality gate")
     REPORT["validate vllm"] = {"probe_nll": out["probe_nll"], "gate": out["quality_gate"]["delta_nll"]}
 

@@ -25,7 +25,8 @@ import pytest
 
 from conftest import cli_subprocess
 from gpu_fixtures import cuda_available, write_report
-from jobs import taskarchive, taskreport
+from jobs.archive import tasks as task_archive
+from jobs.report import tasks as task_report
 
 pytestmark = pytest.mark.gpu
 
@@ -61,8 +62,8 @@ def run_tasks(model, label, results, backend, *extra) -> float:
 def accuracy(results, label) -> dict:
     out = {}
     for task in TASKS:
-        table, meta = taskarchive.read_task(taskarchive.task_dir(results, label, task))
-        for (metric, filt), m in taskreport.measures(table, meta).items():
+        table, meta = task_archive.read_task(task_archive.task_dir(results, label, task))
+        for (metric, filt), m in task_report.measures(table, meta).items():
             assert m.values.mean() == pytest.approx(meta["results"]["lm_eval"][f"{metric},{filt}"], abs=1e-12)
             out[f"{task} {metric}"] = round(float(m.values.mean()), 4)
     return out
@@ -73,7 +74,7 @@ def test_vllm_runs_the_bundled_tasks(gpu_checkpoints, results):
     for label, name in (("bf16", "tiny-bf16"), ("llmc-nvfp4", "tiny-nvfp4"), ("modelopt-nvfp4", "tiny-modelopt")):
         seconds = run_tasks(gpu_checkpoints / name, label, results, "vllm", *VLLM_OPTS)
         for task in TASKS:
-            table, meta = taskarchive.read_task(taskarchive.task_dir(results, label, task))
+            table, meta = task_archive.read_task(task_archive.task_dir(results, label, task))
             rt = meta["runtime"]
             assert rt["backend"] == "vllm" and rt["lm_eval"] == "0.4.13" and rt["gpu_name"], rt
             assert meta["task"]["n_docs"] == table.num_rows == 60
@@ -85,11 +86,11 @@ def test_vllm_runs_the_bundled_tasks(gpu_checkpoints, results):
 
 @needs_vllm
 def test_vllm_agrees_with_transformers_on_bf16(gpu_checkpoints, results):
-    assert taskarchive.task_dir(results, "bf16", "qscore_cloze").exists(), "run test_vllm_runs_the_bundled_tasks first"
+    assert task_archive.task_dir(results, "bf16", "qscore_cloze").exists(), "run test_vllm_runs_the_bundled_tasks first"
     seconds = run_tasks(gpu_checkpoints / "tiny-bf16", "hf-bf16", results, "transformers", "--dtype", "bfloat16")
     REPORT["transformers bf16 (cuda)"] = {**accuracy(results, "hf-bf16"), "seconds": round(seconds, 1)}
-    v, _ = taskarchive.read_task(taskarchive.task_dir(results, "bf16", "qscore_cloze"))
-    h, _ = taskarchive.read_task(taskarchive.task_dir(results, "hf-bf16", "qscore_cloze"))
+    v, _ = task_archive.read_task(task_archive.task_dir(results, "bf16", "qscore_cloze"))
+    h, _ = task_archive.read_task(task_archive.task_dir(results, "hf-bf16", "qscore_cloze"))
     same = float(np.mean(np.asarray(v.column("choice").to_pylist()) == np.asarray(h.column("choice").to_pylist())))
     lv = np.asarray(v.column("choice_logprobs").to_pylist())
     lh = np.asarray(h.column("choice_logprobs").to_pylist())

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import save_file
 
-from jobs import checkpoint
+from jobs.checkpoints import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("images_compare", ROOT / "tests" / "images" / "compare.py")

@@ -51,7 +51,7 @@ class Repo:
             if (ROOT / name).exists():
                 shutil.copy2(ROOT / name, path / name)
         shutil.copytree(ROOT / "requirements", path / "requirements")
-        # the Makefile takes its scoring jobs from the job plan (python3 -m jobs.plan)
+        # the Makefile takes its scoring jobs from the job plan (python3 -m jobs.runs.plan)
         shutil.copytree(ROOT / "jobs", path / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
         (path / "data").mkdir()
         (path / "data" / "mini.txt").write_text("one text per line\n")
@@ -226,8 +226,8 @@ def test_docker_image_names_gpus_and_extra_options(repo):
                      "eval", "aggregate")
     for ln in stage_lines(lines, "score"):
         assert "reg.example/qs-vllm:v7 score" in ln
-        # each job waits for a GPU of its own among GPUS, which jobs.slots puts in place of {gpus}
-        assert "python3 -m jobs.slots --gpus '\"device=0,1\"' --per-job 1 -- docker run" in ln
+        # each job waits for a GPU of its own among GPUS, which jobs.runs.slots puts in place of {gpus}
+        assert "python3 -m jobs.runs.slots --gpus '\"device=0,1\"' --per-job 1 -- docker run" in ln
         assert "--gpus {gpus}" in ln and "--shm-size 16g" in ln
         assert "--gpu-memory-utilization 0.7" in ln and ln.rstrip().endswith("--enforce-eager")
     assert "reg.example/qs-aggregate:v7 aggregate" in stage_lines(lines, "aggregate")[0]
@@ -242,7 +242,7 @@ def test_gpus_empty_in_env_file_or_environment(repo):
             (repo.path / ".env").write_text("GPUS=\n")
         lines = repo.dry("RUNNER=docker", "quantize", "validate", "eval", "report", env=env)
         runs = [ln for ln in lines if "docker run" in ln]
-        assert stage_lines(runs, "score") and not any("--gpus" in ln or "jobs.slots" in ln for ln in runs), env
+        assert stage_lines(runs, "score") and not any("--gpus" in ln or "jobs.runs.slots" in ln for ln in runs), env
         for ln in stage_lines(lines, "quantize") + stage_lines(lines, "score"):
             assert "--ipc=host" in ln and f"-v {repo.path}/data:/data:ro" in ln and "-e HF_HOME=/hf" in ln
         (repo.path / ".env").unlink(missing_ok=True)
@@ -285,7 +285,7 @@ def test_demo_in_the_images(repo):
     assert "RUNNER=docker" in score_part[0] and "RUNNER=docker" in report_part[0]
     assert "RUNNER=docker" not in tasks_part[0] and tasks_part[0].rstrip().endswith(" tasks")
     runs = [ln for ln in score_part if "docker run" in ln]
-    assert runs and not any("--gpus" in ln or "jobs.slots" in ln for ln in runs)
+    assert runs and not any("--gpus" in ln or "jobs.runs.slots" in ln for ln in runs)
     for stage in ("build-tiny", "quantize", "validate", "score"):  # in the quantize image (CPU torch)
         assert any(f"qscore-quantize:ci {stage} " in ln for ln in runs), stage
     scores = stage_lines(runs, "score")
@@ -405,7 +405,7 @@ def test_local_commands(repo):
     assert v.startswith(".venv/bin/python -m jobs validate --model models/Qwen3-14B-NVFP4 --backend auto")
     scores = stage_lines(lines, "score")
     assert {(opt(s, "--label"), opt(s, "--datasets")) for s in scores} == {(m, BOTH) for m in LABELS}
-    assert all(s.startswith("python3 -m jobs.slots --gpus 'all' --per-job 1 -- .venv/bin/python -m jobs score")
+    assert all(s.startswith("python3 -m jobs.runs.slots --gpus 'all' --per-job 1 -- .venv/bin/python -m jobs score")
                and opt(s, "--results-dir") == "results" for s in scores)
     [a] = stage_lines(lines, "aggregate")
     assert a == ".venv/bin/python -m jobs aggregate --results-dir results --baseline bf16 --report-dir results/report"
@@ -454,7 +454,7 @@ def test_demo_is_local_cpu_and_offline(repo):
     # both NVFP4 models as declared (W4A4), and again weight-only beside them; no GPU asked for
     assert {opt(s, "--label") for s in scores if "--nvfp4-compute weight-only" in s} == {
         "llmc-nvfp4-w4a16", "modelopt-nvfp4-w4a16"}
-    assert not any("jobs.slots" in s for s in scores)
+    assert not any("jobs.runs.slots" in s for s in scores)
     # the noise floor: the baseline again, in bfloat16 instead of float32
     [noise] = [s for s in scores if opt(s, "--label") == "bf16~noise"]
     assert opt(noise, "--model") == "models/tiny-qwen3" and opt(noise, "--dtype") == "bfloat16"
@@ -664,7 +664,7 @@ def test_cuda_host_doc_names_every_target_and_its_commands_work(repo):
 
 
 def test_cuda_host_doc_example_is_what_make_prints(repo):
-    block = re.search(r"```\n(python3 -m jobs.slots .*?)```", DOC.read_text(), re.S).group(1)
+    block = re.search(r"```\n(python3 -m jobs.runs.slots .*?)```", DOC.read_text(), re.S).group(1)
     documented = " ".join(block.replace("\\\n", " ").split())
     shutil.copy2(ROOT / ".env.example", repo.path / ".env")
     [line] = [ln for ln in stage_lines(repo.dry("RUNNER=docker", "eval"), "score") if "--label llmc-nvfp4" in ln]
@@ -679,7 +679,7 @@ def test_no_gpus_means_no_gpu_asked_for(repo):
     lines = repo.dry("RUNNER=docker", "GPUS=", "quantize", "validate", "eval", "report")
     for stage in ("quantize", "validate", "score", "aggregate"):
         for ln in stage_lines(lines, stage):
-            assert "--gpus" not in ln and "jobs.slots" not in ln, ln
+            assert "--gpus" not in ln and "jobs.runs.slots" not in ln, ln
     lines = repo.dry("RUNNER=local", "GPUS=", "eval")
     assert all(s.startswith(".venv/bin/python -m jobs score") for s in stage_lines(lines, "score"))
 
@@ -687,7 +687,7 @@ def test_no_gpus_means_no_gpu_asked_for(repo):
 def test_large_models_take_several_gpus_and_shards_split_a_model(repo):
     lines = repo.dry("RUNNER=docker", "TENSOR_PARALLEL_SIZE=2", "GPUS=0,1,2,3", "eval")
     for s in stage_lines(lines, "score"):
-        assert "jobs.slots --gpus '0,1,2,3' --per-job 2 --" in s and "--tensor-parallel-size 2" in s
+        assert "jobs.runs.slots --gpus '0,1,2,3' --per-job 2 --" in s and "--tensor-parallel-size 2" in s
     scores = stage_lines(repo.dry("RUNNER=local", "SHARDS=2", "MODELS=big=models/big", "eval"), "score")
     assert sorted(opt(s, "--shard") for s in scores) == ["1/2", "2/2"]
     assert len(repo.var("EVAL_STAMPS", "SHARDS=2", "MODELS=big=models/big").split()) == 4  # (set, shard)

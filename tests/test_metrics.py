@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from jobs import metrics
+from jobs.stats import metrics
 
 
 def toks(sids, lps, ranks=None, top1=None, top1_lp=None, token_ids=None):
@@ -126,16 +126,16 @@ def test_scored_tokens_takes_topk_rows_of_every_position_or_of_the_scored_ones()
 def test_the_aggregate_reads_the_scored_rows_of_every_chunk_and_refuses_a_scored_null():
     import pyarrow as pa
 
-    from jobs import schema
-    from jobs.errors import AggregateError
+    from jobs.archive import logprobs
+    from jobs.core.errors import AggregateError
     from jobs.stages.aggregate import COLUMNS, scored_columns
 
     rng = np.random.default_rng(0)
-    seqs = [schema.SequenceScores(i, rng.integers(0, 99, n), -rng.random(n), rng.integers(1, 9, n),
+    seqs = [logprobs.SequenceScores(i, rng.integers(0, 99, n), -rng.random(n), rng.integers(1, 9, n),
                                   rng.integers(0, 99, n), -rng.random(n)) for i, n in enumerate((5, 3, 7))]
     # chunks as concat_tables of parts gives them: one a slice (a buffer offset), one empty
-    table = pa.concat_tables([schema.sequences_to_table(seqs[:1]), schema.sequences_to_table(seqs[1:]).slice(0, 10),
-                              schema.sequences_to_table(seqs[:1]).slice(0, 0)])
+    table = pa.concat_tables([logprobs.sequences_to_table(seqs[:1]), logprobs.sequences_to_table(seqs[1:]).slice(0, 10),
+                              logprobs.sequences_to_table(seqs[:1]).slice(0, 0)])
     plain = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
     keep = plain["position"] > 0
     got = scored_columns(table, "t")

@@ -6,7 +6,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import cli
-from jobs import schema
+from jobs.archive import logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_scored_nll_equals_an_independent_forward_pass(results, tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    table, _ = schema.read_dataset(results / "logprobs" / "model=bf16" / "dataset=wiki")
+    table, _ = logprobs.read_dataset(results / "logprobs" / "model=bf16" / "dataset=wiki")
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     sid = table.column("sample_id").to_numpy()
     for s in np.unique(sid)[:4]:
@@ -53,8 +53,8 @@ def test_hive_layout_is_readable_as_one_dataset(results):
 
 def test_metadata_records_provenance(results):
     part = sorted((results / "logprobs" / "model=llmc-nvfp4" / "dataset=chat").glob("part-*.parquet"))[0]
-    m = schema.read_metadata(part)
-    assert m["schema_version"] == schema.SCHEMA_VERSION
+    m = logprobs.read_metadata(part)
+    assert m["schema_version"] == logprobs.SCHEMA_VERSION
     assert m["model"]["label"] == "llmc-nvfp4" and len(m["model"]["content_hash"]) == 64
     assert m["quantization"]["method"] == "compressed-tensors" and m["quantization"]["scheme"] == "NVFP4"
     assert m["quantization"]["group_size"] == 16 and m["quantization"]["ignore"] == ["lm_head"]

@@ -1,7 +1,7 @@
 import pytest
 
-from jobs import quantcheck
-from jobs.checkpoint import describe_quantization
+from jobs.checkpoints import quantcheck
+from jobs.checkpoints.checkpoint import describe_quantization
 
 
 def ct_config(group=16, abits=4):

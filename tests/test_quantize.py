@@ -4,8 +4,8 @@ import json
 import pytest
 
 from conftest import DATA, cli
-from jobs import quantcheck
-from jobs.checkpoint import inspect
+from jobs.checkpoints import quantcheck
+from jobs.checkpoints.checkpoint import inspect
 
 pytestmark = pytest.mark.slow
 

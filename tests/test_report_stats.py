@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import cli
-from jobs import schema
+from jobs.archive import logprobs
 
 
 def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=None):
@@ -25,12 +25,12 @@ def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=No
             rank[1:] = (lp[:-1] > actual[1:, None]).sum(1) + 1
             tk_ids = np.vstack([np.full((1, k), -1), top[:-1]]).astype(np.int32)
             tk_lp = np.vstack([np.full((1, k), np.nan), np.take_along_axis(lp, top, 1)[:-1]]).astype(np.float32)
-            seqs.append(schema.SequenceScores(sid, np.asarray(ids, np.int32), actual, rank, tk_ids[:, 0], tk_lp[:, 0],
+            seqs.append(logprobs.SequenceScores(sid, np.asarray(ids, np.int32), actual, rank, tk_ids[:, 0], tk_lp[:, 0],
                                               tk_ids if k > 1 else None, tk_lp if k > 1 else None))
-        table = schema.sequences_to_table(seqs, topk=k)
+        table = logprobs.sequences_to_table(seqs, topk=k)
         meta = {"fingerprint": label, "model": {"ref": label}, "tokenizer": {"path": str(tokenizer_path or "")},
                 "dataset": {"name": name}, "counts": {"rows_total": table.num_rows}}
-        schema.atomic_write_table(table, schema.dataset_dir(root, label, name) / "part-00000.parquet", meta)
+        logprobs.atomic_write_table(table, logprobs.dataset_dir(root, label, name) / "part-00000.parquet", meta)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 
-from jobs import sampling
-from jobs.errors import SettingsError
+from jobs.texts import sampling
+from jobs.core.errors import SettingsError
 
 
 def test_drops_texts_under_16_tokens_and_keeps_sample_ids():

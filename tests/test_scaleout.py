@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import cli
-from jobs import executors, plan, schema, slots
-from jobs.errors import SettingsError
+from jobs.runs import executors, plan, slots
+from jobs.archive import logprobs
+from jobs.core.errors import SettingsError
 
 ENV = {"MODELS": "bf16=Qwen/Qwen3-14B llmc=models/Qwen3-14B-NVFP4", "DATASETS": "wikitext2 chat=data/chat.jsonl",
        "MAX_MODEL_LEN": "2048", "TOPK": "1", "RESULTS_DIR": "results"}
@@ -74,11 +75,11 @@ def test_sharded_run_is_the_unsharded_run_row_for_row(tiny_model, tmp_path):
                  [*base, "--results-dir", tmp_path / "two", "--shard", "1/2"]):
         r = cli("score", *args)
         assert r.exit_code == 0, r.output
-    one, meta1 = schema.read_dataset(schema.dataset_dir(tmp_path / "one", "m", "wiki"))
-    two, meta2 = schema.read_dataset(schema.dataset_dir(tmp_path / "two", "m", "wiki"))
+    one, meta1 = logprobs.read_dataset(logprobs.dataset_dir(tmp_path / "one", "m", "wiki"))
+    two, meta2 = logprobs.read_dataset(logprobs.dataset_dir(tmp_path / "two", "m", "wiki"))
     assert one.num_rows > 0 and one.equals(two)
     assert meta2["fingerprint"] == meta1["fingerprint"]  # the shards' set fingerprint is the unsharded run's
-    shard1 = schema.dataset_dir(tmp_path / "two", "m", "wiki") / "shard=1-of-2"
+    shard1 = logprobs.dataset_dir(tmp_path / "two", "m", "wiki") / "shard=1-of-2"
     assert sorted(p.name for p in shard1.glob("part-*")) == [f"part-{k:05d}.parquet" for k in range(0, 17, 2)]
     # the aggregate stage reads the merged shards like any dataset
     r = cli("aggregate", "--results-dir", tmp_path / "two", "--baseline", "m", "--bootstrap", 100)
@@ -90,7 +91,7 @@ def _fake_shards(root: Path, names: list[str]):
     for n in names:
         (d / n).mkdir(parents=True)
         table = pa.table({"sample_id": pa.array([0], pa.int32()), "position": pa.array([0], pa.int32())})
-        schema.atomic_write_table(table, d / n / "part-00000.parquet", {"set_fingerprint": "x", "fingerprint": n})
+        logprobs.atomic_write_table(table, d / n / "part-00000.parquet", {"set_fingerprint": "x", "fingerprint": n})
     return d
 
 
@@ -105,8 +106,8 @@ def test_incomplete_or_overlapping_shards_are_refused(tmp_path, names, msg):
 
 
 def test_shard_names(tmp_path):
-    assert schema.shard_problem(["shard=1-of-2", "shard=2-of-2"]) is None
-    assert "unexpected directory" in schema.shard_problem(["shard=x"])
+    assert logprobs.shard_problem(["shard=1-of-2", "shard=2-of-2"]) is None
+    assert "unexpected directory" in logprobs.shard_problem(["shard=x"])
     r = cli("score", "--model", tmp_path, "--label", "m", "--shard", "3/2")
     assert r.exit_code == 1 and "--shard must be i/N" in r.stderr
 
@@ -123,7 +124,7 @@ def test_gpus_values():
 def test_jobs_wait_for_a_free_gpu(tmp_path):
     """Two jobs on one GPU run one after the other; on two GPUs, side by side, each with its own."""
     def start(gpus, out):
-        cmd = [sys.executable, "-m", "jobs.slots", "--gpus", gpus, "--lock-dir", str(tmp_path / "locks"), "--",
+        cmd = [sys.executable, "-m", "jobs.runs.slots", "--gpus", gpus, "--lock-dir", str(tmp_path / "locks"), "--",
                "sh", "-c", f'echo "$CUDA_VISIBLE_DEVICES {{gpus}} $(date +%s.%N)" >> {out}; sleep 1.5; date +%s.%N >> {out}']
         return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
 
@@ -205,7 +206,7 @@ def test_a_job_wanting_more_gpus_than_listed_is_refused(capsys):
 
 
 def test_unknown_engine_options_are_refused():
-    from jobs.settings import EngineOptions
+    from jobs.core.settings import EngineOptions
 
     with pytest.raises(SettingsError, match="unknown engine option"):
         EngineOptions.from_mapping({"max_model_len": 64, "enforce_eger": True})

@@ -2,15 +2,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import schema
-from jobs.errors import ScoreError, SettingsError
+from jobs.archive import logprobs
+from jobs.core.errors import ScoreError, SettingsError
 
 
 def seq(sid, n, k=1, seed=0):
     rng = np.random.default_rng(seed)
     lp = -rng.exponential(size=n).astype(np.float32)
     lp[0] = np.nan
-    s = schema.SequenceScores(sid, np.arange(n, dtype=np.int32) + 5, lp, np.r_[-1, rng.integers(1, 9, n - 1)],
+    s = logprobs.SequenceScores(sid, np.arange(n, dtype=np.int32) + 5, lp, np.r_[-1, rng.integers(1, 9, n - 1)],
                               np.r_[-1, rng.integers(0, 99, n - 1)], lp / 2)
     if k > 1:
         s.topk_ids = rng.integers(0, 99, (n, k))
@@ -21,11 +21,11 @@ def seq(sid, n, k=1, seed=0):
 @pytest.mark.parametrize("k", [1, 3])
 def test_round_trip(tmp_path, k):
     seqs = [seq(0, 5, k), seq(7, 3, k, seed=1)]
-    table = schema.sequences_to_table(seqs, topk=k)
-    assert table.schema == schema.arrow_schema(k)
+    table = logprobs.sequences_to_table(seqs, topk=k)
+    assert table.schema == logprobs.arrow_schema(k)
     path = tmp_path / "model=a" / "dataset=b" / "part-00000.parquet"
-    schema.atomic_write_table(table, path, {"fingerprint": "f", "counts": {"rows_total": 8}})
-    back, meta = schema.read_dataset(path.parent)
+    logprobs.atomic_write_table(table, path, {"fingerprint": "f", "counts": {"rows_total": 8}})
+    back, meta = logprobs.read_dataset(path.parent)
     assert meta["fingerprint"] == "f"
     assert back.column("sample_id").to_pylist() == [0] * 5 + [7] * 3
     assert back.column("position").to_pylist() == [0, 1, 2, 3, 4, 0, 1, 2]
@@ -46,7 +46,7 @@ def test_nan_logprob_is_refused():
     s = seq(0, 5)
     s.logprob[3] = np.nan
     with pytest.raises(ScoreError, match="non-finite logprob in sample 0 at position 3"):
-        schema.sequences_to_table([s])
+        logprobs.sequences_to_table([s])
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
@@ -55,27 +55,27 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq, "write_table", boom)
     with pytest.raises(OSError):
-        schema.atomic_write_table(schema.sequences_to_table([seq(0, 4)]), tmp_path / "part-00000.parquet", {})
+        logprobs.atomic_write_table(logprobs.sequences_to_table([seq(0, 4)]), tmp_path / "part-00000.parquet", {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_file_is_named(tmp_path):
     path = tmp_path / "part-00000.parquet"
-    schema.atomic_write_table(schema.sequences_to_table([seq(0, 40)]), path, {"fingerprint": "f"})
+    logprobs.atomic_write_table(logprobs.sequences_to_table([seq(0, 40)]), path, {"fingerprint": "f"})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(schema.ArchiveError, match="part-00000.parquet"):
-        schema.read_dataset(tmp_path)
+    with pytest.raises(logprobs.ArchiveError, match="part-00000.parquet"):
+        logprobs.read_dataset(tmp_path)
 
 
 def test_incomplete_dataset_is_refused(tmp_path):
-    schema.atomic_write_table(schema.sequences_to_table([seq(0, 4)]), tmp_path / "part-00000.parquet",
+    logprobs.atomic_write_table(logprobs.sequences_to_table([seq(0, 4)]), tmp_path / "part-00000.parquet",
                               {"fingerprint": "f", "counts": {"rows_total": 9}})
-    with pytest.raises(schema.ArchiveError, match="4 rows but the run recorded 9"):
-        schema.read_dataset(tmp_path)
+    with pytest.raises(logprobs.ArchiveError, match="4 rows but the run recorded 9"):
+        logprobs.read_dataset(tmp_path)
 
 
 @pytest.mark.parametrize("label", ["a/b", "x=y", "", "has space", "../up"])
 def test_labels_that_would_break_the_hive_layout(label):
     with pytest.raises(SettingsError, match="bad model label"):
-        schema.dataset_dir("results", label, "wiki")
+        logprobs.dataset_dir("results", label, "wiki")

@@ -7,7 +7,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import DATA, cli
-from jobs import taskarchive, taskeval, taskreport
+from jobs.archive import tasks as task_archive
+from jobs.engines import lmeval
+from jobs.report import tasks as task_report
 
 pytestmark = pytest.mark.slow
 LIMIT = "30"  # documents per task: enough for the statistics, quick on 2 cores
@@ -43,7 +45,7 @@ def test_archive_layout_and_columns(results):
     assert set(t.column("model").to_pylist()) == {"bf16", "llmc-nvfp4"}
     assert set(t.column("task").to_pylist()) == {"qscore_arith", "qscore_cloze"}
     assert t.num_rows == 2 * 2 * int(LIMIT)  # one filter per bundled task: one row per document
-    table, meta = taskarchive.read_task(taskarchive.task_dir(results, "bf16", "qscore_cloze"))
+    table, meta = task_archive.read_task(task_archive.task_dir(results, "bf16", "qscore_cloze"))
     assert table.column("doc_id").to_pylist() == list(range(int(LIMIT)))
     row = table.slice(0, 1).to_pylist()[0]
     assert row["filter"] == "none" and len(row["choice_logprobs"]) == 4 and row["raw_response"] is None
@@ -51,7 +53,7 @@ def test_archive_layout_and_columns(results):
     assert row["correct"] == (row["acc"] == 1.0) == (str(row["choice"]) == row["target"])
     gold = json.loads((DATA / "tasks" / "cloze_mini.jsonl").read_text().splitlines()[0])
     assert row["response"] == gold["choices"][row["choice"]]
-    table, _ = taskarchive.read_task(taskarchive.task_dir(results, "bf16", "qscore_arith"))
+    table, _ = task_archive.read_task(task_archive.task_dir(results, "bf16", "qscore_arith"))
     row = table.slice(0, 1).to_pylist()[0]
     assert row["filter"] == "first-number" and row["choice"] is None and isinstance(row["raw_response"], str)
     assert row["target"] == json.loads((DATA / "tasks" / "arith_mini.jsonl").read_text().splitlines()[0])["answer"]
@@ -60,15 +62,15 @@ def test_archive_layout_and_columns(results):
 def test_per_sample_values_reproduce_lm_evals_own_scores(results):
     for label in ("bf16", "llmc-nvfp4"):
         for task in ("qscore_arith", "qscore_cloze"):
-            table, meta = taskarchive.read_task(taskarchive.task_dir(results, label, task))
+            table, meta = task_archive.read_task(task_archive.task_dir(results, label, task))
             own = meta["results"]["lm_eval"]
-            for (metric, filt), m in taskreport.measures(table, meta).items():
+            for (metric, filt), m in task_report.measures(table, meta).items():
                 assert m.values.mean() == pytest.approx(own[f"{metric},{filt}"], abs=1e-12)
 
 
 def test_metadata_records_provenance(results, tiny_nvfp4):
-    _, meta = taskarchive.read_task(taskarchive.task_dir(results, "llmc-nvfp4", "qscore_arith"))
-    assert meta["schema_version"] == taskarchive.SCHEMA_VERSION and len(meta["fingerprint"]) == 16
+    _, meta = task_archive.read_task(task_archive.task_dir(results, "llmc-nvfp4", "qscore_arith"))
+    assert meta["schema_version"] == task_archive.SCHEMA_VERSION and len(meta["fingerprint"]) == 16
     assert meta["model"]["label"] == "llmc-nvfp4" and len(meta["model"]["content_hash"]) == 64
     assert meta["quantization"]["scheme"] == "NVFP4" and meta["quantization"]["method"] == "compressed-tensors"
     assert meta["runtime"]["backend"] == "transformers" and meta["runtime"]["lm_eval"] == "0.4.13"
@@ -87,7 +89,7 @@ def test_metadata_records_provenance(results, tiny_nvfp4):
 
 
 def test_the_bundled_cloze_task_is_above_chance_for_the_tiny_model(results):
-    table, _ = taskarchive.read_task(taskarchive.task_dir(results, "bf16", "qscore_cloze"))
+    table, _ = task_archive.read_task(task_archive.task_dir(results, "bf16", "qscore_cloze"))
     assert np.mean(table.column("acc").to_numpy()) > 0.4  # chance is 0.25: recovery means something
 
 
@@ -97,9 +99,9 @@ def test_config_hash_ignores_where_the_yaml_was_read(tmp_path, tiny_model):
 
     copy = tmp_path / "elsewhere"
     shutil.copytree(DATA / "tasks", copy)
-    _, a = taskeval.load_tasks(["qscore_cloze"], DATA / "tasks")
-    _, b = taskeval.load_tasks(["qscore_cloze"], copy)
-    assert taskeval.config_hash(a["qscore_cloze"]) == taskeval.config_hash(b["qscore_cloze"])
+    _, a = lmeval.load_tasks(["qscore_cloze"], DATA / "tasks")
+    _, b = lmeval.load_tasks(["qscore_cloze"], copy)
+    assert lmeval.config_hash(a["qscore_cloze"]) == lmeval.config_hash(b["qscore_cloze"])
 
 
 def test_report_has_the_task_table(results, tiny_model, tiny_nvfp4, tmp_path):
@@ -132,7 +134,7 @@ def test_report_has_the_task_table(results, tiny_model, tiny_nvfp4, tmp_path):
 
 
 def test_rerun_skips_and_other_settings_are_refused(results, tiny_model, monkeypatch):
-    d = taskarchive.task_dir(results, "bf16", "qscore_cloze")
+    d = task_archive.task_dir(results, "bf16", "qscore_cloze")
     before = [p.stat().st_mtime_ns for p in d.glob("part-*.parquet")]
 
     def no_model(*a, **k):
@@ -149,7 +151,7 @@ def test_rerun_skips_and_other_settings_are_refused(results, tiny_model, monkeyp
 
 def test_interrupted_run_keeps_finished_tasks_and_resumes(tiny_model, tmp_path, monkeypatch):
     calls = []
-    real = taskeval.evaluate
+    real = lmeval.evaluate
 
     def interrupt_second(lm, tm, task, **kw):
         calls.append(task.task_name)
@@ -162,18 +164,18 @@ def test_interrupted_run_keeps_finished_tasks_and_resumes(tiny_model, tmp_path, 
     assert r.exit_code == 130 and "completed parts are kept" in r.stderr
     model_dir = tmp_path / "tasks" / "model=m"
     assert [p.name for p in model_dir.iterdir()] == ["task=qscore_arith"]  # nothing partial, nothing hidden
-    taskarchive.read_task(model_dir / "task=qscore_arith")
+    task_archive.read_task(model_dir / "task=qscore_arith")
     calls.clear()
     r = tasks(tiny_model, "m", tmp_path, "--limit", "5")
     assert r.exit_code == 0 and calls == ["qscore_cloze"]  # only what was missing
-    assert sorted(taskarchive.discover(tmp_path)["m"]) == ["qscore_arith", "qscore_cloze"]
+    assert sorted(task_archive.discover(tmp_path)["m"]) == ["qscore_arith", "qscore_cloze"]
 
 
 def test_overwrite_replaces(tiny_model, tmp_path):
     assert tasks(tiny_model, "m", tmp_path, "--limit", "3", "--tasks", "qscore_cloze").exit_code == 0
     r = tasks(tiny_model, "m", tmp_path, "--limit", "4", "--tasks", "qscore_cloze", "--overwrite")
     assert r.exit_code == 0, r.output
-    table, meta = taskarchive.read_task(taskarchive.task_dir(tmp_path, "m", "qscore_cloze"))
+    table, meta = task_archive.read_task(task_archive.task_dir(tmp_path, "m", "qscore_cloze"))
     assert table.num_rows == 4 and meta["task"]["limit"] == 4
     assert not [p for p in (tmp_path / "tasks" / "model=m").iterdir() if p.name.startswith(".")]
 
@@ -225,22 +227,23 @@ def test_validate_task_gate(results, tiny_nvfp4):
 
 
 def test_the_task_reader_refuses_what_is_not_one_whole_task_run(tmp_path):
-    from jobs import errors, schema
+    from jobs.core import errors
+    from jobs.archive import logprobs
 
     rows = [{"doc_id": i, "filter": "none", "correct": bool(i % 2), "acc": float(i % 2)} for i in range(5)]
-    table = taskarchive.rows_to_table(rows, ["acc"])
-    meta = {"schema_version": taskarchive.SCHEMA_VERSION, "fingerprint": "f", "metrics": [{"name": "acc"}]}
-    good = taskarchive.write_task(tmp_path / "good", table, meta, part_rows=2)
-    assert taskarchive.read_task(good)[0].num_rows == 5
+    table = task_archive.rows_to_table(rows, ["acc"])
+    meta = {"schema_version": task_archive.SCHEMA_VERSION, "fingerprint": "f", "metrics": [{"name": "acc"}]}
+    good = task_archive.write_task(tmp_path / "good", table, meta, part_rows=2)
+    assert task_archive.read_task(good)[0].num_rows == 5
     (good / "part-00002.parquet").unlink()  # a part lost after the run
     with pytest.raises(errors.ArchiveError, match=r"4 rows but the run recorded 5 \(incomplete task\)"):
-        taskarchive.read_task(good)
+        task_archive.read_task(good)
     other = tmp_path / "logprobs"
-    schema.atomic_write_table(table, other / "part-00000.parquet", {**meta, "schema_version": schema.SCHEMA_VERSION})
+    logprobs.atomic_write_table(table, other / "part-00000.parquet", {**meta, "schema_version": logprobs.SCHEMA_VERSION})
     with pytest.raises(errors.ArchiveError, match=r"not a task file of schema 'tasks-1' \(schema '1'\)"):
-        taskarchive.read_task(other)
-    nometric = taskarchive.write_task(tmp_path / "nometric", taskarchive.rows_to_table(rows, []),
+        task_archive.read_task(other)
+    nometric = task_archive.write_task(tmp_path / "nometric", task_archive.rows_to_table(rows, []),
                                       {**meta, "metrics": [{"name": "exact_match"}]})
     with pytest.raises(errors.ArchiveError, match=r"missing columns \['exact_match'\]"):
-        taskarchive.read_task(nometric)
+        task_archive.read_task(nometric)
     assert errors.first_line(ValueError()) == "ValueError" and errors.first_line(OSError("a\nb")) == "a"

@@ -38,9 +38,9 @@ def test_no_cloze_sentence_is_in_the_tiny_models_training_text():
 
 def test_lm_eval_loads_them_without_the_hub(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from jobs import taskeval
+    from jobs.engines import lmeval
 
-    _, tasks = taskeval.load_tasks(["qscore_local"], TASKS)
+    _, tasks = lmeval.load_tasks(["qscore_local"], TASKS)
     assert sorted(tasks) == ["qscore_arith", "qscore_cloze"]
     assert len(tasks["qscore_arith"].eval_docs) == 60 and tasks["qscore_arith"].config.num_fewshot == 3
     assert tasks["qscore_cloze"].OUTPUT_TYPE == "multiple_choice" and len(tasks["qscore_cloze"].eval_docs) == 60

@@ -6,20 +6,20 @@ import types
 
 import pytest
 
-from jobs import taskeval
+from jobs.engines import lmeval
 
 
 def test_engine_options_are_the_score_stages():
-    kw = taskeval.vllm_engine_kwargs({"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2, "enforce_eager": True,
+    kw = lmeval.vllm_engine_kwargs({"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2, "enforce_eager": True,
                                       "max_num_batched_tokens": None, "quantization": None,
                                       "engine_kwargs": {"max_num_seqs": 8}})
     assert kw == {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2, "enforce_eager": True,
                   "enable_prefix_caching": False, "max_num_seqs": 8}
-    kw = taskeval.vllm_engine_kwargs({"max_num_batched_tokens": 4096, "quantization": "modelopt_fp4"})
+    kw = lmeval.vllm_engine_kwargs({"max_num_batched_tokens": 4096, "quantization": "modelopt_fp4"})
     assert kw["max_num_batched_tokens"] == 4096 and kw["quantization"] == "modelopt_fp4"
     assert kw["gpu_memory_utilization"] == 0.85 and kw["enable_prefix_caching"] is False
     # one dict passes anything else through, and wins
-    assert taskeval.vllm_engine_kwargs({"engine_kwargs": {"enable_prefix_caching": True}})["enable_prefix_caching"]
+    assert lmeval.vllm_engine_kwargs({"engine_kwargs": {"enable_prefix_caching": True}})["enable_prefix_caching"]
 
 
 class FakeEngine:
@@ -64,7 +64,7 @@ def test_lm_evals_vllm_model_is_built_with_qscores_options(fake_lm_eval_vllm, tm
 
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}}))
-    lm, backend = taskeval.load_lm("vllm", tmp_path, dtype="auto", batch_size=16, max_model_len=1024,
+    lm, backend = lmeval.load_lm("vllm", tmp_path, dtype="auto", batch_size=16, max_model_len=1024,
                                    add_bos_token=True, engine_options={"gpu_memory_utilization": 0.4,
                                                                       "enforce_eager": True, "engine_kwargs": {},
                                                                       "nvfp4_compute": "weight-only"})
@@ -86,13 +86,13 @@ def test_lm_evals_vllm_model_is_built_with_qscores_options(fake_lm_eval_vllm, tm
 
 
 def test_chat_template_choice():
-    assert taskeval.chat_template_arg("none") is False and taskeval.chat_template_arg("") is False
-    assert taskeval.chat_template_arg("default") is True
-    assert taskeval.chat_template_arg("tool_use") == "tool_use"
+    assert lmeval.chat_template_arg("none") is False and lmeval.chat_template_arg("") is False
+    assert lmeval.chat_template_arg("default") is True
+    assert lmeval.chat_template_arg("tool_use") == "tool_use"
 
 
 def test_effective_shots_follow_lm_evals_rule():
-    assert taskeval.effective_fewshot(5, None) == 5  # gsm8k's own
-    assert taskeval.effective_fewshot(None, None) == 0
-    assert taskeval.effective_fewshot(5, 8) == 8
-    assert taskeval.effective_fewshot(0, 8) == 0  # a task pinned to 0 stays 0, as simple_evaluate does
+    assert lmeval.effective_fewshot(5, None) == 5  # gsm8k's own
+    assert lmeval.effective_fewshot(None, None) == 0
+    assert lmeval.effective_fewshot(5, 8) == 8
+    assert lmeval.effective_fewshot(0, 8) == 0  # a task pinned to 0 stays 0, as simple_evaluate does

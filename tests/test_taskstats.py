@@ -1,9 +1,9 @@
-"""Task accuracy, recovery and their bootstrap intervals, checked by hand (jobs/taskstats.py)."""
+"""Task accuracy, recovery and their bootstrap intervals, checked by hand (jobs/task_stats.py)."""
 import numpy as np
 import pytest
 
-from jobs import taskstats
-from jobs.taskstats import Measure, TaskDocsMismatch
+from jobs.stats import tasks as task_stats
+from jobs.stats.tasks import Measure, TaskDocsMismatch
 
 
 def measure(values, ids=None, hashes=None):
@@ -13,32 +13,32 @@ def measure(values, ids=None, hashes=None):
 
 
 def test_accuracy_and_its_interval():
-    r = taskstats.bootstrap_mean([1, 0, 1, 1], n_boot=2000, seed=1)
+    r = task_stats.bootstrap_mean([1, 0, 1, 1], n_boot=2000, seed=1)
     assert r["value"] == 0.75 and r["n"] == 4
     # a replicate mean of 4 draws is a multiple of 1/4, between 0 and 1
     assert r["lo"] in (0.25, 0.5) and r["hi"] == 1.0
-    assert taskstats.bootstrap_mean([1, 1, 1], seed=0) == {"value": 1.0, "lo": 1.0, "hi": 1.0, "n": 3}
-    assert taskstats.bootstrap_mean([], seed=0)["value"] is None
+    assert task_stats.bootstrap_mean([1, 1, 1], seed=0) == {"value": 1.0, "lo": 1.0, "hi": 1.0, "n": 3}
+    assert task_stats.bootstrap_mean([], seed=0)["value"] is None
     # the seed fixes the interval
     x = np.random.default_rng(5).integers(0, 2, 200)
-    assert taskstats.bootstrap_mean(x, seed=3) == taskstats.bootstrap_mean(x, seed=3)
+    assert task_stats.bootstrap_mean(x, seed=3) == task_stats.bootstrap_mean(x, seed=3)
 
 
 def test_accuracy_interval_matches_the_binomial_width():
     x = np.r_[np.ones(300), np.zeros(700)]  # p = 0.3, n = 1000: 95 % half-width ≈ 1.96 · sqrt(.21/1000) = 0.0284
-    r = taskstats.bootstrap_mean(x, n_boot=4000, seed=0)
+    r = task_stats.bootstrap_mean(x, n_boot=4000, seed=0)
     assert (r["hi"] - r["lo"]) / 2 == pytest.approx(0.0284, abs=0.003)
 
 
 def test_recovery_by_hand():
-    r = taskstats.paired_recovery([1, 1, 0, 0] * 5, [1, 0, 0, 0] * 5, n_boot=1000, seed=0)
+    r = task_stats.paired_recovery([1, 1, 0, 0] * 5, [1, 0, 0, 0] * 5, n_boot=1000, seed=0)
     assert r["value"] == pytest.approx(0.5) and r["n"] == 20 and r["undefined"] is None
     assert r["lo"] < 0.5 < r["hi"] <= 1.0
     # with 4 documents the baseline resamples to 0 in (1/2)^4 = 6.25 % of replicates: no interval
-    r = taskstats.paired_recovery([1, 1, 0, 0], [1, 0, 0, 0], n_boot=1000, seed=0)
+    r = task_stats.paired_recovery([1, 1, 0, 0], [1, 0, 0, 0], n_boot=1000, seed=0)
     assert r["value"] == pytest.approx(0.5) and r["lo"] is None
     assert r["undefined_replicates"] == pytest.approx(62, abs=20)
-    r = taskstats.paired_recovery([1, 0, 1, 0, 1], [1, 1, 1, 0, 1], seed=0)
+    r = task_stats.paired_recovery([1, 0, 1, 0, 1], [1, 1, 1, 0, 1], seed=0)
     assert r["value"] == pytest.approx(4 / 3)
 
 
@@ -46,7 +46,7 @@ def test_identical_answers_recover_exactly_one_with_no_width():
     """Pairing: the same documents are resampled for both models, so identical per-document answers give a
     recovery of 1 in every replicate. Resampling the two models independently would not."""
     x = np.random.default_rng(0).integers(0, 2, 80).astype(float)
-    r = taskstats.paired_recovery(x, x, n_boot=500, seed=0)
+    r = task_stats.paired_recovery(x, x, n_boot=500, seed=0)
     assert (r["value"], r["lo"], r["hi"]) == (1.0, 1.0, 1.0)
 
 
@@ -56,7 +56,7 @@ def test_paired_interval_is_narrower_than_an_unpaired_one():
     model = base.copy()
     flip = rng.choice(np.flatnonzero(base == 1), 20, replace=False)
     model[flip] = 0  # the model loses 20 of the baseline's correct answers and gains none
-    r = taskstats.paired_recovery(base, model, n_boot=2000, seed=0)
+    r = task_stats.paired_recovery(base, model, n_boot=2000, seed=0)
     assert r["value"] == pytest.approx(model.sum() / base.sum())
     i = rng.integers(0, 400, size=(2000, 400))
     j = rng.integers(0, 400, size=(2000, 400))
@@ -68,10 +68,10 @@ def test_paired_interval_is_narrower_than_an_unpaired_one():
 
 def test_baseline_zero_is_undefined_not_a_division():
     with np.errstate(all="raise"):
-        r = taskstats.paired_recovery([0, 0, 0], [1, 0, 0], seed=0)
+        r = task_stats.paired_recovery([0, 0, 0], [1, 0, 0], seed=0)
     assert r["value"] is None and r["lo"] is None and r["undefined"] == "baseline scores 0"
-    assert taskstats.verdict(r["value"], 0.95) == "undefined"
-    r = taskstats.paired_recovery([], [], seed=0)
+    assert task_stats.verdict(r["value"], 0.95) == "undefined"
+    r = task_stats.paired_recovery([], [], seed=0)
     assert r["value"] is None and "no document" in r["undefined"]
 
 
@@ -79,35 +79,35 @@ def test_replicates_where_the_baseline_resamples_to_zero():
     base = np.zeros(20)
     base[0] = 1
     with np.errstate(all="raise"):
-        r = taskstats.paired_recovery(base, base, n_boot=1000, seed=0)
+        r = task_stats.paired_recovery(base, base, n_boot=1000, seed=0)
     # P(document 0 never drawn in 20 draws) = (19/20)^20 ≈ 0.358: far more than 5 % of replicates
     assert r["value"] == 1.0 and r["lo"] is None and r["hi"] is None
     assert r["undefined_replicates"] == pytest.approx(358, abs=50)
 
 
 def test_verdict_compares_unrounded():
-    assert taskstats.verdict(0.95, 0.95) == "pass"
-    assert taskstats.verdict(0.9499, 0.95) == "fail"  # llm-compressor's CI would round this to 0.95
-    assert taskstats.verdict(1.2, 0.95) == "pass"
-    assert taskstats.verdict(None, 0.95) == "undefined"
+    assert task_stats.verdict(0.95, 0.95) == "pass"
+    assert task_stats.verdict(0.9499, 0.95) == "fail"  # llm-compressor's CI would round this to 0.95
+    assert task_stats.verdict(1.2, 0.95) == "pass"
+    assert task_stats.verdict(None, 0.95) == "undefined"
 
 
 def test_pairing_by_doc_id_and_document():
     base = measure([1, 0, 1, 1], ids=[0, 1, 2, 3])
     model = measure([1, 1, 0], ids=[1, 2, 3])
-    ib, im = taskstats.pair(base, model)
+    ib, im = task_stats.pair(base, model)
     assert base.doc_id[ib].tolist() == model.doc_id[im].tolist() == [1, 2, 3]
-    c = taskstats.compare(base, model, 0.95, n_boot=200, seed=0)
+    c = task_stats.compare(base, model, 0.95, n_boot=200, seed=0)
     assert c["recovery"]["n"] == 3 and c["recovery"]["value"] == pytest.approx(2 / 2)
     assert c["accuracy"]["value"] == pytest.approx(2 / 3) and c["verdict"] == "pass"
     other = measure([1, 1, 0], ids=[1, 2, 3], hashes=["h1", "changed", "h3"])
     with pytest.raises(TaskDocsMismatch, match="doc 2 is a different document"):
-        taskstats.pair(base, other, "m vs b: ")
+        task_stats.pair(base, other, "m vs b: ")
 
 
 def test_compare_fails_below_the_minimum():
     base = measure([1] * 10)
     model = measure([1] * 9 + [0])
-    c = taskstats.compare(base, model, 0.95, n_boot=200, seed=0)
+    c = task_stats.compare(base, model, 0.95, n_boot=200, seed=0)
     assert c["recovery"]["value"] == pytest.approx(0.9) and c["verdict"] == "fail"
-    assert taskstats.compare(base, model, 0.9, n_boot=200, seed=0)["verdict"] == "pass"
+    assert task_stats.compare(base, model, 0.9, n_boot=200, seed=0)["verdict"] == "pass"

@@ -4,13 +4,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from jobs.arithmetic import kernel_problem, resolve
-from jobs.checkpoint import Quantization
-from jobs.errors import ScoreError
+from jobs.checkpoints.arithmetic import kernel_problem, resolve
+from jobs.checkpoints.checkpoint import Quantization
+from jobs.core.errors import ScoreError
 
-from jobs.backends.vllm import LogprobLookupError, describe_kernels, parse_prompt_logprobs
-from jobs.sampling import Sample
-from jobs.settings import EngineOptions
+from jobs.engines.vllm import LogprobLookupError, describe_kernels, parse_prompt_logprobs
+from jobs.texts.sampling import Sample
+from jobs.core.settings import EngineOptions
 
 
 @dataclass
@@ -145,7 +145,7 @@ def fake_vllm(monkeypatch):
 
 
 def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
-    from jobs.backends.vllm import VllmBackend
+    from jobs.engines.vllm import VllmBackend
 
     backend = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64))
     samples = [Sample(i, (5, 6 + i, 7), False) for i in range(5)]
@@ -156,7 +156,7 @@ def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
 
 
 def test_engine_options(fake_vllm, tmp_path):
-    from jobs.backends.vllm import VllmBackend
+    from jobs.engines.vllm import VllmBackend
 
     kw = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64, max_num_batched_tokens=8192)).llm.kwargs
     assert kw["enable_prefix_caching"] is False  # a cached prefix would get no prompt logprobs
@@ -168,7 +168,7 @@ def test_engine_options(fake_vllm, tmp_path):
 
 def test_vllm_logs_leave_stdout_to_the_result(fake_vllm, tmp_path):
     """validate prints its JSON result on stdout; vLLM's logs (stdout by default) must not mix in."""
-    from jobs.backends.vllm import VllmBackend
+    from jobs.engines.vllm import VllmBackend
 
     assert VllmBackend(tmp_path, None, EngineOptions()).llm.logging_stream == "ext://sys.stderr"
 
@@ -176,7 +176,7 @@ def test_vllm_logs_leave_stdout_to_the_result(fake_vllm, tmp_path):
 def test_describe_records_gpu_and_kernel_path(fake_vllm, tmp_path, monkeypatch):
     import torch
 
-    from jobs.backends.vllm import VllmBackend
+    from jobs.engines.vllm import VllmBackend
 
     props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
@@ -198,7 +198,7 @@ NVFP4 = Quantization("compressed-tensors", "nvfp4-pack-quantized", "NVFP4", 16, 
 
 
 def test_engine_is_eager_for_small_workloads_and_compiled_without_graphs_for_large(tmp_path):
-    from jobs.backends.vllm import COMPILE_MIN_TOKENS, engine_kwargs
+    from jobs.engines.vllm import COMPILE_MIN_TOKENS, engine_kwargs
 
     bf16 = resolve(Quantization(None, None, "bf16"), "declared", backend="vllm", capability=9.0)
     small, why = engine_kwargs(tmp_path, EngineOptions(), bf16, expected_tokens=250_000)
@@ -219,7 +219,7 @@ def test_engine_is_eager_for_small_workloads_and_compiled_without_graphs_for_lar
     ("weight-only", None, "transformers", "W4A16 (weight-only)", "auto"),
 ])
 def test_arithmetic_of_nvfp4(mode, cap, backend, label, linear, tmp_path):
-    from jobs.backends.vllm import engine_kwargs
+    from jobs.engines.vllm import engine_kwargs
 
     a = resolve(NVFP4, mode, backend=backend, capability=cap)
     assert (a.label, a.vllm_linear_backend, a.mode) == (label, linear, mode)
@@ -250,7 +250,7 @@ def test_a_silent_fallback_is_refused():
 
 
 def test_engine_refuses_kernels_that_do_not_compute_the_mode(fake_vllm, tmp_path, monkeypatch):
-    from jobs.backends import vllm as vb
+    from jobs.engines import vllm as vb
 
     monkeypatch.setattr(vb, "gpu_capability", lambda: 9.0)
     monkeypatch.setattr(FakeLLM, "apply_model", lambda self, fn: [{"A/B/MarlinNvFp4LinearKernel": 4}], raising=False)
@@ -261,7 +261,7 @@ def test_engine_refuses_kernels_that_do_not_compute_the_mode(fake_vllm, tmp_path
 
 
 def test_start_up_breakdown_from_vllms_log_lines():
-    from jobs.backends.vllm import parse_start_log
+    from jobs.engines.vllm import parse_start_log
 
     lines = ["Loading weights took 3.21 seconds", "Model loading took 15.2 GiB memory and 4.500000 seconds",
              "torch.compile took 7.25 s in total", "Graph capturing finished in 6 secs, took 0.5 GiB",
@@ -273,7 +273,7 @@ def test_start_up_breakdown_from_vllms_log_lines():
 def test_engine_records_its_start(fake_vllm, tmp_path):
     import logging
 
-    from jobs.backends.vllm import VllmBackend
+    from jobs.engines.vllm import VllmBackend
 
     class Logging(FakeLLM):
         def __init__(self, **kw):

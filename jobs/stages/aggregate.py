@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .. import metrics, quantstats, report, schema, taskreport
-from ..errors import AggregateError
-from ..settings import AggregateSettings
+from jobs.stats import metrics, quant as quant_stats
+from jobs.report import outputs, tasks as task_report
+from jobs.archive import logprobs
+from jobs.core.errors import AggregateError
+from jobs.core.settings import AggregateSettings
 
 log = logging.getLogger("qscore.aggregate")
 COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "top1_logprob"]
@@ -29,11 +31,11 @@ def load(found: dict[str, dict[str, Path]]):
     data, meta = {}, {}
     for label, sets in found.items():
         for name, ddir in sets.items():
-            topk = quantstats.has_topk(ddir)
-            table, m = schema.read_dataset(ddir, COLUMNS + (quantstats.TOPK_COLUMNS if topk else []))
+            topk = quant_stats.has_topk(ddir)
+            table, m = logprobs.read_dataset(ddir, COLUMNS + (quant_stats.TOPK_COLUMNS if topk else []))
             cols = scored_columns(table, ddir)
             if topk:
-                cols.update(quantstats.topk_matrices(table, ddir))
+                cols.update(quant_stats.topk_matrices(table, ddir))
             del table
             data[(label, name)] = metrics.scored_tokens(cols)
             meta[(label, name)] = m
@@ -128,15 +130,15 @@ def run(*, settings: AggregateSettings) -> Path:
         raise AggregateError("--bootstrap needs at least 100 replicates for a 95 % interval")
     data, meta = load(found)
     summary = compute(data, baseline, s.bootstrap, s.seed)
-    summary["provenance"] = report.provenance_table(meta)
-    if taskreport.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
-        summary["tasks"] = taskreport.summarize(taskreport.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
+    summary["provenance"] = outputs.provenance_table(meta)
+    if task_report.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
+        summary["tasks"] = task_report.summarize(task_report.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
     # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
-    extra = quantstats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
-    report.write_all(summary, deltas, out_dir, extra)
+    extra = quant_stats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
+    outputs.write_all(summary, deltas, out_dir, extra)
     if "tasks" in summary:
-        taskreport.write_csv(summary["tasks"], out_dir)
-    log.info("wrote %s", out_dir / "report.md")
+        task_report.write_csv(summary["tasks"], out_dir)
+    log.info("wrote %s", out_dir / "outputs.md")
     return out_dir

@@ -11,9 +11,11 @@ import random
 import time
 from pathlib import Path
 
-from .. import atomic, evalsets, hub, provenance, recipes
-from ..errors import QuantizeError
-from ..settings import QuantizeSettings
+from jobs.core import atomic, hub, provenance
+from jobs.texts import evalsets
+from jobs.checkpoints import recipes
+from jobs.core.errors import QuantizeError
+from jobs.core.settings import QuantizeSettings
 
 log = logging.getLogger("qscore.quantize")
 MANIFEST = "qscore.json"

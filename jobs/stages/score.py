@@ -20,10 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic, backends, evalsets, hub, provenance, rolling, sampling, schema
-from ..checkpoint import Checkpoint, check_max_model_len, inspect, tokenizer_hash
-from ..errors import ScoreError
-from ..settings import ScoreSettings, Shard
+from jobs.core import atomic, hub, provenance
+from jobs import engines
+from jobs.texts import evalsets, sampling
+from jobs.engines import rolling
+from jobs.archive import logprobs
+from jobs.checkpoints.checkpoint import Checkpoint, check_max_model_len, inspect, tokenizer_hash
+from jobs.core.errors import ScoreError
+from jobs.core.settings import ScoreSettings, Shard
 
 log = logging.getLogger("qscore.score")
 STAGING_SUFFIX = ".partial"
@@ -110,7 +114,7 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
     set_fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples),
                           "part_size": s.part_size, **({"rolling": roll} if roll else {})})
     fp = set_fp if s.shard is None else fingerprint({"set": set_fp, "shard": str(s.shard)})
-    final = schema.dataset_dir(s.results_dir, s.label, name)
+    final = logprobs.dataset_dir(s.results_dir, s.label, name)
     if s.shard is not None:
         final = final / f"shard={s.shard.name}"
     total = n_parts(len(samples), s.part_size)
@@ -119,12 +123,12 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
     if not plan.parts:
         raise ScoreError(f"{name}: shard {s.shard} is empty: the set has only {total} parts of {s.part_size} texts "
                          "(use fewer shards or a smaller --part-size)")
-    if s.shard is not None and schema.part_files(final.parent) and not s.overwrite:
+    if s.shard is not None and logprobs.part_files(final.parent) and not s.overwrite:
         raise ScoreError(f"{final.parent} holds an unsharded run; pass --overwrite to replace it with shards, "
                          "or use another --label")
     if final.exists():
-        parts = schema.part_files(final)
-        old = schema.read_metadata(parts[0]).get("fingerprint") if parts else None
+        parts = logprobs.part_files(final)
+        old = logprobs.read_metadata(parts[0]).get("fingerprint") if parts else None
         if old == fp and not s.overwrite:
             plan.skip = True
             return plan
@@ -146,7 +150,7 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
     if plan.staging.exists():
         for stale in plan.staging.glob(".part-*.tmp-*"):
             stale.unlink()  # a temporary file of a killed run: never renamed, so never complete
-        plan.done = {int(p.stem.split("-")[1]) for p in schema.part_files(plan.staging)}
+        plan.done = {int(p.stem.split("-")[1]) for p in logprobs.part_files(plan.staging)}
     return plan
 
 
@@ -172,17 +176,17 @@ def finish(plan: Plan) -> None:
 
 def run(*, settings: ScoreSettings) -> list[Path]:
     s = settings
-    schema.check_label("model label", s.label)
+    logprobs.check_label("model label", s.label)
     specs = evalsets.parse_specs(s.datasets)
     sampling.max_tokens(s.engine.max_model_len)
     model_path = hub.resolve(s.model, "model")
     ckpt = inspect(model_path)
     check_max_model_len(ckpt, s.engine.max_model_len)
     tok, tok_path = load_tokenizer(s.tokenizer or s.model)
-    backend_name = backends.pick(s.backend)
-    arith = backends.arithmetic_for(backend_name, ckpt.quant, s.engine.nvfp4_compute)
+    backend_name = engines.pick(s.backend)
+    arith = engines.arithmetic_for(backend_name, ckpt.quant, s.engine.nvfp4_compute)
     common = {
-        "schema": schema.SCHEMA_VERSION, "model_hash": ckpt.content_hash,
+        "schema": logprobs.SCHEMA_VERSION, "model_hash": ckpt.content_hash,
         "tokenizer_hash": tokenizer_hash(tok_path), "max_model_len": s.engine.max_model_len, "topk": s.topk,
         "backend": backend_name, "dtype": s.engine.dtype, "arithmetic": arith.label,
     }
@@ -206,7 +210,7 @@ def run(*, settings: ScoreSettings) -> list[Path]:
     expected = sum(len(x.token_ids) for p in todo for k in p.todo for x in p.part_samples(k))
     # Batches never straddle a part boundary, so a resumed or sharded run computes each part exactly
     # as an uninterrupted one would (same batch shapes, same floating-point results).
-    engine = backends.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), expected_tokens=expected)
+    engine = engines.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), expected_tokens=expected)
     try:
         info = engine.describe()
         if info.get("arithmetic", arith.label) != arith.label:
@@ -228,7 +232,7 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
         log.info("%s: resuming, %d of %d parts already written", plan.name, len(plan.done), len(plan.parts))
     q = ckpt.quant
     base_meta = {
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": logprobs.SCHEMA_VERSION,
         "fingerprint": plan.fingerprint,
         "set_fingerprint": plan.set_fingerprint,
         "shard": None if s.shard is None else {"index": s.shard.index, "count": s.shard.count},
@@ -281,8 +285,8 @@ def _scores(plan: Plan, engine, parts: list[int], topk: int):
 
 
 def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:
-    table = schema.sequences_to_table(seqs, topk)
+    table = logprobs.sequences_to_table(seqs, topk)
     meta = {**base_meta, "created": provenance.now(),
             "part": {"index": k, "rows": table.num_rows, "texts": len(seqs),
                      "first_sample_id": seqs[0].sample_id, "last_sample_id": seqs[-1].sample_id}}
-    schema.atomic_write_table(table, plan.staging / f"part-{k:05d}.parquet", meta)
+    logprobs.atomic_write_table(table, plan.staging / f"part-{k:05d}.parquet", meta)

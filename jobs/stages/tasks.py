@@ -22,9 +22,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic, backends, hub, provenance, taskarchive, taskeval, taskstats
-from ..checkpoint import inspect, tokenizer_hash
-from ..errors import SettingsError, ValidationError
+from jobs.core import atomic, hub, provenance
+from jobs import engines
+from jobs.archive import tasks as task_archive
+from jobs.engines import lmeval
+from jobs.stats import tasks as task_stats
+from jobs.checkpoints.checkpoint import inspect, tokenizer_hash
+from jobs.core.errors import SettingsError, ValidationError
 
 log = logging.getLogger("qscore.tasks")
 
@@ -80,28 +84,28 @@ def check(settings: TasksSettings) -> None:
 
 
 def include_path(settings: TasksSettings):
-    return settings.include_path if settings.include_path else taskeval.default_include_path()
+    return settings.include_path if settings.include_path else lmeval.default_include_path()
 
 
 def _common(settings: TasksSettings, ckpt, tok_hash: str, backend: str) -> dict:
-    return {"schema": taskarchive.SCHEMA_VERSION, "model_hash": ckpt.content_hash, "tokenizer_hash": tok_hash,
+    return {"schema": task_archive.SCHEMA_VERSION, "model_hash": ckpt.content_hash, "tokenizer_hash": tok_hash,
             "lm_eval": provenance.versions("lm_eval")["lm_eval"], "chat_template": settings.chat_template,
             "fewshot_as_multiturn": settings.fewshot_as_multiturn, "add_bos_token": settings.add_bos_token,
             "backend": backend, "dtype": settings.dtype, "max_model_len": settings.max_model_len,
             "nvfp4_compute": settings.engine_options.get("nvfp4_compute", "declared"),
-            "batch_size": settings.batch_size if backend == "transformers" else "auto", "seeds": taskeval.SEEDS}
+            "batch_size": settings.batch_size if backend == "transformers" else "auto", "seeds": lmeval.SEEDS}
 
 
 def plan_task(name, task, settings, common) -> Plan:
-    info = taskeval.describe_task(task, num_fewshot=settings.num_fewshot, limit=settings.limit)
+    info = lmeval.describe_task(task, num_fewshot=settings.num_fewshot, limit=settings.limit)
     fp = fingerprint({**common, "task": name, "task_version": info["version"], "config_hash": info["config_hash"],
                       "docs_digest": info["docs_digest"], "num_fewshot": info["num_fewshot"],
                       "limit": settings.limit})
-    final = taskarchive.task_dir(settings.results_dir, settings.label, name)
+    final = task_archive.task_dir(settings.results_dir, settings.label, name)
     atomic.remove_stale_temporaries(final)
     plan = Plan(name, task, info, final, fp)
     if final.exists():
-        old = taskarchive.read_fingerprint(final)
+        old = task_archive.read_fingerprint(final)
         if old == fp and not settings.overwrite:
             plan.skip = True
         elif not settings.overwrite:
@@ -113,12 +117,12 @@ def plan_task(name, task, settings, common) -> Plan:
 
 def run(*, settings: TasksSettings) -> list[Path]:
     check(settings)
-    names = taskeval.parse_tasks(settings.tasks)
+    names = lmeval.parse_tasks(settings.tasks)
     model_path = hub.resolve(settings.model, "model")
     ckpt = inspect(model_path)
     tok_hash = tokenizer_hash(model_path)
-    backend = backends.pick(settings.backend)
-    tm, tasks = taskeval.load_tasks(names, include_path(settings))
+    backend = engines.pick(settings.backend)
+    tm, tasks = lmeval.load_tasks(names, include_path(settings))
     common = _common(settings, ckpt, tok_hash, backend)
     plans = [plan_task(name, task, settings, common) for name, task in tasks.items()]
     for p in plans:
@@ -127,14 +131,14 @@ def run(*, settings: TasksSettings) -> list[Path]:
     todo = [p for p in plans if not p.skip]
     if not todo:
         return [p.final for p in plans]
-    lm, engine = taskeval.load_lm(backend, model_path, dtype=settings.dtype, batch_size=settings.batch_size,
+    lm, engine = lmeval.load_lm(backend, model_path, dtype=settings.dtype, batch_size=settings.batch_size,
                                   max_model_len=settings.max_model_len, add_bos_token=settings.add_bos_token,
                                   engine_options=settings.engine_options)
     try:
         runtime = {**engine.describe(), **provenance.versions("vllm", "transformers", "torch", "compressed-tensors",
                                                               "lm_eval")}
         for p in todo:
-            records, entry = taskeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot, limit=settings.limit,
+            records, entry = lmeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot, limit=settings.limit,
                                                chat_template=settings.chat_template,
                                                fewshot_as_multiturn=settings.fewshot_as_multiturn)
             write(p, records, entry, settings, ckpt, model_path, tok_hash, runtime)
@@ -144,14 +148,14 @@ def run(*, settings: TasksSettings) -> list[Path]:
 
 
 def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path, tok_hash, runtime) -> None:
-    metrics = taskeval.per_sample_metrics(records, plan.info["metrics"])
+    metrics = lmeval.per_sample_metrics(records, plan.info["metrics"])
     names = [m["name"] for m in metrics]
-    table = taskarchive.rows_to_table(taskeval.sample_rows(plan.task, records, names), names)
+    table = task_archive.rows_to_table(lmeval.sample_rows(plan.task, records, names), names)
     if entry.get("n-shot") is not None and entry["n-shot"] != plan.info["num_fewshot"]:
         log.warning("%s: lm-eval used %s shots, planned %s", plan.name, entry["n-shot"], plan.info["num_fewshot"])
     q = ckpt.quant
     meta = {
-        "schema_version": taskarchive.SCHEMA_VERSION,
+        "schema_version": task_archive.SCHEMA_VERSION,
         "fingerprint": plan.fingerprint,
         "model": {"label": settings.label, "ref": settings.model, "path": str(model_path),
                   "content_hash": ckpt.content_hash, "architecture": ckpt.architecture},
@@ -164,8 +168,8 @@ def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path,
                     "chat_template_sha256": entry.get("chat_template_sha256"),
                     "fewshot_as_multiturn": settings.fewshot_as_multiturn, "add_bos_token": settings.add_bos_token,
                     "batch_size": settings.batch_size if runtime.get("backend") == "transformers" else "auto",
-                    "max_model_len": settings.max_model_len, "seeds": taskeval.SEEDS,
-                    "bootstrap_iters": taskeval.BOOTSTRAP_ITERS},
+                    "max_model_len": settings.max_model_len, "seeds": lmeval.SEEDS,
+                    "bootstrap_iters": lmeval.BOOTSTRAP_ITERS},
         "results": {"lm_eval": entry.get("results"), "n_samples": entry.get("n-samples"),
                     "higher_is_better": entry.get("higher_is_better")},
         "runtime": runtime,
@@ -173,7 +177,7 @@ def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path,
         "command": provenance.command_line(),
         "created": provenance.now(),
     }
-    taskarchive.write_task(plan.final, table, meta)
+    task_archive.write_task(plan.final, table, meta)
     acc = ", ".join(f"{k}={v:.4f}" for k, v in (entry.get("results") or {}).items()
                     if isinstance(v, float) and "_stderr" not in k)
     log.info("wrote %s (%d documents; %s)", plan.final, meta["counts"]["docs"], acc)
@@ -194,28 +198,28 @@ def quality_gate(*, model: str, baseline: str, recovery_min: float, backend: str
                  seed: int = 0) -> dict:
     """Evaluate ``model`` on the tasks of a baseline's results, with the baseline's settings (shots, limit,
     chat template, BOS), and fail unless every measure's recovery is at least ``recovery_min``."""
-    from .. import taskreport
+    from jobs.report import tasks as task_report
 
     opts = dict(engine_options or {})
     max_model_len = opts.pop("max_model_len", 2048)
     base = {}
     for d in _baseline_dirs(Path(baseline)):
-        table, meta = taskarchive.read_task(d)
+        table, meta = task_archive.read_task(d)
         base[meta["task"]["name"]] = (table, meta)
     first = next(iter(base.values()))[1]
     lm_settings = first["lm_eval"]
     path = hub.resolve(model, "model")
-    backend = backends.pick(backend)
+    backend = engines.pick(backend)
     if include is None:  # where the baseline's YAML files were read, if they exist here (/data/tasks in a container)
         sources = [Path(m["task"]["config_source"]).parent for _, m in base.values() if m["task"].get("config_source")]
-        include = list(dict.fromkeys(str(d) for d in sources if d.is_dir())) or taskeval.default_include_path()
-    tm, tasks = taskeval.load_tasks(list(base), include)
+        include = list(dict.fromkeys(str(d) for d in sources if d.is_dir())) or lmeval.default_include_path()
+    tm, tasks = lmeval.load_tasks(list(base), include)
     for name, (_, meta) in base.items():
-        if taskeval.config_hash(tasks[name]) != meta["task"]["config_hash"]:
+        if lmeval.config_hash(tasks[name]) != meta["task"]["config_hash"]:
             raise ValidationError(f"quality gate: task {name}'s definition differs from the one the baseline "
                                   f"{baseline} was evaluated with (config hash)")
     batch_size = lm_settings.get("batch_size")
-    lm, engine = taskeval.load_lm(backend, path, dtype=dtype,
+    lm, engine = lmeval.load_lm(backend, path, dtype=dtype,
                                   batch_size=batch_size if isinstance(batch_size, int) else 16,
                                   max_model_len=lm_settings.get("max_model_len") or max_model_len,
                                   add_bos_token=lm_settings["add_bos_token"], engine_options=opts)
@@ -224,18 +228,18 @@ def quality_gate(*, model: str, baseline: str, recovery_min: float, backend: str
     try:
         for name, (btable, bmeta) in base.items():
             t = bmeta["task"]
-            records, _ = taskeval.evaluate(lm, tm, tasks[name], num_fewshot=t["num_fewshot"], limit=t["limit"],
+            records, _ = lmeval.evaluate(lm, tm, tasks[name], num_fewshot=t["num_fewshot"], limit=t["limit"],
                                            chat_template=bmeta["lm_eval"]["chat_template"],
                                            fewshot_as_multiturn=bmeta["lm_eval"]["fewshot_as_multiturn"])
-            metrics = taskeval.per_sample_metrics(records, bmeta["metrics"])
+            metrics = lmeval.per_sample_metrics(records, bmeta["metrics"])
             names = [m["name"] for m in metrics]
-            mtable = taskarchive.rows_to_table(taskeval.sample_rows(tasks[name], records, names), names)
-            bm = taskreport.measures(btable, bmeta)
-            mm = taskreport.measures(mtable, {**bmeta, "metrics": metrics})
+            mtable = task_archive.rows_to_table(lmeval.sample_rows(tasks[name], records, names), names)
+            bm = task_report.measures(btable, bmeta)
+            mm = task_report.measures(mtable, {**bmeta, "metrics": metrics})
             for key in bm:
                 if key not in mm:
                     continue
-                c = taskstats.compare(bm[key], mm[key], recovery_min, n_boot, seed, what=f"{name}: ")
+                c = task_stats.compare(bm[key], mm[key], recovery_min, n_boot, seed, what=f"{name}: ")
                 entry = {"task": name, "metric": key[0], "filter": key[1], **c}
                 result["measures"].append(entry)
                 if c["verdict"] == "fail":

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backends, hub, quantcheck, sampling, schema
-from ..checkpoint import check_max_model_len, inspect
-from ..errors import ValidationError
-from ..settings import ValidateSettings, engine_dict
+from jobs import engines
+from jobs.core import hub
+from jobs.checkpoints import quantcheck
+from jobs.texts import sampling
+from jobs.archive import logprobs
+from jobs.checkpoints.checkpoint import check_max_model_len, inspect
+from jobs.core.errors import ValidationError
+from jobs.core.settings import ValidateSettings, engine_dict
 
 log = logging.getLogger("qscore.validate")
 
@@ -27,7 +31,7 @@ PROBE_TEXT = ("The river runs through the old town and past the harbour, where t
 
 def quality_gate(engine, baseline_dir: Path, max_increase: float, n_texts: int) -> dict:
     """Score the baseline's own token ids for its first texts and compare NLL on exactly those."""
-    table, meta = schema.read_dataset(baseline_dir, ["sample_id", "position", "token_id", "logprob"])
+    table, meta = logprobs.read_dataset(baseline_dir, ["sample_id", "position", "token_id", "logprob"])
     sid = table.column("sample_id").to_numpy()
     keep_ids = list(dict.fromkeys(sid.tolist()))[:n_texts]
     mask = np.isin(sid, keep_ids)
@@ -67,7 +71,7 @@ def run(*, settings: ValidateSettings) -> dict:
     prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
     # The quality gate judges the arithmetic the checkpoint declares (W4A4 for NVFP4), whatever a
     # score run may have been asked to compute.
-    engine = backends.load(s.backend, ckpt, s.engine.replace(nvfp4_compute="declared"))
+    engine = engines.load(s.backend, ckpt, s.engine.replace(nvfp4_compute="declared"))
     report = {"model": str(path), "scheme": ckpt.quant.scheme, "backend": engine.describe()}
     try:
         probe = sampling.Sample(0, tuple(tok(PROBE_TEXT)["input_ids"]), False)
@@ -88,7 +92,7 @@ def run(*, settings: ValidateSettings) -> dict:
     finally:
         engine.close()
     if s.baseline_tasks:  # lm-eval builds its own model, so only after this one is gone
-        from .tasks import quality_gate as task_gate
+        from jobs.stages.tasks import quality_gate as task_gate
 
         report["task_gate"] = task_gate(model=str(path), baseline=s.baseline_tasks, recovery_min=s.recovery_min,
                                         backend=s.backend, dtype=s.engine.dtype,

@@ -12,7 +12,7 @@ models/ and under the results directory must be in both runs and hold the same t
   (``/models/x`` is ``models/x``, ``/data/x`` is ``data/x``, ``/results`` is the results directory), and
   an absolute path inside a run's
   directory (``<DIR>/models/x``, as the local ModelOpt fixture records its source) as ``models/x``,
-  and a checkpoint's content hash (jobs.checkpoint, full or cut to 12 digits) as the checkpoint it names
+  and a checkpoint's content hash (jobs.checkpoints.checkpoint, full or cut to 12 digits) as the checkpoint it names
   in its own run: the hash covers the checkpoint's qscore.json, whose provenance (times, host) differs
   between runs while the checkpoints' files are compared one by one; leaving out only the fields listed
   in EXCLUDED.
@@ -112,7 +112,7 @@ class Run:
     @classmethod
     def of(cls, root: Path, results: str = "") -> "Run":
         sys.path.insert(0, str(ROOT))
-        from jobs import checkpoint
+        from jobs.checkpoints import checkpoint
 
         hashes = {}
         for config in sorted((root / "models").glob("*/config.json")):

@@ -1,0 +1,61 @@
+"""Which arithmetic a checkpoint is scored with — pure, decided before any engine is built.
+
+An NVFP4 checkpoint whose config quantizes activations (llm-compressor ``NVFP4``, ModelOpt ``NVFP4``
+with ``input_scale``) declares W4A4: FP4 activations in groups of 16 as well as FP4 weights. That is
+what Blackwell computes natively. Hopper and the CPU have no FP4 arithmetic, so there the declared
+result is emulated (vLLM's ``emulation`` linear backend, compressed-tensors' quantized forward in
+transformers) rather than replaced by the weight-only W4A16 that vLLM's Marlin kernel computes:
+weight-only is a separate, labelled mode (``--nvfp4-compute weight-only``) for users who deploy it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.checkpoints.checkpoint import Quantization
+
+NATIVE_FP4_CAPABILITY = 10.0  # sm_100 (B200) and later have FP4 tensor cores
+
+W4A4_NATIVE = "W4A4 (native)"
+W4A4_EMULATED = "W4A4 (emulated)"
+W4A16 = "W4A16 (weight-only)"
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    label: str  # what the report prints beside the model
+    mode: str  # the --nvfp4-compute asked for, or "n/a" when the checkpoint is not NVFP4
+    quantize_activations: bool  # does the forward quantize activations as the config declares?
+    vllm_linear_backend: str = "auto"  # vLLM's KernelConfig.linear_backend that computes it
+
+
+def resolve(quant: Quantization, mode: str, *, backend: str, capability: float | None = None) -> Arithmetic:
+    """The arithmetic of ``quant`` under ``mode`` on ``backend`` (vLLM: on a GPU of ``capability``)."""
+    if not quant.is_nvfp4:
+        return Arithmetic(quant.scheme, "n/a", bool(quant.activation_bits))
+    declares_w4a4 = quant.scheme == "NVFP4"  # NVFP4A16 declares weight-only itself
+    if mode == "weight-only" or not declares_w4a4:
+        # Marlin is vLLM's weight-only FP4 kernel on every GPU from Ampere on; on Hopper it is also "auto".
+        return Arithmetic(W4A16, mode, False, "marlin" if backend == "vllm" else "auto")
+    if backend != "vllm":
+        return Arithmetic(W4A4_EMULATED, mode, True)
+    if capability is not None and capability >= NATIVE_FP4_CAPABILITY:
+        return Arithmetic(W4A4_NATIVE, mode, True, "auto")
+    return Arithmetic(W4A4_EMULATED, mode, True, "emulation")
+
+
+def kernel_problem(arith: Arithmetic, kernels: dict[str, int]) -> str | None:
+    """Why the kernels vLLM loaded do not compute ``arith`` (None when they do). vLLM picks kernels by
+    itself; this refuses a silent fallback (e.g. to weight-only Marlin when W4A4 was asked for)."""
+    if arith.mode == "n/a" or not kernels:
+        return None
+    names = " ".join(kernels)
+    fp4 = [n for n in kernels if "Fp4" in n or "FP4" in n]
+    if not fp4:
+        return f"no FP4 kernel was loaded for {arith.label} (got {names})"
+    if arith.label == W4A16 and not all("Marlin" in n for n in fp4):
+        return f"{arith.label} asked for, but the FP4 layers run {fp4}"
+    if arith.label == W4A4_EMULATED and not all("Emulation" in n for n in fp4):
+        return f"{arith.label} asked for, but the FP4 layers run {fp4}"
+    if arith.label == W4A4_NATIVE and any("Marlin" in n or "Emulation" in n for n in fp4):
+        return f"{arith.label} asked for, but the FP4 layers run {fp4}"
+    return None

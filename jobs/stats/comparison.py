@@ -1,0 +1,321 @@
+"""The quantization statistics of llama.cpp's ``--kl-divergence`` and exllamav3's model comparison, paired
+with a baseline on the identical token stream, each with a 95 % interval from a bootstrap over texts.
+
+Everything works on flat per-token arrays. The bootstrap never loops over tokens: each text is reduced
+once, in one compiled pass (``textsums``), to a row of sums (tokens, ΣΔlogprob, ΣKL, ΣΔp², per-bucket
+sums, and histogram counts over fixed bins), the rows form an (n_texts × columns) matrix M, and a
+replicate's sums are W @ M, where W (n_boot × n_texts) holds how often each text was drawn. Means, ratios
+and RMS come from the replicate sums; percentiles are read off the replicate's summed histogram
+(``KL_BINS``: 20 log-spaced bins per decade, so a percentile's interval is resolved to about ±6 %;
+``DP_EDGES``: the same on |Δp|, both signs). A percentile that falls in an open end bin (KLD < 1e-10, |Δp|
+< 1e-8) gets no interval. Point estimates of percentiles are exact quantiles of the tokens. Sets are
+strata: each set's texts are drawn separately and the replicate sums added, as
+``metrics.bootstrap_delta_nll`` does.
+
+Definitions (docs/statistics.md has them in full):
+  Δlogprob = logprob_model − logprob_baseline of the actual token; Δnll = −mean Δlogprob = ln PPL ratio.
+  KLD = per-position lower bound of KL(baseline ‖ model) from top-K (``divergence``); reverse likewise.
+  Δp = p_model − p_baseline of the actual token. RMS Δp = sqrt(mean Δp²).
+  same top-1 / top-k agreement = share of positions where the models' top-k token sets are equal.
+  Confidence = the baseline's probability of its own top-1 token at that position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jobs.stats import divergence, textsums
+from jobs.stats.metrics import Tokens, check_same_stream, text_starts
+
+QUANTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)  # llama.cpp's list (50 = median)
+# KL: 20 bins per decade over [1e-10, 1e2) nats, plus one below (incl. 0) and one above.
+KL_EDGES = np.concatenate([[-np.inf], np.logspace(-10, 2, 12 * 20 + 1), [np.inf]])
+# Δp: ±(1e-8 … 1) on the same log grid, one central bin for |Δp| < 1e-8.
+_DP_POS = np.logspace(-8, 0, 8 * 20 + 1)
+DP_EDGES = np.concatenate([[-np.inf], -_DP_POS[::-1], _DP_POS, [np.inf]])  # central bin [-1e-8, 1e-8)
+CONF_EDGES = np.linspace(0.0, 1.0, 11)  # the baseline's top-1 probability, 10 buckets
+POS_EDGES = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30])
+
+
+@dataclass
+class Pair:
+    """One set's paired stream: the baseline's and the model's per-token values, same order."""
+
+    sample_id: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+    base_lp: np.ndarray
+    model_lp: np.ndarray
+    base_conf: np.ndarray  # the baseline's top-1 probability
+    same_top1: np.ndarray  # bool
+    div: divergence.PairDivergence
+    cache: dict = field(default_factory=dict, repr=False)  # per-text matrices, per layout width
+
+    def __len__(self) -> int:
+        return len(self.base_lp)
+
+    @property
+    def delta(self) -> np.ndarray:
+        return self.model_lp - self.base_lp
+
+
+def topk_of(t: Tokens) -> divergence.TopK:
+    """A model's top-K (the top-1 columns when it was scored with --topk 1), probabilities computed once."""
+    if t.topk_ids is not None:
+        return divergence.TopK.of(t.topk_ids, t.topk_logprobs)
+    return divergence.TopK.of(t.top1_id[:, None], t.top1_logprob[:, None])
+
+
+def pair(base: Tokens, model: Tokens, what: str = "", base_topk: divergence.TopK | None = None,
+         model_topk: divergence.TopK | None = None) -> Pair:
+    """Check the two streams are identical and compute the per-position divergences."""
+    check_same_stream(base, model, what)
+    b, m = base_topk or topk_of(base), model_topk or topk_of(model)
+    div = divergence.topk_kl(b.ids, b.logprobs, m.ids, m.logprobs, base.logprob, model.logprob, base.token_id,
+                             base=b, model=m)
+    return Pair(base.sample_id, base.position, base.token_id, base.logprob, model.logprob,
+                np.exp(base.top1_logprob), base.top1_id == model.top1_id, div)
+
+
+# -- per-text matrix -----------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """Named column ranges of the per-text matrix."""
+
+    slices: dict = field(default_factory=dict)
+    width: int = 0
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.slices[name] = slice(self.width, self.width + n)
+        self.width += n
+
+    def __call__(self, sums: np.ndarray, name: str) -> np.ndarray:
+        s = sums[..., self.slices[name]]
+        return s[..., 0] if s.shape[-1] == 1 else s
+
+
+def layout(agree_k: int) -> Layout:
+    lay = Layout()
+    for name in ("tokens", "delta", "delta_sq", "kl", "kl_reverse", "dp", "dp_sq", "same_top1"):
+        lay.add(name)
+    lay.add("agree", max(agree_k, 1))
+    for name in ("texts", "nll_b", "nll_m", "nll_b2", "nll_m2", "nll_bm"):  # per-text, for the correlation
+        lay.add(name)
+    lay.add("kl_hist", len(KL_EDGES) - 1)
+    lay.add("dp_hist", len(DP_EDGES) - 1)
+    nc, npos = len(CONF_EDGES) - 1, len(POS_EDGES) - 1
+    for name, n in (("conf_n", nc), ("conf_kl", nc), ("conf_delta", nc), ("pos_n", npos), ("pos_delta", npos)):
+        lay.add(name, n)
+    return lay
+
+
+def _text_index(sample_id: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense 0..T-1 text index per token (each text's rows together)."""
+    starts = text_starts(sample_id)
+    idx = np.zeros(len(sample_id), np.int64)
+    idx[starts[1:]] = 1
+    return np.cumsum(idx), len(starts)
+
+
+def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
+    """(n_texts × lay.width) sums per text: one compiled pass (``textsums``), no per-token Python."""
+    return textsums.fill(sample_id=p.sample_id, base_lp=p.base_lp, model_lp=p.model_lp,
+                         kl=p.div.kl, kl_reverse=p.div.kl_reverse, same_top1=p.same_top1, agree=p.div.agree,
+                         agree_k=p.div.agree_k, base_conf=p.base_conf, position=p.position, kl_edges=KL_EDGES,
+                         dp_edges=DP_EDGES, conf_edges=CONF_EDGES, pos_edges=POS_EDGES,
+                         columns={name: sl.start for name, sl in lay.slices.items()}, width=lay.width)
+
+
+# -- bootstrap ---------------------------------------------------------------------------------------------
+def draw_weights(n_texts: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot × n_texts): how often each text is drawn in each replicate (resampling texts with
+    replacement, as ``metrics.bootstrap_delta_nll`` does with the same generator calls)."""
+    idx = rng.integers(0, n_texts, size=(n_boot, n_texts))
+    flat = idx + (np.arange(n_boot) * n_texts)[:, None]
+    return np.bincount(flat.ravel(), minlength=n_boot * n_texts).reshape(n_boot, n_texts).astype(np.float64)
+
+
+def replicate_sums(matrices: list[np.ndarray], n_boot: int, seed: int, exact: int | None = None) -> np.ndarray:
+    """Σ over sets of W_set @ M_set: (n_boot × width), sets as strata, one generator in set order.
+
+    Only the first ``exact`` columns (sums and counts the means come from) are multiplied in float64;
+    the rest (histogram counts and bucket sums, most of the width) in float32, which halves the cost of
+    the product and moves a percentile's interval by far less than its bin width."""
+    rng = np.random.default_rng(seed)
+    out = None
+    for m in matrices:
+        w = draw_weights(len(m), n_boot, rng)
+        if exact is None or exact >= m.shape[1]:
+            s = w @ m
+        else:
+            s = np.empty((n_boot, m.shape[1]))
+            s[:, :exact] = w @ m[:, :exact]
+            s[:, exact:] = w.astype(np.float32) @ m[:, exact:].astype(np.float32)
+        out = s if out is None else out + s
+    return out
+
+
+def interval(reps: np.ndarray, alpha: float = 0.05, strict: bool = False) -> tuple[float, float]:
+    """Percentile interval of the replicates; replicates that are not finite (a bucket no text of the
+    replicate reached) are left out, or, with ``strict``, leave the interval undefined."""
+    ok = np.isfinite(reps)
+    if strict and not ok.all():
+        return float("nan"), float("nan")
+    reps = reps[ok]
+    if not len(reps):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float, log: bool) -> np.ndarray:
+    """Quantile q (0..1) of each row of binned counts, interpolated inside the bin (log-linearly where the
+    bin edges are log-spaced); NaN where it falls in an open end bin or in the central bin around 0."""
+    counts = np.atleast_2d(counts)
+    cum = np.cumsum(counts, axis=1)
+    total = cum[:, -1]
+    target = q * total
+    b = np.argmax(cum >= target[:, None], axis=1)
+    below = np.where(b > 0, cum[np.arange(len(b)), b - 1], 0.0)
+    inbin = counts[np.arange(len(b)), b]
+    frac = np.where(inbin > 0, (target - below) / np.where(inbin > 0, inbin, 1), 0.5)
+    lo, hi = edges[b], edges[b + 1]
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    out = np.full(len(b), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if log:
+            same_sign = finite & (lo * hi > 0)
+            la, lb = np.log(np.abs(lo)), np.log(np.abs(hi))
+            out = np.where(same_sign, np.sign(lo) * np.exp(la + frac * (lb - la)), out)
+        else:
+            out = np.where(finite, lo + frac * (hi - lo), out)
+    return out
+
+
+def _ci(value: float, reps: np.ndarray, strict: bool = False) -> dict:
+    lo, hi = interval(reps, strict=strict)
+    return {"value": float(value), "lo": lo, "hi": hi}
+
+
+def _distribution(values: np.ndarray, reps_hist: np.ndarray, edges: np.ndarray, mean: float,
+                  mean_reps: np.ndarray) -> dict:
+    qs = np.percentile(values, QUANTILES) if len(values) else [np.nan] * len(QUANTILES)
+    out = {"mean": _ci(mean, mean_reps), "max": float(values.max()), "min": float(values.min()), "quantiles": {}}
+    for q, v in zip(QUANTILES, qs):
+        out["quantiles"][f"{q:g}"] = _ci(v, hist_quantile(reps_hist, edges, q / 100, log=True), strict=True)
+    return out
+
+
+def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every statistic of the comparison over the given sets (one set, or all of them as strata)."""
+    if not pairs or not sum(len(p) for p in pairs):
+        raise ValueError("no paired tokens")
+    agree_k = min(p.div.agree_k for p in pairs)
+    k = min(p.div.k for p in pairs)
+    lay = layout(agree_k)
+    mats = [_matrix(p, lay) for p in pairs]
+    point = sum(m.sum(axis=0) for m in mats)
+    reps = replicate_sums(mats, n_boot, seed, exact=lay.slices["kl_hist"].start)
+    kl = np.concatenate([p.div.kl for p in pairs])
+    dp = np.concatenate([np.exp(p.model_lp) - np.exp(p.base_lp) for p in pairs])
+    d = np.concatenate([p.delta for p in pairs])
+    n, rn = lay(point, "tokens"), lay(reps, "tokens")
+
+    def mean(name):
+        return lay(point, name) / n, lay(reps, name) / rn
+
+    out = {"k": k, "tokens": int(n), "texts": int(lay(point, "texts")), "bootstrap_replicates": n_boot}
+    out["kld"] = _distribution(kl, lay(reps, "kl_hist"), KL_EDGES, *mean("kl"))
+    out["kld_reverse"] = {"mean": _ci(*mean("kl_reverse"))}
+    out["delta_p"] = _distribution(dp, lay(reps, "dp_hist"), DP_EDGES, *mean("dp"))
+    ms, rs = mean("dp_sq")
+    out["delta_p"]["rms"] = _ci(np.sqrt(ms), np.sqrt(rs))
+    out["same_top1"] = _ci(*mean("same_top1"))
+    agree_p, agree_r = lay(point, "agree"), lay(reps, "agree")
+    agree_p, agree_r = np.atleast_1d(agree_p), agree_r.reshape(len(reps), -1)
+    out["topk_agreement"] = [{"k": j + 1, **_ci(agree_p[j] / n, agree_r[:, j] / rn)} for j in range(agree_k)]
+    # ln(PPL(model)/PPL(base)) = Δnll. llama.cpp's uncertainty treats tokens as independent: the standard
+    # error of the mean paired difference, sqrt(var(Δ)/N) = the delta method on its two runs' covariance.
+    ln_ratio = -lay(point, "delta") / n
+    var = max(lay(point, "delta_sq") / n - (lay(point, "delta") / n) ** 2, 0.0)
+    se = float(np.sqrt(var / max(n - 1, 1)))
+    out["ln_ppl_ratio"] = {**_ci(ln_ratio, -lay(reps, "delta") / rn), "se_token": se,
+                           "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
+    out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
+    out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if len(d) > 1 else float("nan")
+    out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True)
+    out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False)
+    return out
+
+
+def _matrix(p: Pair, lay: Layout) -> np.ndarray:
+    """A set's per-text matrix, made once: the per-set and the overall statistics share it."""
+    if lay.width not in p.cache:
+        p.cache[lay.width] = text_matrix(p, lay)
+    return p.cache[lay.width]
+
+
+def _token_correlation(pairs: list[Pair]) -> float:
+    """Pearson's r of the per-token logprobs, from centred dot products set by set (np.corrcoef stacks
+    and copies every token first); NaN where a side is constant."""
+    n = sum(len(p) for p in pairs)
+    mb = sum(p.base_lp.sum() for p in pairs) / n
+    mm = sum(p.model_lp.sum() for p in pairs) / n
+    sbb = smm = sbm = 0.0
+    for p in pairs:
+        b, m = p.base_lp - mb, p.model_lp - mm
+        sbb, smm, sbm = sbb + b @ b, smm + m @ m, sbm + b @ m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(sbm / np.sqrt(sbb * smm))
+
+
+def _corr(lay: Layout, s: np.ndarray):
+    t = lay(s, "texts")
+    mb, mm = lay(s, "nll_b") / t, lay(s, "nll_m") / t
+    cov = lay(s, "nll_bm") / t - mb * mm
+    vb = lay(s, "nll_b2") / t - mb ** 2
+    vm = lay(s, "nll_m2") / t - mm ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(vb * vm)
+
+
+def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool) -> list[dict]:
+    n, rn = lay(point, f"{prefix}_n"), lay(reps, f"{prefix}_n")
+    dsum, rd = lay(point, f"{prefix}_delta"), lay(reps, f"{prefix}_delta")
+    rows = []
+    for b in range(len(edges) - 1):
+        if n[b] == 0:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row = {"lo_edge": float(edges[b]), "hi_edge": float(edges[b + 1]), "tokens": int(n[b]),
+                   "delta_nll": _ci(-dsum[b] / n[b], -rd[:, b] / rn[:, b])}
+            if kl:
+                row["kld"] = _ci(lay(point, f"{prefix}_kl")[b] / n[b], lay(reps, f"{prefix}_kl")[:, b] / rn[:, b])
+        rows.append(row)
+    return rows
+
+
+# -- where it hurts --------------------------------------------------------------------------------------------
+def worst_tokens(p: Pair, n: int) -> dict[str, np.ndarray]:
+    """Indices of the ``n`` positions with the largest Δnll (= −Δlogprob) and the largest KLD."""
+    def top(v):
+        if len(v) <= n:
+            return np.argsort(-v, kind="stable")
+        idx = np.argpartition(-v, n)[:n]
+        return idx[np.argsort(-v[idx], kind="stable")]
+
+    return {"delta_nll": top(-p.delta), "kld": top(p.div.kl)}
+
+
+def worst_texts(p: Pair, n: int, min_tokens: int = 16) -> list[dict]:
+    """The ``n`` texts with the largest mean Δnll (texts with at least ``min_tokens`` scored tokens)."""
+    ti, nt = _text_index(p.sample_id)
+    cnt = np.bincount(ti, minlength=nt)
+    dn = -np.bincount(ti, weights=p.delta, minlength=nt) / np.maximum(cnt, 1)
+    kl = np.bincount(ti, weights=p.div.kl, minlength=nt) / np.maximum(cnt, 1)
+    first = np.searchsorted(ti, np.arange(nt))
+    ok = np.flatnonzero(cnt >= min_tokens)
+    order = ok[np.argsort(-dn[ok], kind="stable")][:n]
+    return [{"sample_id": int(p.sample_id[first[t]]), "tokens": int(cnt[t]), "delta_nll": float(dn[t]),
+             "kld": float(kl[t])} for t in order]
