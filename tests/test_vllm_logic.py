@@ -326,3 +326,22 @@ def test_engine_records_its_start(fake_vllm, tmp_path):
     b = VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions(), expected_tokens=1000)
     assert b.start["weights_load_s"] == 1.5 and b.start["engine_start_s"] >= 0
     assert b.llm.kwargs["enforce_eager"] is True and "1,000 tokens" in b.compile_reason
+
+
+def test_the_activation_dtype_is_chosen_only_where_activations_are_quantized():
+    """transformers on the CPU, dtype auto: W4A4 quantizes bfloat16 activations as a GPU does (issue #22), and its
+    archives' fingerprints say so; the baseline and weight-only keep float32 and the fingerprints they had."""
+    import torch
+
+    from jobs.engines import arithmetic_for
+    from jobs.engines.hf import pick_dtype
+
+    cpu = EngineOptions(device="cpu")
+    w4a4 = arithmetic_for("transformers", NVFP4, cpu)
+    assert w4a4.activation_dtype == "bfloat16" and w4a4.fingerprint_fields() == {"activation_dtype": "bfloat16"}
+    assert arithmetic_for("transformers", NVFP4, cpu.replace(dtype="float32")).activation_dtype == "float32"
+    for quiet in (arithmetic_for("transformers", NVFP4, cpu.replace(nvfp4_compute="weight-only")),
+                  arithmetic_for("transformers", Quantization(None, None, "bf16"), cpu)):
+        assert quiet.activation_dtype is None and quiet.fingerprint_fields() == {}
+    assert pick_dtype("auto", "cpu") is torch.float32 and pick_dtype("auto", "cpu", True) is torch.bfloat16
+    assert pick_dtype("auto", "cuda") is torch.bfloat16 and pick_dtype("float32", "cpu", True) is torch.float32
