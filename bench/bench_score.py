@@ -165,6 +165,7 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from jobs.engines import arithmetic_for
     from jobs.engines.vllm import VllmBackend
     from jobs.checkpoints.checkpoint import describe_quantization
     from jobs.texts.evalsets import EvalSet
@@ -176,7 +177,7 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
     quant = describe_quantization(json.loads((path / "config.json").read_text()))
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        eng = VllmBackend(path, quant, options, expected_tokens=tokens)
+        eng = VllmBackend(path, options, arithmetic=arithmetic_for("vllm", quant, options), expected_tokens=tokens)
         start = time.perf_counter() - t0
         params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(s.token_ids)) for s in samples]

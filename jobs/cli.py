@@ -280,7 +280,6 @@ def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_mul
           include_path, batch_size, backend, nvfp4_compute, results_dir, overwrite, engine_kwargs, **kw):
     """Task accuracy with lm-evaluation-harness: per-sample results to results/tasks/model=LABEL/task=T/."""
     from jobs.core.errors import SettingsError
-    from jobs.core.settings import engine_dict
     from jobs.stages import tasks as t
 
     engine = _engine(kw, nvfp4_compute=nvfp4_compute)
@@ -291,9 +290,8 @@ def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_mul
     settings = t.TasksSettings(
         model=model, label=label, tasks=tuple(tasks.replace(",", " ").split()), limit=limit, num_fewshot=num_fewshot,
         chat_template=chat_template, fewshot_as_multiturn=fewshot_as_multiturn, add_bos_token=add_bos_token,
-        backend=backend, dtype=engine.dtype, max_model_len=engine.max_model_len, batch_size=batch_size,
-        include_path=include_path, results_dir=results_dir, overwrite=overwrite,
-        engine_options={**engine_dict(engine), "engine_kwargs": extra})
+        backend=backend, batch_size=batch_size, include_path=include_path, results_dir=results_dir,
+        overwrite=overwrite, engine=engine, engine_kwargs=extra)
     for p in t.run(settings=settings):
         click.echo(str(p))
 

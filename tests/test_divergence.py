@@ -154,6 +154,7 @@ def test_bound_against_the_exact_kl_on_the_tiny_model(tiny_model, tiny_nvfp4, ev
 
     from conftest import DATA
     from jobs.texts import evalsets, sampling
+    from jobs.engines import arithmetic_for
     from jobs.engines.hf import TransformersBackend
     from jobs.checkpoints.checkpoint import inspect
     from jobs.core.settings import EngineOptions
@@ -165,7 +166,8 @@ def test_bound_against_the_exact_kl_on_the_tiny_model(tiny_model, tiny_nvfp4, ev
     for name, path in (("p", tiny_model), ("q", tiny_nvfp4)):
         # weight-only: the W4A4 forward rounds activations to FP4, so a batched pass (the scored top-K) and
         # a single-text pass (the exact KL) can differ at rounding boundaries; the bound is about one q
-        be = TransformersBackend(inspect(path), EngineOptions(dtype="float32", device="cpu", nvfp4_compute="weight-only"))
+        ckpt, opts = inspect(path), EngineOptions(dtype="float32", device="cpu", nvfp4_compute="weight-only")
+        be = TransformersBackend(ckpt, opts, arithmetic=arithmetic_for("transformers", ckpt.quant, opts))
         with torch.inference_mode():
             full[name] = np.concatenate([
                 torch.log_softmax(be.model(input_ids=torch.tensor(s.token_ids)[None]).logits[0, :-1].double(), -1).numpy()

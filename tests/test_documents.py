@@ -12,6 +12,7 @@ from jobs.texts import evalsets, sampling
 from jobs.engines import rolling
 from jobs.archive import logprobs
 from jobs.core.errors import SettingsError
+from jobs.engines.base import SequenceScores
 
 RAW = [" ", " = Alpha = ", " ", " The alpha @-@ beta test , in 1990 . ", " ", " = = History = = ", " ",
        " It 's \" quoted \" ( here ) . ", " ", " = Beta = ", " ", " Second page : done ! ", " "]
@@ -101,7 +102,7 @@ class FakeEngine:
             n, doc = len(s.token_ids), self.docs[s.sample_id]
             start = next(i for i in range(len(doc)) if doc[i:i + n] == s.token_ids)
             lp = -(np.arange(n) + 100.0 * start)
-            yield logprobs.SequenceScores(s.sample_id, np.asarray(s.token_ids), lp.astype(np.float32),
+            yield SequenceScores(s.sample_id, np.asarray(s.token_ids), lp.astype(np.float32),
                                         np.ones(n, np.int32), np.asarray(s.token_ids), lp.astype(np.float32))
 
 

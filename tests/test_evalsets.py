@@ -63,3 +63,14 @@ def test_offline_hub_set_names_what_to_set(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(evalsets.OfflineError, match="HF_HUB_OFFLINE=1.*_SOURCE"):
         evalsets.load_hub_set(evalsets.REGISTRY["wikitext2"], n=2)
+
+
+def test_wikitext_detokenizer_is_lm_evals():
+    """The copy (kept because the quantize image, where the docker demo scores, has no lm-eval) equals lm-eval's."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    pages = [" = Title = \n The cat 's hat @-@ band , 1 @,@ 000 @.@ 5 ( see [ x ] { y } \" q \" ' r ' ) . \n"
+             " = = Sub = = \n Temperature 5 ° C ; a : b ! c ? N of s ' friends / ' 3 / \n = = = Deep = = = \n",
+             "", " plain line \n\n two "]
+    for page in pages:
+        assert evalsets.wikitext_detokenizer(page) == wikitext_detokenizer({"page": page})

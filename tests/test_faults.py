@@ -11,6 +11,7 @@ import pytest
 
 from conftest import DATA, ROOT, cli
 from jobs.archive import logprobs
+from jobs.engines.base import SequenceScores
 
 pytestmark = pytest.mark.slow
 WIKI = f"wiki={DATA / 'wiki_mini.txt'}"
@@ -176,7 +177,7 @@ def test_a_null_logprob_at_a_scored_position_is_named(tmp_path):
     import pyarrow as pa
 
     n = 20
-    seq = logprobs.SequenceScores(0, np.arange(n), -np.ones(n), np.ones(n, int), np.arange(n), -np.ones(n))
+    seq = SequenceScores(0, np.arange(n), -np.ones(n), np.ones(n, int), np.arange(n), -np.ones(n))
     table = logprobs.sequences_to_table([seq])
     logprob = table.column("logprob").to_pylist()
     logprob[5] = None  # position 5 is scored: only position 0 may be null

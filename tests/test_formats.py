@@ -32,7 +32,7 @@ def _samples(tokenizer_dir: Path, n: int = 12):
     return sampling.select(sampling.tokenize(texts, sampling.hf_encoder(tok)), 2048)
 
 
-def _library_model(path: Path, *, activations: bool):
+def _library_model(path: Path, *, activations: bool, dtype=torch.float32):
     """transformers + compressed-tensors on their own: weights decompressed by the library, and its
     quantized forward as installed (activations quantized as declared), or all quantization switched off."""
     from transformers import AutoModelForCausalLM
@@ -40,7 +40,9 @@ def _library_model(path: Path, *, activations: bool):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
-    model = model.float().eval()  # fp8 group scales and bf16 weights are exact in float32
+    if dtype == torch.float32:
+        model = model.float()  # fp8 group scales and bf16 weights are exact in float32
+    model = model.eval()
     if not activations:
         for m in model.modules():
             if getattr(m, "quantization_scheme", None) is not None:
@@ -75,10 +77,31 @@ def wiki_file(tmp_path_factory, tiny_model) -> tuple[Path, list]:
     return path, samples
 
 
-def _score(model: Path, label: str, results: Path, wiki: Path, tokenizer: Path, mode: str):
+def _score(model: Path, label: str, results: Path, wiki: Path, tokenizer: Path, mode: str, *more):
     r = cli("score", "--model", model, "--label", label, "--datasets", f"wiki={wiki}", "--results-dir", results,
-            "--backend", "transformers", "--dtype", "float32", "--tokenizer", tokenizer, "--nvfp4-compute", mode)
+            "--backend", "transformers", "--tokenizer", tokenizer, "--nvfp4-compute", mode,
+            *(more or ("--dtype", "float32")))
     assert r.exit_code == 0, r.output
+
+
+def test_w4a4_on_the_cpu_computes_the_gpus_arithmetic(tiny_nvfp4, tiny_model, wiki_file, tmp_path):
+    """Issue #22: the dtype left to qscore (``auto``) computes a W4A4 model's activations in bfloat16 on the CPU
+    too, as every GPU does before quantizing them, and the run records it. The oracle: compressed-tensors' own
+    quantized forward in bfloat16, text by text (one text per batch here, so only the attention mask differs)."""
+    wiki, samples = wiki_file
+    _score(tiny_nvfp4, "w4a4", tmp_path, wiki, tiny_model, "declared", "--max-batch-tokens", 1)
+    ours, meta = _scored(tmp_path, "w4a4", len(samples))
+    assert meta["runtime"]["dtype"] == "bfloat16" and meta["runtime"]["arithmetic"] == "W4A4 (emulated)"
+    ref = _oracle_logprobs(_library_model(tiny_nvfp4, activations=True, dtype=torch.bfloat16), samples)
+    f32 = _oracle_logprobs(_library_model(tiny_nvfp4, activations=True), samples)
+    assert ours.shape == ref.shape
+    gap, f32_gap = np.abs(ours - ref).mean(), np.abs(f32 - ref).mean()
+    assert gap < 0.01 and np.abs(ours - ref).max() < 0.25, (gap, np.abs(ours - ref).max())
+    assert gap < f32_gap / 3, (gap, f32_gap)  # the float32 arithmetic is another one, and measurably so
+    # the baseline and the weight-only arithmetic keep float32 on the CPU (exact, and as before)
+    _score(tiny_nvfp4, "w4a16", tmp_path, wiki, tiny_model, "weight-only", "--max-batch-tokens", 1)
+    _score(tiny_model, "bf16", tmp_path, wiki, tiny_model, "declared", "--max-batch-tokens", 1)
+    assert {_scored(tmp_path, m, len(samples))[1]["runtime"]["dtype"] for m in ("w4a16", "bf16")} == {"float32"}
 
 
 @pytest.mark.parametrize("mode", ["declared", "weight-only"])
@@ -117,11 +140,13 @@ def test_modelopt_checkpoint_converts_to_what_modelopt_dequantizes(tiny_modelopt
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
     from safetensors.torch import load_file
 
+    from jobs.engines import arithmetic_for
     from jobs.engines.hf import TransformersBackend
     from jobs.core.settings import EngineOptions
 
     raw = load_file(tiny_modelopt / "model.safetensors")
-    backend = TransformersBackend(inspect(tiny_modelopt), EngineOptions(dtype="float32", nvfp4_compute="weight-only"))
+    ckpt, opts = inspect(tiny_modelopt), EngineOptions(dtype="float32", nvfp4_compute="weight-only")
+    backend = TransformersBackend(ckpt, opts, arithmetic=arithmetic_for("transformers", ckpt.quant, opts))
     state = backend.model.state_dict()
     n = 0
     for name, t in raw.items():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jobs.stats import metrics
+from jobs.engines.base import SequenceScores
 
 
 def toks(sids, lps, ranks=None, top1=None, top1_lp=None, token_ids=None):
@@ -131,7 +132,7 @@ def test_the_aggregate_reads_the_scored_rows_of_every_chunk_and_refuses_a_scored
     from jobs.stages.aggregate import COLUMNS, scored_columns
 
     rng = np.random.default_rng(0)
-    seqs = [logprobs.SequenceScores(i, rng.integers(0, 99, n), -rng.random(n), rng.integers(1, 9, n),
+    seqs = [SequenceScores(i, rng.integers(0, 99, n), -rng.random(n), rng.integers(1, 9, n),
                                   rng.integers(0, 99, n), -rng.random(n)) for i, n in enumerate((5, 3, 7))]
     # chunks as concat_tables of parts gives them: one a slice (a buffer offset), one empty
     table = pa.concat_tables([logprobs.sequences_to_table(seqs[:1]), logprobs.sequences_to_table(seqs[1:]).slice(0, 10),

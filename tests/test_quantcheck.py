@@ -5,11 +5,13 @@ from jobs.checkpoints.checkpoint import describe_quantization
 
 
 def ct_config(group=16, abits=4):
+    acts = {"input_activations": {"num_bits": abits, "type": "float", "dynamic": "local", "strategy": "tensor_group",
+                                   "group_size": 16}} if abits else {}
     return {"quantization_config": {
         "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"],
-                                      "weights": {"num_bits": 4, "type": "float", "group_size": group},
-                                      "input_activations": {"num_bits": abits, "type": "float", "dynamic": "local"}}}}}
+                                      "weights": {"num_bits": 4, "type": "float", "group_size": group,
+                                                  "strategy": "tensor_group"}, **acts}}}}
 
 
 def fp4_layer(name, out=64, cols=64, group=16):
@@ -35,6 +37,22 @@ def test_scheme_names_from_configs():
     assert describe_quantization({"quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4",
                                                           "group_size": 16}}).scheme == "NVFP4"
     assert describe_quantization({"torch_dtype": "bfloat16"}).method is None
+
+
+def test_compressed_tensors_configs_are_read_by_compressed_tensors():
+    """What compressed-tensors fills in or refuses, qscore takes from it: a config it cannot read is a one-line
+    CheckpointError, not a scheme guessed from whatever keys are there."""
+    from jobs.core.errors import CheckpointError
+
+    fp8 = {"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}}
+    q = describe_quantization(fp8)
+    assert (q.scheme, q.format, q.ignore, q.group_size) == ("FP8_DYNAMIC", None, [], None)
+    bad = ct_config()
+    bad["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = "four"
+    with pytest.raises(CheckpointError, match="not one compressed-tensors can read .*num_bits"):
+        describe_quantization(bad)
 
 
 def test_a_matching_checkpoint_passes():

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import cli
 from jobs.archive import logprobs
+from jobs.engines.base import SequenceScores
 
 
 def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=None):
@@ -25,7 +26,7 @@ def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=No
             rank[1:] = (lp[:-1] > actual[1:, None]).sum(1) + 1
             tk_ids = np.vstack([np.full((1, k), -1), top[:-1]]).astype(np.int32)
             tk_lp = np.vstack([np.full((1, k), np.nan), np.take_along_axis(lp, top, 1)[:-1]]).astype(np.float32)
-            seqs.append(logprobs.SequenceScores(sid, np.asarray(ids, np.int32), actual, rank, tk_ids[:, 0], tk_lp[:, 0],
+            seqs.append(SequenceScores(sid, np.asarray(ids, np.int32), actual, rank, tk_ids[:, 0], tk_lp[:, 0],
                                               tk_ids if k > 1 else None, tk_lp if k > 1 else None))
         table = logprobs.sequences_to_table(seqs, topk=k)
         meta = {"fingerprint": label, "model": {"ref": label}, "tokenizer": {"path": str(tokenizer_path or "")},

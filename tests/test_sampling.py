@@ -28,3 +28,20 @@ def test_max_model_len_below_24_is_refused(n):
 
 def test_tokenize_uses_the_given_encoder():
     assert sampling.tokenize(["ab", "c"], lambda t: [ord(c) for c in t]) == [[97, 98], [99]]
+
+
+@pytest.mark.parametrize("n,window,stride", [(2, 4, None), (9, 4, None), (50, 8, None), (50, 8, 3), (17, 16, 1),
+                                              (100, 10, 9), (9, 4, 2), (1000, 64, 17), (5, 64, None)])
+def test_rolling_windows_are_lm_evals(n, window, stride):
+    """The windows lm-eval's own get_rolling_token_windows cuts (max_seq_len = window - 1, context_len =
+    window - stride, made disjoint as lm-eval scores them), fed the positions themselves as tokens."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    stride = stride or window - 1
+    theirs = []
+    for pair in get_rolling_token_windows(list(range(1, n)), 0, window - 1, window - stride):
+        ctx, pred = make_disjoint_window(pair)
+        stream = ctx + pred  # lm-eval's model input is this minus its last token: the window [start, end)
+        assert stream == list(range(stream[0], stream[-1] + 1))
+        theirs.append((stream[0], stream[-1] + 1, pred[0] - stream[0]))
+    assert sampling.rolling_windows(n, window, stride) == theirs

@@ -4,13 +4,14 @@ import pytest
 
 from jobs.archive import logprobs
 from jobs.core.errors import ScoreError, SettingsError
+from jobs.engines.base import SequenceScores
 
 
 def seq(sid, n, k=1, seed=0):
     rng = np.random.default_rng(seed)
     lp = -rng.exponential(size=n).astype(np.float32)
     lp[0] = np.nan
-    s = logprobs.SequenceScores(sid, np.arange(n, dtype=np.int32) + 5, lp, np.r_[-1, rng.integers(1, 9, n - 1)],
+    s = SequenceScores(sid, np.arange(n, dtype=np.int32) + 5, lp, np.r_[-1, rng.integers(1, 9, n - 1)],
                               np.r_[-1, rng.integers(0, 99, n - 1)], lp / 2)
     if k > 1:
         s.topk_ids = rng.integers(0, 99, (n, k))

@@ -140,7 +140,7 @@ def test_rerun_skips_and_other_settings_are_refused(results, tiny_model, monkeyp
     def no_model(*a, **k):
         raise AssertionError("a finished task loaded the model again")
 
-    monkeypatch.setattr(taskeval, "load_lm", no_model)
+    monkeypatch.setattr(lmeval, "load_lm", no_model)
     r = tasks(tiny_model, "bf16", results)
     assert r.exit_code == 0 and "already evaluated" in r.stderr
     assert before == [p.stat().st_mtime_ns for p in d.glob("part-*.parquet")]
@@ -159,7 +159,7 @@ def test_interrupted_run_keeps_finished_tasks_and_resumes(tiny_model, tmp_path, 
             raise KeyboardInterrupt
         return real(lm, tm, task, **kw)
 
-    monkeypatch.setattr(taskeval, "evaluate", interrupt_second)
+    monkeypatch.setattr(lmeval, "evaluate", interrupt_second)
     r = tasks(tiny_model, "m", tmp_path, "--limit", "5")
     assert r.exit_code == 130 and "completed parts are kept" in r.stderr
     model_dir = tmp_path / "tasks" / "model=m"

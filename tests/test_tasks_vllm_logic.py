@@ -9,19 +9,6 @@ import pytest
 from jobs.engines import lmeval
 
 
-def test_engine_options_are_the_score_stages():
-    kw = lmeval.vllm_engine_kwargs({"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2, "enforce_eager": True,
-                                      "max_num_batched_tokens": None, "quantization": None,
-                                      "engine_kwargs": {"max_num_seqs": 8}})
-    assert kw == {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2, "enforce_eager": True,
-                  "enable_prefix_caching": False, "max_num_seqs": 8}
-    kw = lmeval.vllm_engine_kwargs({"max_num_batched_tokens": 4096, "quantization": "modelopt_fp4"})
-    assert kw["max_num_batched_tokens"] == 4096 and kw["quantization"] == "modelopt_fp4"
-    assert kw["gpu_memory_utilization"] == 0.85 and kw["enable_prefix_caching"] is False
-    # one dict passes anything else through, and wins
-    assert lmeval.vllm_engine_kwargs({"engine_kwargs": {"enable_prefix_caching": True}})["enable_prefix_caching"]
-
-
 class FakeEngine:
     def __init__(self):
         self.shut = False
@@ -58,19 +45,28 @@ def fake_lm_eval_vllm(monkeypatch):
 
 
 def test_lm_evals_vllm_model_is_built_with_qscores_options(fake_lm_eval_vllm, tmp_path, monkeypatch):
+    """The tasks stage's engine: the score stage's builder (``vllm.engine_spec``) with the same typed options,
+    the arithmetic the stage resolved, and the user's --engine-kwargs."""
+    import json
+
     import torch
 
-    import json
+    from jobs.checkpoints.checkpoint import Checkpoint, describe_quantization
+    from jobs.core.settings import EngineOptions
+    from jobs.engines import arithmetic_for
 
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}}))
-    lm, backend = lmeval.load_lm("vllm", tmp_path, dtype="auto", batch_size=16, max_model_len=1024,
-                                   add_bos_token=True, engine_options={"gpu_memory_utilization": 0.4,
-                                                                      "enforce_eager": True, "engine_kwargs": {},
-                                                                      "nvfp4_compute": "weight-only"})
+    quant = describe_quantization(json.loads((tmp_path / "config.json").read_text()))
+    ckpt = Checkpoint(tmp_path, {}, {}, quant, "hash")
+    options = EngineOptions(max_model_len=1024, gpu_memory_utilization=0.4, enforce_eager=True,
+                            nvfp4_compute="weight-only")
+    lm, backend = lmeval.load_lm("vllm", ckpt, options, arithmetic_for("vllm", quant, options), batch_size=16,
+                                 add_bos_token=True, engine_kwargs={"max_num_seqs": 8})
     assert lm.kwargs == {"pretrained": str(tmp_path), "dtype": "auto", "max_model_len": 1024, "add_bos_token": True,
                          "batch_size": "auto", "gpu_memory_utilization": 0.4, "tensor_parallel_size": 1,
-                         "enforce_eager": True, "enable_prefix_caching": False, "linear_backend": "marlin"}
+                         "enforce_eager": True, "enable_prefix_caching": False, "max_num_seqs": 8,
+                         "linear_backend": "marlin"}
     assert backend.arithmetic.label == "W4A16 (weight-only)"
     assert lm.logging_stream == "ext://sys.stderr"  # the stage's stdout is its result
     props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0})

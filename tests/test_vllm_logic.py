@@ -10,7 +10,9 @@ from jobs.core.errors import ScoreError
 
 from jobs.engines.vllm import LogprobLookupError, describe_kernels, parse_prompt_logprobs
 from jobs.texts.sampling import Sample
-from jobs.core.settings import EngineOptions
+from jobs.core.settings import EngineOptions, Nvfp4Compute
+
+BF16 = resolve(Quantization(None, None, "bf16"), Nvfp4Compute.DECLARED, backend="vllm", capability=9.0)
 
 
 @dataclass
@@ -147,7 +149,7 @@ def fake_vllm(monkeypatch):
 def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
     from jobs.engines.vllm import VllmBackend
 
-    backend = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64))
+    backend = VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions(max_model_len=64))
     samples = [Sample(i, (5, 6 + i, 7), False) for i in range(5)]
     out = list(backend.score(samples))
     assert [s.sample_id for s in out] == [0, 1, 2, 3, 4]
@@ -158,19 +160,19 @@ def test_engine_loop_yields_in_input_order(fake_vllm, tmp_path):
 def test_engine_options(fake_vllm, tmp_path):
     from jobs.engines.vllm import VllmBackend
 
-    kw = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64, max_num_batched_tokens=8192)).llm.kwargs
+    kw = VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions(max_model_len=64, max_num_batched_tokens=8192)).llm.kwargs
     assert kw["enable_prefix_caching"] is False  # a cached prefix would get no prompt logprobs
     assert kw["skip_tokenizer_init"] is True  # no tokenizer files: token ids go in
     assert kw["max_num_batched_tokens"] == 8192 and "quantization" not in kw  # detected from the checkpoint
     (tmp_path / "tokenizer.json").write_text("{}")
-    assert "skip_tokenizer_init" not in VllmBackend(tmp_path, None, EngineOptions()).llm.kwargs
+    assert "skip_tokenizer_init" not in VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions()).llm.kwargs
 
 
 def test_vllm_logs_leave_stdout_to_the_result(fake_vllm, tmp_path):
     """validate prints its JSON result on stdout; vLLM's logs (stdout by default) must not mix in."""
     from jobs.engines.vllm import VllmBackend
 
-    assert VllmBackend(tmp_path, None, EngineOptions()).llm.logging_stream == "ext://sys.stderr"
+    assert VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions()).llm.logging_stream == "ext://sys.stderr"
 
 
 def test_describe_records_gpu_and_kernel_path(fake_vllm, tmp_path, monkeypatch):
@@ -181,7 +183,7 @@ def test_describe_records_gpu_and_kernel_path(fake_vllm, tmp_path, monkeypatch):
     props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     fake_vllm.__version__ = "0.26.0"
-    backend = VllmBackend(tmp_path, None, EngineOptions(max_model_len=64))
+    backend = VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions(max_model_len=64))
     backend.llm.model_config = type("Cfg", (), {"dtype": torch.bfloat16, "quantization": "modelopt_fp4"})
     backend.llm.apply_model = lambda fn: [{"ModelOptNvFp4LinearMethod/MarlinNvFp4LinearKernel": 4}]
     backend._kernels = None  # inspected again, now that the stand-in has layers
@@ -198,16 +200,51 @@ NVFP4 = Quantization("compressed-tensors", "nvfp4-pack-quantized", "NVFP4", 16, 
 
 
 def test_engine_is_eager_for_small_workloads_and_compiled_without_graphs_for_large(tmp_path):
-    from jobs.engines.vllm import COMPILE_MIN_TOKENS, engine_kwargs
+    from jobs.engines.vllm import COMPILE_MIN_TOKENS, engine_spec
 
-    bf16 = resolve(Quantization(None, None, "bf16"), "declared", backend="vllm", capability=9.0)
-    small, why = engine_kwargs(tmp_path, EngineOptions(), bf16, expected_tokens=250_000)
-    assert small["enforce_eager"] is True and "compilation_config" not in small and "250,000" in why
-    big, why = engine_kwargs(tmp_path, EngineOptions(), bf16, expected_tokens=COMPILE_MIN_TOKENS)
+    small = engine_spec(tmp_path, EngineOptions(), BF16, scoring=True, expected_tokens=250_000)
+    assert small.kwargs["enforce_eager"] is True and "compilation_config" not in small.kwargs
+    assert "250,000" in small.compile_reason
+    big = engine_spec(tmp_path, EngineOptions(), BF16, scoring=True, expected_tokens=COMPILE_MIN_TOKENS).kwargs
     assert big["enforce_eager"] is False and big["compilation_config"] == {"cudagraph_mode": "NONE"}
-    forced, why = engine_kwargs(tmp_path, EngineOptions(enforce_eager=False), bf16, expected_tokens=10)
-    assert forced["enforce_eager"] is False and why.startswith("asked for")
-    assert "linear_backend" not in small
+    forced = engine_spec(tmp_path, EngineOptions(enforce_eager=False), BF16, scoring=True, expected_tokens=10)
+    assert forced.kwargs["enforce_eager"] is False and forced.compile_reason.startswith("asked for")
+    assert "linear_backend" not in small.kwargs
+
+
+def test_one_builder_for_scoring_and_tasks(tmp_path):
+    """Score/validate and lm-eval's tasks get vLLM's settings from one function: the same options give the same
+    engine, except what only prompt scoring wants (eager by workload, no CUDA graphs, token ids in, the engine
+    core in-process)."""
+    from jobs.engines.vllm import ENGINE_ENV, SCORING_ENV, engine_spec
+
+    opts = EngineOptions(dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.5, tensor_parallel_size=2,
+                         max_num_batched_tokens=4096, quantization="modelopt_fp4", nvfp4_compute="weight-only")
+    wo = resolve(NVFP4, opts.nvfp4_compute, backend="vllm", capability=9.0)
+    score = engine_spec(tmp_path, opts, wo, scoring=True, expected_tokens=10)
+    tasks = engine_spec(tmp_path, opts, wo, scoring=False, extra={"max_num_seqs": 8})
+    shared = {"model": str(tmp_path), "dtype": "bfloat16", "max_model_len": 1024, "gpu_memory_utilization": 0.5,
+              "tensor_parallel_size": 2, "enable_prefix_caching": False, "max_num_batched_tokens": 4096,
+              "quantization": "modelopt_fp4", "linear_backend": "marlin"}
+    assert score.kwargs == {**shared, "enforce_eager": True, "skip_tokenizer_init": True}
+    # generation is decode-bound: compiled, with CUDA graphs; the user's --engine-kwargs pass through
+    assert tasks.kwargs == {**shared, "enforce_eager": False, "max_num_seqs": 8}
+    assert score.env == {**ENGINE_ENV, **SCORING_ENV} and tasks.env == ENGINE_ENV
+    assert engine_spec(tmp_path, EngineOptions(enforce_eager=True), BF16, scoring=False).kwargs["enforce_eager"] is True
+    # --engine-kwargs win over qscore's choices, but not over the arithmetic asked for
+    over = engine_spec(tmp_path, opts, wo, scoring=False, extra={"enable_prefix_caching": True, "linear_backend": "x"})
+    assert over.kwargs["enable_prefix_caching"] is True and over.kwargs["linear_backend"] == "marlin"
+
+
+def test_engine_environment_leaves_what_the_user_set(tmp_path, monkeypatch):
+    from jobs.engines.vllm import engine_spec
+
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    engine_spec(tmp_path, EngineOptions(), BF16, scoring=True).apply_env()
+    import os
+
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "1" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 @pytest.mark.parametrize("mode, cap, backend, label, linear", [
@@ -219,12 +256,13 @@ def test_engine_is_eager_for_small_workloads_and_compiled_without_graphs_for_lar
     ("weight-only", None, "transformers", "W4A16 (weight-only)", "auto"),
 ])
 def test_arithmetic_of_nvfp4(mode, cap, backend, label, linear, tmp_path):
-    from jobs.engines.vllm import engine_kwargs
+    from jobs.engines.vllm import engine_spec
 
-    a = resolve(NVFP4, mode, backend=backend, capability=cap)
-    assert (a.label, a.vllm_linear_backend, a.mode) == (label, linear, mode)
+    a = resolve(NVFP4, Nvfp4Compute(mode), backend=backend, capability=cap)
+    assert (a.label, a.vllm_linear_backend, a.mode) == (label, linear, Nvfp4Compute(mode))
+    assert a.recorded_mode == mode
     if backend == "vllm":
-        kw, _ = engine_kwargs(tmp_path, EngineOptions(nvfp4_compute=mode), a, expected_tokens=1)
+        kw = engine_spec(tmp_path, EngineOptions(nvfp4_compute=mode), a, scoring=True, expected_tokens=1).kwargs
         assert kw.get("linear_backend", "auto") == linear
 
 
@@ -233,7 +271,8 @@ def test_weight_only_checkpoints_and_other_schemes_are_what_they_declare():
     assert resolve(a16, "declared", backend="vllm", capability=9.0).label == "W4A16 (weight-only)"
     fp8 = Quantization("compressed-tensors", "float-quantized", "FP8_DYNAMIC", None, 8, 8)
     assert resolve(fp8, "weight-only", backend="vllm", capability=9.0) == resolve(fp8, "declared", backend="vllm")
-    assert resolve(fp8, "declared", backend="vllm").mode == "n/a"
+    assert resolve(fp8, "declared", backend="vllm").mode is None
+    assert resolve(fp8, "declared", backend="vllm").recorded_mode == "n/a"
 
 
 def test_a_silent_fallback_is_refused():
@@ -252,11 +291,14 @@ def test_a_silent_fallback_is_refused():
 def test_engine_refuses_kernels_that_do_not_compute_the_mode(fake_vllm, tmp_path, monkeypatch):
     from jobs.engines import vllm as vb
 
+    from jobs.engines import arithmetic_for
+
     monkeypatch.setattr(vb, "gpu_capability", lambda: 9.0)
     monkeypatch.setattr(FakeLLM, "apply_model", lambda self, fn: [{"A/B/MarlinNvFp4LinearKernel": 4}], raising=False)
+    declared, weight_only = EngineOptions(), EngineOptions(nvfp4_compute="weight-only")
     with pytest.raises(ScoreError, match="W4A4 \\(emulated\\) asked for, but the FP4 layers run"):
-        vb.VllmBackend(tmp_path, NVFP4, EngineOptions())
-    backend = vb.VllmBackend(tmp_path, NVFP4, EngineOptions(nvfp4_compute="weight-only"))
+        vb.VllmBackend(tmp_path, declared, arithmetic=arithmetic_for("vllm", NVFP4, declared))
+    backend = vb.VllmBackend(tmp_path, weight_only, arithmetic=arithmetic_for("vllm", NVFP4, weight_only))
     assert backend.llm.kwargs["linear_backend"] == "marlin"
 
 
@@ -281,6 +323,25 @@ def test_engine_records_its_start(fake_vllm, tmp_path):
             logging.getLogger("vllm.model_executor").info("Loading weights took 1.50 seconds")
 
     fake_vllm.LLM = Logging
-    b = VllmBackend(tmp_path, None, EngineOptions(), expected_tokens=1000)
+    b = VllmBackend(tmp_path, arithmetic=BF16, options=EngineOptions(), expected_tokens=1000)
     assert b.start["weights_load_s"] == 1.5 and b.start["engine_start_s"] >= 0
     assert b.llm.kwargs["enforce_eager"] is True and "1,000 tokens" in b.compile_reason
+
+
+def test_the_activation_dtype_is_chosen_only_where_activations_are_quantized():
+    """transformers on the CPU, dtype auto: W4A4 quantizes bfloat16 activations as a GPU does (issue #22), and its
+    archives' fingerprints say so; the baseline and weight-only keep float32 and the fingerprints they had."""
+    import torch
+
+    from jobs.engines import arithmetic_for
+    from jobs.engines.hf import pick_dtype
+
+    cpu = EngineOptions(device="cpu")
+    w4a4 = arithmetic_for("transformers", NVFP4, cpu)
+    assert w4a4.activation_dtype == "bfloat16" and w4a4.fingerprint_fields() == {"activation_dtype": "bfloat16"}
+    assert arithmetic_for("transformers", NVFP4, cpu.replace(dtype="float32")).activation_dtype == "float32"
+    for quiet in (arithmetic_for("transformers", NVFP4, cpu.replace(nvfp4_compute="weight-only")),
+                  arithmetic_for("transformers", Quantization(None, None, "bf16"), cpu)):
+        assert quiet.activation_dtype is None and quiet.fingerprint_fields() == {}
+    assert pick_dtype("auto", "cpu") is torch.float32 and pick_dtype("auto", "cpu", True) is torch.bfloat16
+    assert pick_dtype("auto", "cuda") is torch.bfloat16 and pick_dtype("float32", "cpu", True) is torch.float32

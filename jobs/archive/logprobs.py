@@ -9,7 +9,6 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -60,20 +59,6 @@ def dataset_dir(results_dir: str | os.PathLike, label: str, dataset: str) -> Pat
     )
 
 
-@dataclass
-class SequenceScores:
-    """One scored sequence: arrays over positions 0..L-1; position 0 carries NaN/-1 (no context)."""
-
-    sample_id: int
-    token_ids: np.ndarray  # int, length L
-    logprob: np.ndarray  # float, length L (index 0 ignored)
-    rank: np.ndarray  # int, length L (index 0 ignored)
-    top1_id: np.ndarray
-    top1_logprob: np.ndarray
-    topk_ids: np.ndarray | None = None  # (L, k)
-    topk_logprobs: np.ndarray | None = None
-
-
 def _null_first(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     mask = np.zeros(len(values), dtype=bool)
     if len(values):
@@ -81,8 +66,9 @@ def _null_first(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     return pa.array(values, type=arrow_type, mask=mask)
 
 
-def sequences_to_table(seqs: Iterable[SequenceScores], topk: int = 1) -> pa.Table:
-    """Rows per token, positions 0..L-1, position 0 null: the archive holds every sequence whole."""
+def sequences_to_table(seqs: Iterable, topk: int = 1) -> pa.Table:
+    """Rows per token, positions 0..L-1, position 0 null: the archive holds every sequence whole.
+    ``seqs``: the engines' ``SequenceScores`` (jobs/engines/base.py; the archive does not import engines)."""
     cols: dict[str, list] = {name: [] for name in arrow_schema(topk).names}
     for s in seqs:
         n = len(s.token_ids)

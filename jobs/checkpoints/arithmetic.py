@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.checkpoints.checkpoint import Quantization
+from jobs.core.settings import Nvfp4Compute
 
 NATIVE_FP4_CAPABILITY = 10.0  # sm_100 (B200) and later have FP4 tensor cores
 
@@ -22,18 +23,35 @@ W4A16 = "W4A16 (weight-only)"
 
 @dataclass(frozen=True)
 class Arithmetic:
+    """Resolved once per job, before any engine is built, and handed to the engine that computes it."""
+
     label: str  # what the report prints beside the model
-    mode: str  # the --nvfp4-compute asked for, or "n/a" when the checkpoint is not NVFP4
+    mode: Nvfp4Compute | None  # the --nvfp4-compute asked for; None when the checkpoint is not NVFP4
     quantize_activations: bool  # does the forward quantize activations as the config declares?
     vllm_linear_backend: str = "auto"  # vLLM's KernelConfig.linear_backend that computes it
+    # the dtype activations are computed in before they are quantized, where qscore chooses it (the
+    # transformers backend); None where the engine does (vLLM: the checkpoint's, bfloat16)
+    activation_dtype: str | None = None
+
+    @property
+    def recorded_mode(self) -> str:
+        """The mode as the archive's metadata records it."""
+        return self.mode.value if self.mode else "n/a"
+
+    def fingerprint_fields(self) -> dict:
+        """What of the arithmetic, beyond the settings, decides an archive's numbers: the activations' dtype
+        where qscore chose it (absent elsewhere, so that archives of every other path keep their fingerprint)."""
+        return {"activation_dtype": self.activation_dtype} if self.activation_dtype else {}
 
 
-def resolve(quant: Quantization, mode: str, *, backend: str, capability: float | None = None) -> Arithmetic:
+def resolve(quant: Quantization, mode: Nvfp4Compute | str, *, backend: str,
+            capability: float | None = None) -> Arithmetic:
     """The arithmetic of ``quant`` under ``mode`` on ``backend`` (vLLM: on a GPU of ``capability``)."""
+    mode = Nvfp4Compute(mode)
     if not quant.is_nvfp4:
-        return Arithmetic(quant.scheme, "n/a", bool(quant.activation_bits))
+        return Arithmetic(quant.scheme, None, bool(quant.activation_bits))
     declares_w4a4 = quant.scheme == "NVFP4"  # NVFP4A16 declares weight-only itself
-    if mode == "weight-only" or not declares_w4a4:
+    if mode is Nvfp4Compute.WEIGHT_ONLY or not declares_w4a4:
         # Marlin is vLLM's weight-only FP4 kernel on every GPU from Ampere on; on Hopper it is also "auto".
         return Arithmetic(W4A16, mode, False, "marlin" if backend == "vllm" else "auto")
     if backend != "vllm":
@@ -46,7 +64,7 @@ def resolve(quant: Quantization, mode: str, *, backend: str, capability: float |
 def kernel_problem(arith: Arithmetic, kernels: dict[str, int]) -> str | None:
     """Why the kernels vLLM loaded do not compute ``arith`` (None when they do). vLLM picks kernels by
     itself; this refuses a silent fallback (e.g. to weight-only Marlin when W4A4 was asked for)."""
-    if arith.mode == "n/a" or not kernels:
+    if arith.mode is None or not kernels:
         return None
     names = " ".join(kernels)
     fp4 = [n for n in kernels if "Fp4" in n or "FP4" in n]

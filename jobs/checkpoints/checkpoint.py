@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.core.errors import CheckpointError, SettingsError
+from jobs.core.errors import CheckpointError, SettingsError, first_line
 
 
 @dataclass
@@ -49,24 +49,29 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable JSON ({exc.__class__.__name__})") from None
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (names, dtypes, shapes, offsets) — the weights unread."""
+def read_weights(path: Path) -> tuple[dict[str, dict], dict]:
+    """{tensor name: {"dtype", "shape"}} of a .safetensors file, read by safetensors itself (which also
+    refuses a truncated file or a bad header), and the file's JSON header, which the content hash covers."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than its header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > min(size - 8, 100 * 2**20):
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError("truncated: header promises more data than the file holds")
-        return header
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"unreadable weights {path}: {exc}") from None
+        with safe_open(path, "np") as fh:
+            tensors = {}
+            for name in fh.keys():
+                part = fh.get_slice(name)
+                tensors[name] = {"dtype": part.get_dtype(), "shape": list(part.get_shape())}
+        return tensors, _header(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable weights {path}: {first_line(exc)}") from None
+
+
+def _header(path: Path) -> dict:
+    # safe_open gives no data offsets, and the content hash has covered the header as written (offsets
+    # included) since the archive's first schema: so the header is still read here, after safetensors
+    # has validated the file, to keep every existing archive's fingerprint.
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n))
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -93,26 +98,8 @@ def describe_quantization(config: dict, hf_quant: dict | None = None) -> Quantiz
         return Quantization(None, None, str(config.get("torch_dtype") or config.get("dtype") or "bf16"))
     method = qc.get("quant_method")
     if method == "compressed-tensors":
-        groups = list((qc.get("config_groups") or {}).values())
-        w = (groups[0].get("weights") or {}) if groups else {}
-        a = (groups[0].get("input_activations") or {}) if groups else {}
-        wbits, wtype = w.get("num_bits"), w.get("type")
-        abits = a.get("num_bits") if a else None
-        fmt = qc.get("format") or (groups[0].get("format") if groups else None)
-        if wbits == 4 and wtype == "float":
-            scheme = "NVFP4" if abits == 4 else "NVFP4A16"
-        elif wbits == 8 and wtype == "float":
-            scheme = "FP8_DYNAMIC" if a and a.get("dynamic") else ("FP8" if abits else "FP8A16")
-        elif wbits == 4:
-            scheme = "W4A16" if not abits else f"W4A{abits}"
-        elif wbits == 8:
-            scheme = "W8A16" if not abits else f"W8A{abits}"
-        else:
-            scheme = f"W{wbits}A{abits or 16}"
-        return Quantization(
-            method, fmt, scheme, w.get("group_size"), wbits, abits, list(qc.get("ignore") or []), qc
-        )
-    if method == "modelopt":
+        return _compressed_tensors(qc)
+    if method == "modelopt":  # compressed-tensors reads no ModelOpt config; vLLM's own reader needs vLLM
         algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
         return Quantization(
             method,
@@ -125,6 +112,40 @@ def describe_quantization(config: dict, hf_quant: dict | None = None) -> Quantiz
             qc,
         )
     return Quantization(method, qc.get("format"), str(method), raw=qc)
+
+
+def _compressed_tensors(qc: dict) -> Quantization:
+    """A compressed-tensors config, parsed by compressed-tensors' own ``QuantizationConfig`` (as vLLM parses
+    it), named by its first config group's weights and input activations. Imported here, not at the top:
+    the library brings torch and transformers, which nothing else of a checkpoint's inspection needs."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from pydantic import ValidationError
+
+    try:
+        cfg = QuantizationConfig.model_validate(qc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"] if "[" not in str(x))  # not pydantic's validator names
+        raise CheckpointError(f"quantization_config is not one compressed-tensors can read ({where}: {err['msg']})") from None
+    group = next(iter(cfg.config_groups.values()), None)
+    w = group.weights if group else None
+    a = group.input_activations if group else None
+    wbits, is_float = (w.num_bits, w.type == "float") if w else (None, False)
+    abits = a.num_bits if a else None
+    # the config's own format, else its first group's (the library fills a default the checkpoint never wrote)
+    fmt = cfg.format if "format" in cfg.model_fields_set else (getattr(group, "format", None) if group else None)
+    if wbits == 4 and is_float:
+        scheme = "NVFP4" if abits == 4 else "NVFP4A16"
+    elif wbits == 8 and is_float:
+        scheme = "FP8_DYNAMIC" if a and a.dynamic else ("FP8" if abits else "FP8A16")
+    elif wbits == 4:
+        scheme = "W4A16" if not abits else f"W4A{abits}"
+    elif wbits == 8:
+        scheme = "W8A16" if not abits else f"W8A{abits}"
+    else:
+        scheme = f"W{wbits}A{abits or 16}"
+    return Quantization("compressed-tensors", fmt, scheme, w.group_size if w else None, wbits, abits,
+                        list(cfg.ignore or []), qc)
 
 
 def content_hash(path: Path, files: list[Path], headers: list[dict]) -> str:
@@ -153,13 +174,16 @@ def inspect(path: Path) -> Checkpoint:
     config = read_json(path / "config.json")
     hf_quant = read_json(path / "hf_quant_config.json") if (path / "hf_quant_config.json").exists() else None
     files = weight_files(path)
-    headers = [safetensors_header(f) for f in files]
-    tensors = {}
-    for f, head in zip(files, headers):
-        for name, info in head.items():
-            if name != "__metadata__":
-                tensors[name] = {"dtype": info["dtype"], "shape": info["shape"], "file": f.name}
-    return Checkpoint(path, config, tensors, describe_quantization(config, hf_quant), content_hash(path, files, headers))
+    headers, tensors = [], {}
+    for f in files:
+        table, header = read_weights(f)
+        headers.append(header)
+        tensors.update({name: {**info, "file": f.name} for name, info in table.items()})
+    try:
+        quant = describe_quantization(config, hf_quant)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
+    return Checkpoint(path, config, tensors, quant, content_hash(path, files, headers))
 
 
 _LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")

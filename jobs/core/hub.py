@@ -5,7 +5,7 @@ import os
 import re
 from pathlib import Path
 
-from jobs.core.errors import CheckpointError, OfflineError
+from jobs.core.errors import CheckpointError, OfflineError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a scorer needs from a hub snapshot; skipping *.bin/*.pth avoids fetching duplicate weight formats.
@@ -14,6 +14,14 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tok
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Is ``exc`` what huggingface_hub or datasets raise for a file that is not cached while the hub cannot
+    be reached (offline mode, no network)? datasets raises the builtin ConnectionError ("Couldn't reach")."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return isinstance(exc, (ConnectionError, LocalEntryNotFoundError, OfflineModeIsEnabled))
 
 
 def looks_like_hub_id(ref: str) -> bool:
@@ -35,19 +43,19 @@ def resolve(ref: str, what: str = "model") -> Path:
     if not looks_like_hub_id(ref):
         raise CheckpointError(f"{what} directory not found: {ref}")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(ref, allow_patterns=ALLOW_PATTERNS, local_files_only=hub_offline()))
-    except Exception as exc:
-        name = type(exc).__name__
-        if hub_offline() or "LocalEntryNotFound" in name or "Connect" in name or "Offline" in name:
-            raise OfflineError(
-                f"{what} {ref!r} is not in the Hugging Face cache and cannot be downloaded"
-                f"{' (HF_HUB_OFFLINE=1)' if hub_offline() else ''}: download it once online with "
-                "HF_HOME pointing at the cache you mount, or pass a local directory"
-            ) from None
-        if "RepositoryNotFound" in name or "GatedRepo" in name:
-            raise CheckpointError(
-                f"{what} {ref!r}: no such repository on the hub, or it is gated (set HF_TOKEN)"
-            ) from None
-        raise CheckpointError(f"{what} {ref!r}: download failed ({name})") from None
+    except LocalEntryNotFoundError:  # huggingface_hub's word for "not cached, and the hub cannot be reached"
+        raise OfflineError(
+            f"{what} {ref!r} is not in the Hugging Face cache and cannot be downloaded"
+            f"{' (HF_HUB_OFFLINE=1)' if hub_offline() else ''}: download it once online with "
+            "HF_HOME pointing at the cache you mount, or pass a local directory"
+        ) from None
+    except RepositoryNotFoundError:  # GatedRepoError is one too
+        raise CheckpointError(
+            f"{what} {ref!r}: no such repository on the hub, or it is gated (set HF_TOKEN)"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(f"{what} {ref!r}: download failed ({type(exc).__name__}: {first_line(exc)[:200]})") from None

@@ -6,12 +6,23 @@ what a run did can be read off one object (and its fingerprint computed from it)
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass, field
 
 from jobs.core.errors import SettingsError
 
-NVFP4_COMPUTE = ("declared", "weight-only")
+
+class Nvfp4Compute(str, enum.Enum):
+    """``--nvfp4-compute``: the arithmetic an NVFP4 checkpoint is computed with. A ``str`` so that it is
+    recorded (metadata, fingerprints) as the word the user typed."""
+
+    DECLARED = "declared"  # as the checkpoint declares: W4A4 when its config quantizes activations
+    WEIGHT_ONLY = "weight-only"  # FP4 weights times full-precision activations (W4A16)
+
+    def __str__(self) -> str:
+        return self.value
+
 
 
 @dataclass(frozen=True)
@@ -21,7 +32,7 @@ class EngineOptions:
 
     dtype: str = "auto"
     max_model_len: int = 2048
-    nvfp4_compute: str = "declared"  # NVFP4 arithmetic: as the checkpoint declares (W4A4), or weight-only
+    nvfp4_compute: Nvfp4Compute = Nvfp4Compute.DECLARED  # a string is taken and made one
     # transformers
     device: str = "auto"
     max_batch_tokens: int = 8192
@@ -36,9 +47,11 @@ class EngineOptions:
     load_format: str | None = None  # "dummy": random weights (bench/ only, never for results)
 
     def __post_init__(self):
-        if self.nvfp4_compute not in NVFP4_COMPUTE:
-            raise SettingsError(f"--nvfp4-compute must be one of {', '.join(NVFP4_COMPUTE)}, "
-                                f"not {self.nvfp4_compute!r}")
+        try:
+            object.__setattr__(self, "nvfp4_compute", Nvfp4Compute(self.nvfp4_compute))
+        except ValueError:
+            raise SettingsError(f"--nvfp4-compute must be one of {', '.join(m.value for m in Nvfp4Compute)}, "
+                                f"not {self.nvfp4_compute!r}") from None
         if not 0 < self.gpu_memory_utilization <= 1:
             raise SettingsError(f"--gpu-memory-utilization must be in (0, 1], not {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
@@ -148,10 +161,3 @@ class AggregateSettings:
     recovery_min: float = 0.95  # task accuracy: recovery below which a task fails
     report_tokenizer: str | None = None  # decodes the worst tokens' context (default: the baseline's)
 
-
-def engine_dict(options: EngineOptions) -> dict:
-    """The vLLM engine settings the tasks stage hands lm-eval's VLLM model (plus the NVFP4 mode)."""
-    return {"gpu_memory_utilization": options.gpu_memory_utilization,
-            "tensor_parallel_size": options.tensor_parallel_size, "enforce_eager": options.enforce_eager,
-            "max_num_batched_tokens": options.max_num_batched_tokens, "quantization": options.quantization,
-            "nvfp4_compute": options.nvfp4_compute}

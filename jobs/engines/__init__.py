@@ -26,26 +26,29 @@ def pick(name: str) -> str:
         return "transformers"
 
 
-def arithmetic_for(name: str, quant, mode: str):
-    """The arithmetic backend ``name`` will compute for ``quant`` (vLLM: on this machine's first GPU)."""
+def arithmetic_for(name: str, quant, options: EngineOptions):
+    """The arithmetic backend ``name`` will compute for ``quant`` under ``options`` (vLLM: on this machine's
+    first GPU): resolved once per job, by the stage, and handed to the engine it loads."""
     from jobs.checkpoints.arithmetic import resolve
 
-    capability = None
-    if pick(name) == "vllm":
+    name = pick(name)
+    if name == "vllm":
         from jobs.engines.vllm import gpu_capability
 
-        capability = gpu_capability()
-    return resolve(quant, mode, backend=pick(name), capability=capability)
+        return resolve(quant, options.nvfp4_compute, backend=name, capability=gpu_capability())
+    from jobs.engines.hf import with_activation_dtype
+
+    return with_activation_dtype(resolve(quant, options.nvfp4_compute, backend=name), options)
 
 
-def load(name: str, ckpt: Checkpoint, options: EngineOptions, *, expected_tokens: int | None = None):
-    """A backend for the checkpoint the stage already inspected. ``expected_tokens`` (how much will be
-    scored) lets vLLM choose between eager and compiled execution."""
+def load(name: str, ckpt: Checkpoint, options: EngineOptions, *, arithmetic, expected_tokens: int | None = None):
+    """A backend for the checkpoint the stage already inspected, computing the ``arithmetic`` it resolved.
+    ``expected_tokens`` (how much will be scored) lets vLLM choose between eager and compiled execution."""
     name = pick(name)
     if name == "vllm":
         from jobs.engines.vllm import VllmBackend
 
-        return VllmBackend(ckpt.path, ckpt.quant, options, expected_tokens=expected_tokens)
+        return VllmBackend(ckpt.path, options, arithmetic=arithmetic, expected_tokens=expected_tokens)
     from jobs.engines.hf import TransformersBackend
 
-    return TransformersBackend(ckpt, options)
+    return TransformersBackend(ckpt, options, arithmetic=arithmetic)

@@ -4,8 +4,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
+import numpy as np
+
 from jobs.texts.sampling import Sample
-from jobs.archive.logprobs import SequenceScores
+
+
+@dataclass
+class SequenceScores:
+    """One scored sequence: arrays over positions 0..L-1; position 0 carries NaN/-1 (no context)."""
+
+    sample_id: int
+    token_ids: np.ndarray  # int, length L
+    logprob: np.ndarray  # float, length L (index 0 ignored)
+    rank: np.ndarray  # int, length L (index 0 ignored)
+    top1_id: np.ndarray
+    top1_logprob: np.ndarray
+    topk_ids: np.ndarray | None = None  # (L, k)
+    topk_logprobs: np.ndarray | None = None
 
 
 @dataclass

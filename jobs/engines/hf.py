@@ -9,6 +9,7 @@ activations (W4A16).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from jobs.checkpoints import arithmetic as arith_mod
 from jobs.checkpoints.checkpoint import Checkpoint
 from jobs.core.errors import CheckpointError, SettingsError, first_line
 from jobs.texts.sampling import Sample
-from jobs.archive.logprobs import SequenceScores
+from jobs.engines.base import SequenceScores
 from jobs.core.settings import EngineOptions
 from jobs.engines.base import Generation, runtime_info
 
@@ -36,17 +37,28 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str):
+def pick_dtype(dtype: str, device: str, quantize_activations: bool = False):
+    """The dtype the model computes in. ``auto``: bf16 on GPUs, the checkpoints' own precision; on CPUs
+    float32 (faster there, and exact), except where activations are quantized: FP4/FP8 rounding of an
+    activation flips at bin edges, so a W4A4 model computed from float32 activations is another arithmetic
+    than every GPU's, which quantizes bf16 activations (issue #22: 0.055 nats of KL between the two)."""
     import torch
 
     if dtype in (None, "", "auto"):
-        # bf16 is the checkpoints' own precision on GPUs; on CPUs float32 is both faster and exact.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") or quantize_activations else torch.float32
     try:
         return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     except KeyError:
         raise SettingsError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
+
+
+def with_activation_dtype(arith: arith_mod.Arithmetic, options: EngineOptions) -> arith_mod.Arithmetic:
+    """``arith`` on this backend, with the dtype its activations are quantized from when it quantizes them."""
+    if not arith.quantize_activations:
+        return arith
+    dtype = pick_dtype(options.dtype, pick_device(options.device), quantize_activations=True)
+    return dataclasses.replace(arith, activation_dtype=str(dtype).replace("torch.", ""))
 
 
 def load_model(ckpt: Checkpoint, dtype, device: str, arithmetic: arith_mod.Arithmetic):
@@ -101,14 +113,14 @@ def _drop_activation_quantization(model) -> None:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, ckpt: Checkpoint, options: EngineOptions):
+    def __init__(self, ckpt: Checkpoint, options: EngineOptions, *, arithmetic: arith_mod.Arithmetic):
         import torch
 
         self.ckpt = ckpt
         self.path = ckpt.path
         self.device = pick_device(options.device)
-        self.dtype = pick_dtype(options.dtype, self.device)
-        self.arithmetic = arith_mod.resolve(ckpt.quant, options.nvfp4_compute, backend=self.name)
+        self.dtype = pick_dtype(options.dtype, self.device, arithmetic.quantize_activations)
+        self.arithmetic = arithmetic
         self.model = load_model(ckpt, self.dtype, self.device, self.arithmetic)
         self.max_batch_tokens = options.max_batch_tokens
         self.window = options.window
@@ -207,7 +219,7 @@ class TransformersBackend:
                       f"({self.ckpt.quant.scheme}), weights dequantized to {dtype}; no low-precision kernel")
         else:
             kernel = f"compressed-tensors: weights dequantized to {dtype}, activations not quantized; no low-precision kernel"
-        extra = {} if a is None else {"arithmetic": a.label, "nvfp4_compute": a.mode}
+        extra = {} if a is None else {"arithmetic": a.label, "nvfp4_compute": a.recorded_mode}
         return runtime_info("transformers", transformers.__version__, self.dtype, self.device, kernel, **extra)
 
     def close(self) -> None:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from jobs.core.errors import OfflineError, SettingsError
+from jobs.core.errors import OfflineError, SettingsError, first_line
+from jobs.core.settings import EngineOptions
 
 log = logging.getLogger("qscore.tasks")
 
-BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "data" / "tasks"
+BUNDLED_TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"  # the repository's (or image's) data/
 # lm-eval's defaults (simple_evaluate), fixed and recorded: the few-shot examples drawn for each
 # document depend on them.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
@@ -81,14 +81,16 @@ def load_tasks(names: list[str], include_path) -> tuple[Any, dict[str, Any]]:
 
 
 def _dataset_error(names, exc: BaseException) -> BaseException:
-    text = f"{type(exc).__name__}: {exc}"
-    offline = any(w in text for w in ("offline", "Offline", "Connect", "LocalEntryNotFound", "couldn't reach",
-                                      "Couldn't reach", "not find", "doesn't exist on the Hub"))
-    if offline:
+    from datasets.exceptions import DatasetNotFoundError
+
+    from jobs.core.hub import unreachable
+
+    # offline, a dataset the cache lacks is "not found" to datasets too: both get the same advice
+    if unreachable(exc) or isinstance(exc, DatasetNotFoundError):
         return OfflineError(
             f"tasks {' '.join(names)}: a dataset is not in the Hugging Face cache and cannot be downloaded "
-            f"({text.splitlines()[0][:200]}): run once online with HF_HOME pointing at the cache you mount, "
-            "or use the bundled local tasks (qscore_local)")
+            f"({type(exc).__name__}: {first_line(exc)[:200]}): run once online with HF_HOME pointing at the cache "
+            "you mount, or use the bundled local tasks (qscore_local)")
     return exc
 
 
@@ -144,74 +146,43 @@ def describe_task(task, *, num_fewshot: int | None, limit: int | None) -> dict:
 
 
 # -- models ----------------------------------------------------------------------------------------------
-def transformers_lm(model_path: Path, *, dtype: str, batch_size: int, max_model_len: int, add_bos_token: bool,
-                    nvfp4_compute: str = "declared"):
+def transformers_lm(ckpt, options: EngineOptions, arithmetic, *, batch_size: int, add_bos_token: bool):
     """lm-eval's HFLM around the model qscore's transformers backend loads (returned too: it describes
     the run and frees the model)."""
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
     from jobs.engines.hf import TransformersBackend
-    from jobs.checkpoints.checkpoint import inspect
-    from jobs.core.settings import EngineOptions
 
-    backend = TransformersBackend(inspect(model_path), EngineOptions(dtype=dtype, nvfp4_compute=nvfp4_compute))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    backend = TransformersBackend(ckpt, options, arithmetic=arithmetic)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     # float32 log-softmax as in qscore's scoring (HFLM's default is the model's dtype, bf16 on a GPU)
-    lm = HFLM(pretrained=backend.model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_model_len,
+    lm = HFLM(pretrained=backend.model, tokenizer=tokenizer, batch_size=batch_size, max_length=options.max_model_len,
               add_bos_token=add_bos_token, softmax_dtype="float32")
     return lm, backend
 
 
-def vllm_engine_kwargs(engine_options: dict) -> dict:
-    """What the score stage gives vLLM's engine, in lm-eval's VLLM terms (it forwards unknown keys to LLM)."""
-    opts = dict(engine_options)
-    extra = opts.pop("engine_kwargs", None) or {}
-    kw = {"gpu_memory_utilization": opts.pop("gpu_memory_utilization", 0.85),
-          "tensor_parallel_size": opts.pop("tensor_parallel_size", 1),
-          # unset: compiled, with CUDA graphs: generation (gsm8k) is decode-bound, where graphs pay off
-          "enforce_eager": bool(opts.pop("enforce_eager", False)),
-          # as in the score stage: cached prefixes get no prompt logprobs, and loglikelihoods are read from them
-          "enable_prefix_caching": False}
-    for key in ("max_num_batched_tokens", "quantization"):
-        if opts.get(key):
-            kw[key] = opts[key]
-    return {**kw, **extra}
+def vllm_lm(ckpt, options: EngineOptions, arithmetic, *, add_bos_token: bool, engine_kwargs: dict | None = None):
+    """lm-eval's VLLM, built with the engine settings the score stage's vLLM backend builds from the same
+    options (``vllm.engine_spec``); the returned backend describes the run (kernel path) and shuts the engine down."""
+    from jobs.engines.vllm import VllmBackend, engine_spec
 
-
-def vllm_lm(model_path: Path, *, dtype: str, max_model_len: int, add_bos_token: bool, engine_options: dict):
-    """lm-eval's VLLM with qscore's engine options; the returned backend describes the run (kernel path)
-    and shuts the engine down."""
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model, for the kernel path
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the stage's result
+    spec = engine_spec(ckpt.path, options, arithmetic, scoring=False, extra=engine_kwargs)
+    spec.apply_env()
     from lm_eval.models.vllm_causallms import VLLM
 
-    from jobs.engines.vllm import VllmBackend
-
-    from jobs.engines import arithmetic_for
-    from jobs.checkpoints.checkpoint import describe_quantization, read_json
-
-    # greedy generation samples nothing FlashInfer's sampler is needed for; its JIT would only add minutes
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    quant = describe_quantization(read_json(Path(model_path) / "config.json"))
-    arith = arithmetic_for("vllm", quant, engine_options.get("nvfp4_compute") or "declared")
-    kw = vllm_engine_kwargs(engine_options)
-    if arith.vllm_linear_backend != "auto":  # NVFP4 as declared (emulated W4A4 off Blackwell), or Marlin
-        kw["linear_backend"] = arith.vllm_linear_backend
-    lm = VLLM(pretrained=str(model_path), dtype=dtype or "auto", max_model_len=max_model_len,
-              add_bos_token=add_bos_token, batch_size="auto", **kw)
-    backend = VllmBackend.from_llm(lm.model, {"model": str(model_path), "dtype": dtype or "auto",
-                                              "max_model_len": max_model_len, **kw}, arith)
-    return lm, backend
+    kw = dict(spec.kwargs)
+    lm = VLLM(pretrained=kw.pop("model"), add_bos_token=add_bos_token, batch_size="auto", **kw)
+    return lm, VllmBackend.from_llm(lm.model, spec, arithmetic)
 
 
-def load_lm(backend: str, model_path: Path, *, dtype: str, batch_size: int, max_model_len: int,
-            add_bos_token: bool, engine_options: dict):
+def load_lm(backend: str, ckpt, options: EngineOptions, arithmetic, *, batch_size: int, add_bos_token: bool,
+            engine_kwargs: dict | None = None):
+    """lm-eval's model of ``ckpt`` on ``backend`` computing ``arithmetic`` (resolved by the stage), and the
+    qscore backend that describes and closes it."""
     if backend == "vllm":
-        return vllm_lm(model_path, dtype=dtype, max_model_len=max_model_len, add_bos_token=add_bos_token,
-                       engine_options=engine_options)
-    return transformers_lm(model_path, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
-                           add_bos_token=add_bos_token, nvfp4_compute=engine_options.get("nvfp4_compute") or "declared")
+        return vllm_lm(ckpt, options, arithmetic, add_bos_token=add_bos_token, engine_kwargs=engine_kwargs)
+    return transformers_lm(ckpt, options, arithmetic, batch_size=batch_size, add_bos_token=add_bos_token)
 
 
 def chat_template_arg(choice: str) -> bool | str:

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jobs.texts.sampling import Sample, rolling_windows
-from jobs.archive.logprobs import SequenceScores
+from jobs.engines.base import SequenceScores
 
 _FIELDS = ("logprob", "rank", "top1_id", "top1_logprob", "topk_ids", "topk_logprobs")
 

@@ -15,16 +15,16 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from jobs.checkpoints import arithmetic as arith_mod
-from jobs.checkpoints.checkpoint import Quantization
 from jobs.core.errors import ScoreError
 from jobs.texts.sampling import Sample
-from jobs.archive.logprobs import SequenceScores
+from jobs.engines.base import SequenceScores
 from jobs.core.settings import EngineOptions
 from jobs.engines.base import Generation, runtime_info
 
@@ -180,11 +180,44 @@ class _Capture(logging.Handler):
             pass
 
 
-def engine_kwargs(path: Path, options: EngineOptions, arith: arith_mod.Arithmetic, *,
-                  expected_tokens: int | None) -> tuple[dict, str]:
-    """vLLM's ``LLM(**kwargs)`` for prompt scoring, and why it runs eager or compiled (pure)."""
+# vLLM's environment, for every engine qscore builds (score, validate, tasks); set before vLLM is imported.
+ENGINE_ENV = {
+    # apply_model ships linear_kernels to the engine's worker; vLLM refuses pickled callables without this.
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    # vLLM logs to stdout by default; stdout is the stages' JSON result, so its logs go to stderr.
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+    # Prompt scoring samples one token it throws away and greedy generation samples nothing FlashInfer's
+    # sampler is needed for: its JIT (~110 s on a fresh cache) would only add to the start.
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+}
+# Prompt scoring only: the engine core in this process, so that its start-up log lines (weights, compile, KV
+# cache) can be timed here and no spawned process outlives a killed stage; scoring has no server loop to
+# overlap with. lm-eval's generation keeps vLLM's default (a separate core overlaps scheduling with the GPU).
+SCORING_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What one vLLM engine is built with: ``LLM(**kwargs)`` under ``env``, and why eager or compiled."""
+
+    kwargs: dict
+    env: dict
+    compile_reason: str
+
+    def apply_env(self) -> None:
+        for key, value in self.env.items():
+            os.environ.setdefault(key, value)  # a value the user set wins
+
+
+def engine_spec(path: Path, options: EngineOptions, arith: arith_mod.Arithmetic, *, scoring: bool,
+                expected_tokens: int | None = None, extra: dict | None = None) -> EngineSpec:
+    """The one builder of vLLM engine settings (pure): prompt scoring (score, validate; ``scoring``) or lm-eval's
+    tasks. ``extra``: the user's --engine-kwargs, passed through last (they win)."""
     if options.enforce_eager is not None:
         eager, why = options.enforce_eager, "asked for (--enforce-eager / --no-enforce-eager)"
+    elif not scoring:
+        # generation (gsm8k) is decode-bound: compiled, with CUDA graphs, pays off
+        eager, why = False, "lm-eval's tasks generate: compiled, with CUDA graphs"
     elif expected_tokens is not None and expected_tokens >= COMPILE_MIN_TOKENS:
         eager, why = False, f"{expected_tokens:,} tokens to score >= {COMPILE_MIN_TOKENS:,}: compiling pays off"
     else:
@@ -193,12 +226,12 @@ def engine_kwargs(path: Path, options: EngineOptions, arith: arith_mod.Arithmeti
     kwargs = dict(model=str(path), dtype=options.dtype or "auto", max_model_len=options.max_model_len,
                   gpu_memory_utilization=options.gpu_memory_utilization,
                   tensor_parallel_size=options.tensor_parallel_size, enforce_eager=eager,
-                  enable_prefix_caching=False)  # cached prefixes get no prompt logprobs
-    if not eager:
+                  enable_prefix_caching=False)  # cached prefixes get no prompt logprobs (lm-eval reads them too)
+    if scoring and not eager:
         # Scoring steps are prefills of thousands of tokens; CUDA graphs only serve steps of up to a few
         # hundred, so capturing them is start-up time spent for nothing.
         kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
-    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if scoring and not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         kwargs["skip_tokenizer_init"] = True  # scoring takes token ids; a bare checkpoint needs no tokenizer
     if options.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
@@ -208,9 +241,10 @@ def engine_kwargs(path: Path, options: EngineOptions, arith: arith_mod.Arithmeti
         kwargs["max_logprobs"] = options.max_logprobs
     if options.load_format:  # "dummy": random weights from the config alone (bench/, never for results)
         kwargs["load_format"] = options.load_format
-    if arith.vllm_linear_backend != "auto":
+    kwargs.update(extra or {})
+    if arith.vllm_linear_backend != "auto":  # NVFP4 as declared (emulated W4A4 off Blackwell), or Marlin
         kwargs["linear_backend"] = arith.vllm_linear_backend
-    return kwargs, why
+    return EngineSpec(kwargs, {**ENGINE_ENV, **(SCORING_ENV if scoring else {})}, why)
 
 
 def gpu_capability() -> float | None:
@@ -228,27 +262,16 @@ def gpu_capability() -> float | None:
 class VllmBackend:
     name = "vllm"
 
-    def __init__(self, path, quant: Quantization | None, options: EngineOptions, *, expected_tokens: int | None = None):
-        # apply_model ships a function to the engine's worker; vLLM refuses pickled callables without this.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        # vLLM logs to stdout by default; stdout is the stages' JSON result, so its logs go to stderr.
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        # The engine core in this process: its start-up log lines (weights, compile, KV cache) can then be
-        # timed here, and no spawned process outlives a killed stage. Scoring gains nothing from the
-        # separate process (no server loop to overlap with).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # Prompt scoring samples one token it throws away: FlashInfer's sampler only adds its JIT (~110 s
-        # on a fresh cache) to the start.
-        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    def __init__(self, path, options: EngineOptions, *, arithmetic: arith_mod.Arithmetic,
+                 expected_tokens: int | None = None):
+        self.path = Path(path)
+        self.arithmetic = arithmetic
+        spec = engine_spec(self.path, options, arithmetic, scoring=True, expected_tokens=expected_tokens)
+        spec.apply_env()
         from vllm import LLM
 
-        self.path = Path(path)
-        quant = quant or Quantization(None, None, "bf16")
-        self.arithmetic = arith_mod.resolve(quant, options.nvfp4_compute, backend=self.name,
-                                            capability=gpu_capability())
-        kwargs, self.compile_reason = engine_kwargs(self.path, options, self.arithmetic,
-                                                    expected_tokens=expected_tokens)
-        self.kwargs = kwargs
+        self.kwargs = kwargs = spec.kwargs
+        self.compile_reason = spec.compile_reason
         capture = _Capture()
         vllm_logger = logging.getLogger("vllm")
         level = vllm_logger.level
@@ -277,12 +300,13 @@ class VllmBackend:
                  "eager" if kwargs["enforce_eager"] else "compiled", self.compile_reason)
 
     @classmethod
-    def from_llm(cls, llm, kwargs: dict, arithmetic: arith_mod.Arithmetic):
-        """Wrap an engine built elsewhere (lm-eval's VLLM model, by the tasks stage) with the ``kwargs`` it
-        was built with: it describes itself (kernel path) and shuts down like one built here."""
+    def from_llm(cls, llm, spec: EngineSpec, arithmetic: arith_mod.Arithmetic):
+        """Wrap an engine built elsewhere (lm-eval's VLLM model, by the tasks stage) from ``spec``: it
+        describes itself (kernel path) and shuts down like one built here."""
+        kwargs = spec.kwargs
         self = cls.__new__(cls)
         self.kwargs, self.llm, self._kernels = {"tensor_parallel_size": 1, **kwargs}, llm, None
-        self.arithmetic, self.compile_reason, self.start = arithmetic, "lm-eval's engine", {}
+        self.arithmetic, self.compile_reason, self.start = arithmetic, spec.compile_reason, {}
         problem = arith_mod.kernel_problem(arithmetic, self.kernels())
         if problem:
             raise ScoreError(f"{kwargs.get('model')}: {problem}; vLLM did not compute the arithmetic asked for")
@@ -346,7 +370,7 @@ class VllmBackend:
         cfg = self.llm.llm_engine.model_config
         return runtime_info("vllm", vllm.__version__, cfg.dtype, "cuda", describe_kernels(self.kernels(), cc),
                             quantization=cfg.quantization, gpu_count=self.kwargs["tensor_parallel_size"],
-                            arithmetic=self.arithmetic.label, nvfp4_compute=self.arithmetic.mode,
+                            arithmetic=self.arithmetic.label, nvfp4_compute=self.arithmetic.recorded_mode,
                             engine={k: v for k, v in self.kwargs.items() if k != "model"},
                             compile_reason=self.compile_reason, engine_start=self.start)
 

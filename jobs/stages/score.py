@@ -184,11 +184,11 @@ def run(*, settings: ScoreSettings) -> list[Path]:
     check_max_model_len(ckpt, s.engine.max_model_len)
     tok, tok_path = load_tokenizer(s.tokenizer or s.model)
     backend_name = engines.pick(s.backend)
-    arith = engines.arithmetic_for(backend_name, ckpt.quant, s.engine.nvfp4_compute)
+    arith = engines.arithmetic_for(backend_name, ckpt.quant, s.engine)
     common = {
         "schema": logprobs.SCHEMA_VERSION, "model_hash": ckpt.content_hash,
         "tokenizer_hash": tokenizer_hash(tok_path), "max_model_len": s.engine.max_model_len, "topk": s.topk,
-        "backend": backend_name, "dtype": s.engine.dtype, "arithmetic": arith.label,
+        "backend": backend_name, "dtype": s.engine.dtype, "arithmetic": arith.label, **arith.fingerprint_fields(),
     }
     limits = dict(s.limits)
     plans = [plan_dataset(name, evalsets.load_set(name, path, limits), tok, s, common) for name, path in specs]
@@ -210,7 +210,8 @@ def run(*, settings: ScoreSettings) -> list[Path]:
     expected = sum(len(x.token_ids) for p in todo for k in p.todo for x in p.part_samples(k))
     # Batches never straddle a part boundary, so a resumed or sharded run computes each part exactly
     # as an uninterrupted one would (same batch shapes, same floating-point results).
-    engine = engines.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), expected_tokens=expected)
+    engine = engines.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), arithmetic=arith,
+                          expected_tokens=expected)
     try:
         info = engine.describe()
         if info.get("arithmetic", arith.label) != arith.label:

@@ -29,6 +29,7 @@ from jobs.engines import lmeval
 from jobs.stats import tasks as task_stats
 from jobs.checkpoints.checkpoint import inspect, tokenizer_hash
 from jobs.core.errors import SettingsError, ValidationError
+from jobs.core.settings import EngineOptions
 
 log = logging.getLogger("qscore.tasks")
 
@@ -49,13 +50,12 @@ class TasksSettings:
     fewshot_as_multiturn: bool = False  # with a chat template: few-shot examples as earlier turns
     add_bos_token: bool = True  # as llm-compressor's CI and vLLM's docs advise (a no-op for Qwen: no BOS)
     backend: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int = 2048
     batch_size: int = 16  # transformers; vLLM schedules every request at once
     include_path: str | None = None  # directory of YAML tasks; None: the bundled data/tasks
     results_dir: str = "results"
     overwrite: bool = False
-    engine_options: dict = field(default_factory=dict)  # vLLM engine: gpu_memory_utilization, ... engine_kwargs
+    engine: EngineOptions = field(default_factory=EngineOptions)  # dtype, context, NVFP4 mode, vLLM's settings
+    engine_kwargs: dict = field(default_factory=dict)  # vLLM: the user's extra engine arguments
 
 
 @dataclass
@@ -79,7 +79,7 @@ def check(settings: TasksSettings) -> None:
         raise SettingsError("--num-fewshot must be 0 or more")
     if settings.batch_size < 1:
         raise SettingsError("--batch-size must be at least 1")
-    if settings.max_model_len < 16:
+    if settings.engine.max_model_len < 16:
         raise SettingsError("--max-model-len must be at least 16")
 
 
@@ -87,12 +87,12 @@ def include_path(settings: TasksSettings):
     return settings.include_path if settings.include_path else lmeval.default_include_path()
 
 
-def _common(settings: TasksSettings, ckpt, tok_hash: str, backend: str) -> dict:
+def _common(settings: TasksSettings, ckpt, tok_hash: str, backend: str, arith) -> dict:
     return {"schema": task_archive.SCHEMA_VERSION, "model_hash": ckpt.content_hash, "tokenizer_hash": tok_hash,
             "lm_eval": provenance.versions("lm_eval")["lm_eval"], "chat_template": settings.chat_template,
             "fewshot_as_multiturn": settings.fewshot_as_multiturn, "add_bos_token": settings.add_bos_token,
-            "backend": backend, "dtype": settings.dtype, "max_model_len": settings.max_model_len,
-            "nvfp4_compute": settings.engine_options.get("nvfp4_compute", "declared"),
+            "backend": backend, "dtype": settings.engine.dtype, "max_model_len": settings.engine.max_model_len,
+            "nvfp4_compute": settings.engine.nvfp4_compute.value, **arith.fingerprint_fields(),
             "batch_size": settings.batch_size if backend == "transformers" else "auto", "seeds": lmeval.SEEDS}
 
 
@@ -123,7 +123,8 @@ def run(*, settings: TasksSettings) -> list[Path]:
     tok_hash = tokenizer_hash(model_path)
     backend = engines.pick(settings.backend)
     tm, tasks = lmeval.load_tasks(names, include_path(settings))
-    common = _common(settings, ckpt, tok_hash, backend)
+    arith = engines.arithmetic_for(backend, ckpt.quant, settings.engine)
+    common = _common(settings, ckpt, tok_hash, backend, arith)
     plans = [plan_task(name, task, settings, common) for name, task in tasks.items()]
     for p in plans:
         if p.skip:
@@ -131,9 +132,8 @@ def run(*, settings: TasksSettings) -> list[Path]:
     todo = [p for p in plans if not p.skip]
     if not todo:
         return [p.final for p in plans]
-    lm, engine = lmeval.load_lm(backend, model_path, dtype=settings.dtype, batch_size=settings.batch_size,
-                                  max_model_len=settings.max_model_len, add_bos_token=settings.add_bos_token,
-                                  engine_options=settings.engine_options)
+    lm, engine = lmeval.load_lm(backend, ckpt, settings.engine, arith, batch_size=settings.batch_size,
+                                add_bos_token=settings.add_bos_token, engine_kwargs=settings.engine_kwargs)
     try:
         runtime = {**engine.describe(), **provenance.versions("vllm", "transformers", "torch", "compressed-tensors",
                                                               "lm_eval")}
@@ -168,7 +168,7 @@ def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path,
                     "chat_template_sha256": entry.get("chat_template_sha256"),
                     "fewshot_as_multiturn": settings.fewshot_as_multiturn, "add_bos_token": settings.add_bos_token,
                     "batch_size": settings.batch_size if runtime.get("backend") == "transformers" else "auto",
-                    "max_model_len": settings.max_model_len, "seeds": lmeval.SEEDS,
+                    "max_model_len": settings.engine.max_model_len, "seeds": lmeval.SEEDS,
                     "bootstrap_iters": lmeval.BOOTSTRAP_ITERS},
         "results": {"lm_eval": entry.get("results"), "n_samples": entry.get("n-samples"),
                     "higher_is_better": entry.get("higher_is_better")},
@@ -193,22 +193,19 @@ def _baseline_dirs(baseline: Path) -> list[Path]:
     return dirs
 
 
-def quality_gate(*, model: str, baseline: str, recovery_min: float, backend: str = "auto", dtype: str = "auto",
-                 engine_options: dict | None = None, include: str | None = None, n_boot: int = 1000,
-                 seed: int = 0) -> dict:
-    """Evaluate ``model`` on the tasks of a baseline's results, with the baseline's settings (shots, limit,
-    chat template, BOS), and fail unless every measure's recovery is at least ``recovery_min``."""
+def quality_gate(*, ckpt, baseline: str, recovery_min: float, backend: str, options: EngineOptions, arithmetic,
+                 include: str | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Evaluate the checkpoint on the tasks of a baseline's results, with the baseline's settings (shots, limit,
+    chat template, BOS, context), computing the ``arithmetic`` validate resolved, and fail unless every
+    measure's recovery is at least ``recovery_min``."""
     from jobs.report import tasks as task_report
 
-    opts = dict(engine_options or {})
-    max_model_len = opts.pop("max_model_len", 2048)
     base = {}
     for d in _baseline_dirs(Path(baseline)):
         table, meta = task_archive.read_task(d)
         base[meta["task"]["name"]] = (table, meta)
     first = next(iter(base.values()))[1]
     lm_settings = first["lm_eval"]
-    path = hub.resolve(model, "model")
     backend = engines.pick(backend)
     if include is None:  # where the baseline's YAML files were read, if they exist here (/data/tasks in a container)
         sources = [Path(m["task"]["config_source"]).parent for _, m in base.values() if m["task"].get("config_source")]
@@ -219,10 +216,10 @@ def quality_gate(*, model: str, baseline: str, recovery_min: float, backend: str
             raise ValidationError(f"quality gate: task {name}'s definition differs from the one the baseline "
                                   f"{baseline} was evaluated with (config hash)")
     batch_size = lm_settings.get("batch_size")
-    lm, engine = lmeval.load_lm(backend, path, dtype=dtype,
-                                  batch_size=batch_size if isinstance(batch_size, int) else 16,
-                                  max_model_len=lm_settings.get("max_model_len") or max_model_len,
-                                  add_bos_token=lm_settings["add_bos_token"], engine_options=opts)
+    options = options.replace(max_model_len=lm_settings.get("max_model_len") or options.max_model_len)
+    lm, engine = lmeval.load_lm(backend, ckpt, options, arithmetic,
+                                batch_size=batch_size if isinstance(batch_size, int) else 16,
+                                add_bos_token=lm_settings["add_bos_token"])
     result = {"recovery_min": recovery_min, "baseline": str(baseline), "measures": []}
     failures = []
     try:

@@ -14,7 +14,7 @@ from jobs.texts import sampling
 from jobs.archive import logprobs
 from jobs.checkpoints.checkpoint import check_max_model_len, inspect
 from jobs.core.errors import ValidationError
-from jobs.core.settings import ValidateSettings, engine_dict
+from jobs.core.settings import Nvfp4Compute, ValidateSettings
 
 log = logging.getLogger("qscore.validate")
 
@@ -71,7 +71,9 @@ def run(*, settings: ValidateSettings) -> dict:
     prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
     # The quality gate judges the arithmetic the checkpoint declares (W4A4 for NVFP4), whatever a
     # score run may have been asked to compute.
-    engine = engines.load(s.backend, ckpt, s.engine.replace(nvfp4_compute="declared"))
+    options = s.engine.replace(nvfp4_compute=Nvfp4Compute.DECLARED)
+    arith = engines.arithmetic_for(s.backend, ckpt.quant, options)
+    engine = engines.load(s.backend, ckpt, options, arithmetic=arith)
     report = {"model": str(path), "scheme": ckpt.quant.scheme, "backend": engine.describe()}
     try:
         probe = sampling.Sample(0, tuple(tok(PROBE_TEXT)["input_ids"]), False)
@@ -94,7 +96,6 @@ def run(*, settings: ValidateSettings) -> dict:
     if s.baseline_tasks:  # lm-eval builds its own model, so only after this one is gone
         from jobs.stages.tasks import quality_gate as task_gate
 
-        report["task_gate"] = task_gate(model=str(path), baseline=s.baseline_tasks, recovery_min=s.recovery_min,
-                                        backend=s.backend, dtype=s.engine.dtype,
-                                        engine_options=engine_dict(s.engine.replace(nvfp4_compute="declared")))
+        report["task_gate"] = task_gate(ckpt=ckpt, baseline=s.baseline_tasks, recovery_min=s.recovery_min,
+                                        backend=s.backend, options=options, arithmetic=arith)
     return report

@@ -71,6 +71,8 @@ def rolling_windows(n: int, window: int, stride: int | None = None) -> list[tupl
     overlaps the windows so that every token after the first window sees at least ``window - stride``
     tokens of context.
     """
+    # lm_eval.utils.get_rolling_token_windows computes the same windows (tests/test_sampling.py holds them
+    # equal), but the docker demo scores in the quantize image, which has no lm-eval, and it yields tokens, not places
     if window < 2:
         raise SettingsError(f"a rolling window needs at least 2 tokens, not {window}")
     stride = window - 1 if stride in (None, 0) else stride
