@@ -1,6 +1,7 @@
 """The vLLM backend on the CPU: logprob parsing, kernel-path wording, the engine loop against a stand-in."""
 from dataclasses import dataclass, field
 
+import os
 import numpy as np
 import pytest
 
@@ -345,3 +346,28 @@ def test_the_activation_dtype_is_chosen_only_where_activations_are_quantized():
         assert quiet.activation_dtype is None and quiet.fingerprint_fields() == {}
     assert pick_dtype("auto", "cpu") is torch.float32 and pick_dtype("auto", "cpu", True) is torch.bfloat16
     assert pick_dtype("auto", "cuda") is torch.bfloat16 and pick_dtype("float32", "cpu", True) is torch.float32
+
+
+def test_vllm_is_imported_with_its_logs_on_stderr(monkeypatch):
+    """vLLM configures its logging when first imported: the capability probe (the first import, before any
+    engine) must already send its logs to stderr, or they land in stdout before the stage's JSON result."""
+    import sys
+    import types
+
+    from jobs.engines import vllm as vb
+
+    seen = {}
+
+    class Platform:
+        @staticmethod
+        def get_device_capability():
+            seen["stream"] = os.environ.get("VLLM_LOGGING_STREAM")
+            return types.SimpleNamespace(major=9, minor=0)
+
+    fake = types.ModuleType("vllm.platforms")
+    fake.current_platform = Platform()
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", fake)
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+    assert vb.gpu_capability() == 9.0
+    assert seen["stream"] == "ext://sys.stderr"

@@ -249,6 +249,10 @@ def engine_spec(path: Path, options: EngineOptions, arith: arith_mod.Arithmetic,
 
 def gpu_capability() -> float | None:
     """The first GPU's compute capability, read through NVML by vLLM's platform (no CUDA context)."""
+    # Importing vLLM configures its logging from the environment once: without ENGINE_ENV first, its logs
+    # would go to stdout, where the stages print their JSON result.
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         from vllm.platforms import current_platform
 
