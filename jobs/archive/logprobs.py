@@ -121,8 +121,9 @@ def sequences_to_table(seqs: Iterable[SequenceScores], topk: int = 1) -> pa.Tabl
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def atomic_write_table(table: pa.Table, path: Path, metadata: dict) -> Path:
-    """Write to a hidden temporary name in the same directory, fsync, then rename into place."""
+def atomic_write_table(table: pa.Table, path: Path, metadata: dict, before_rename=None) -> Path:
+    """Write to a hidden temporary name in the same directory, fsync, then rename into place
+    (``before_rename(tmp)`` runs on the complete temporary file just before)."""
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, sort_keys=True, default=str).encode()
     # Logprobs are almost all distinct floats: a dictionary page for them is a failed attempt that pyarrow
@@ -130,6 +131,8 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict) -> Path:
     dictionary = [f.name for f in table.schema if not pa.types.is_floating(getattr(f.type, "value_type", f.type))]
     with atomic.atomic_file(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd", use_dictionary=dictionary)
+        if before_rename is not None:
+            before_rename(tmp)
     return Path(path)
 
 
