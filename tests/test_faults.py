@@ -1,6 +1,7 @@
 """Bad inputs and interrupted runs: a one-line error, a non-zero exit, and nothing partial left to read."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -365,11 +366,15 @@ def test_sigterm_exits_cleanly_and_keeps_parts(tiny_model, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "wiki: interrupted — " in err and "parts kept in" in err and "again to resume" in err, err
     assert list(staging.glob("part-*.parquet")) and not list(staging.glob(".*tmp*"))
 
 
 def test_rerun_skips_and_other_settings_are_refused(tiny_model, tmp_path):
-    assert score(tiny_model, tmp_path).exit_code == 0
+    r = score(tiny_model, tmp_path)
+    assert r.exit_code == 0
+    # not a terminal (click's runner): one progress line per part, throttled, with the last always there
+    assert re.search(r"m/wiki: (\d+)/\1 parts, [\d,]+ tokens/s, ETA 0:00:00", r.stderr), r.stderr
     first = [p.stat().st_mtime_ns for p in logprobs.part_files(logprobs.dataset_dir(tmp_path, "m", "wiki"))]
     r = score(tiny_model, tmp_path)
     assert r.exit_code == 0 and "already scored" in r.stderr

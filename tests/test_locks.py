@@ -52,3 +52,21 @@ def test_a_killed_holder_releases_its_lock(tmp_path):
         proc.wait()
     with locks.hold(out):  # the kernel released it with the process: no stale lock to clear by hand
         pass
+
+
+def test_aggregate_stops_while_its_report_is_being_written(tmp_path):
+    import numpy as np
+
+    from conftest import cli
+    from jobs.archive import logprobs
+
+    n = 20
+    seqs = [logprobs.SequenceScores(i, np.arange(n), -np.ones(n), np.ones(n, int), np.arange(n), -np.ones(n))
+            for i in range(3)]
+    ddir = logprobs.dataset_dir(tmp_path, "m", "wiki")
+    logprobs.atomic_write_table(logprobs.sequences_to_table(seqs), ddir / "part-00000.parquet", {"fingerprint": "f"})
+    with locks.hold(tmp_path / "report"):
+        r = cli("aggregate", "--results-dir", tmp_path, "--baseline", "m")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'report'}: report is being written by pid")
+    assert not (tmp_path / "report").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 import warnings
@@ -26,13 +27,19 @@ def quiet_third_party() -> None:
         return
     import tqdm.std
 
-    if not getattr(tqdm.std.tqdm.__init__, "_qscore_quiet", False):
-        # tqdm's own rule, off where the output is not a terminal, as the default of every bar a library
-        # draws (they pass no ``disable``); TQDM_DISABLE would have to be set before tqdm is first imported.
-        quiet = functools.partialmethod(tqdm.std.tqdm.__init__, disable=None)
+    init = tqdm.std.tqdm.__init__
+    if not getattr(init, "_qscore_quiet", False):
+        # Every bar off, whatever ``disable`` its library passes (compressed-tensors passes False); tqdm's
+        # TQDM_DISABLE would have to be set before tqdm is first imported, and is overridden by an explicit value.
+        @functools.wraps(init)
+        def quiet(self, *args, **kwargs):
+            kwargs["disable"] = True
+            init(self, *args, **kwargs)
+
         quiet._qscore_quiet = True
         tqdm.std.tqdm.__init__ = quiet
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")  # its loguru console, read when it is imported
     for name in ("transformers", "datasets", "huggingface_hub", "torch", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -20,12 +20,7 @@ COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "t
 
 def discover(results_dir: Path) -> dict[str, dict[str, Path]]:
     """{label: {set: dataset dir}} for finished datasets (hidden staging dirs are not listed)."""
-    root = Path(results_dir) / "logprobs"
-    found: dict[str, dict[str, Path]] = {}
-    for mdir in sorted(root.glob("model=*")):
-        for ddir in sorted(mdir.glob("dataset=*")):
-            found.setdefault(mdir.name.split("=", 1)[1], {})[ddir.name.split("=", 1)[1]] = ddir
-    return found
+    return logprobs.discover(results_dir)
 
 
 def load(found: dict[str, dict[str, Path]]):
