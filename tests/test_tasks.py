@@ -8,6 +8,7 @@ import pytest
 
 from conftest import DATA, cli
 from jobs.archive import tasks as task_archive
+from jobs.core import locks
 from jobs.engines import lmeval
 from jobs.report import tasks as task_report
 
@@ -140,7 +141,7 @@ def test_rerun_skips_and_other_settings_are_refused(results, tiny_model, monkeyp
     def no_model(*a, **k):
         raise AssertionError("a finished task loaded the model again")
 
-    monkeypatch.setattr(taskeval, "load_lm", no_model)
+    monkeypatch.setattr(lmeval, "load_lm", no_model)
     r = tasks(tiny_model, "bf16", results)
     assert r.exit_code == 0 and "already evaluated" in r.stderr
     assert before == [p.stat().st_mtime_ns for p in d.glob("part-*.parquet")]
@@ -159,7 +160,7 @@ def test_interrupted_run_keeps_finished_tasks_and_resumes(tiny_model, tmp_path, 
             raise KeyboardInterrupt
         return real(lm, tm, task, **kw)
 
-    monkeypatch.setattr(taskeval, "evaluate", interrupt_second)
+    monkeypatch.setattr(lmeval, "evaluate", interrupt_second)
     r = tasks(tiny_model, "m", tmp_path, "--limit", "5")
     assert r.exit_code == 130 and "completed parts are kept" in r.stderr
     assert "interrupted — 1 of 2 tasks kept, run the same command again to resume" in r.stderr
@@ -175,12 +176,10 @@ def test_interrupted_run_keeps_finished_tasks_and_resumes(tiny_model, tmp_path, 
 
 
 def test_a_task_being_written_stops_a_second_run_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
-    from jobs.core import locks
-
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(taskeval, "load_lm", no_model)
+    monkeypatch.setattr(lmeval, "load_lm", no_model)
     with locks.hold(task_archive.task_dir(tmp_path, "m", "qscore_cloze")):
         one_line_error(tasks(tiny_model, "m", tmp_path), "task=qscore_cloze: task is being written by pid")
     assert task_archive.discover(tmp_path) == {}
@@ -192,7 +191,9 @@ def test_overwrite_replaces(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     table, meta = task_archive.read_task(task_archive.task_dir(tmp_path, "m", "qscore_cloze"))
     assert table.num_rows == 4 and meta["task"]["limit"] == 4
-    assert not [p for p in (tmp_path / "tasks" / "model=m").iterdir() if p.name.startswith(".")]
+    hidden = [p.name for p in (tmp_path / "tasks" / "model=m").iterdir() if p.name.startswith(".")]
+    assert hidden == [".task=qscore_cloze.lock"]  # no temporary left; the lock file, released and unsigned
+    assert locks.holder(task_archive.task_dir(tmp_path, "m", "qscore_cloze")) == {}
 
 
 # -- bad input --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs import engines
-from jobs.core import hub
+from jobs.core import hub, progress
 from jobs.checkpoints import quantcheck
 from jobs.texts import sampling
 from jobs.archive import logprobs
@@ -72,6 +72,7 @@ def quality_gate(engine, baseline_dir: Path, max_increase: float, n_texts: int) 
 
 def run(*, settings: ValidateSettings) -> dict:
     s = settings
+    progress.quiet_third_party()
     path = hub.resolve(s.model, "model")
     ckpt = inspect(path)
     check_max_model_len(ckpt, s.engine.max_model_len)
