@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from jobs.core import atomic
 from jobs.texts import evalsets
 from jobs.checkpoints import quantcheck
-from jobs.checkpoints.checkpoint import inspect
+from jobs.checkpoints.checkpoint import inspect, read_json
 from jobs.core.errors import CheckpointError, QscoreError
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _run_modelopt(model_dir: Path, out_dir: Path, texts: Sequence[str] | None, i
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json(model_dir / "config.json")
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_model_dtype(config))
     model.eval()
@@ -196,7 +196,7 @@ def export_modelopt_nvfp4(model_dir, output_dir, calibration: str | Path = DEFAU
     dst = Path(output_dir).resolve()
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src}: no config.json: not a Hugging Face checkpoint directory")
-    if json.loads((src / "config.json").read_text()).get("quantization_config"):
+    if read_json(src / "config.json").get("quantization_config"):
         raise CheckpointError(f"{src}: already quantized (config.json has a quantization_config)")
     if dst.exists() and not overwrite:
         raise QscoreError(f"{dst} exists: pass --overwrite to replace it")

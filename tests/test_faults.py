@@ -1,5 +1,7 @@
 """Bad inputs and interrupted runs: a one-line error, a non-zero exit, and nothing partial left to read."""
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -138,6 +140,49 @@ def test_missing_local_calibration_file_is_named_as_such(tiny_model, tmp_path):
     assert "hub" not in r.stderr and not (tmp_path / "q").exists()
 
 
+def test_topk_above_the_vocabulary_is_refused_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
+    from jobs import engines
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engines, "load", no_load)
+    one_line_error(score(tiny_model, tmp_path, "--topk", 5000), "--topk 5000 is above the vocabulary", "1024 tokens")
+    assert no_datasets(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_binary_evaluation_set_is_named(tiny_model, tmp_path, suffix):
+    binary = tmp_path / f"blob{suffix}"
+    binary.write_bytes(bytes(range(256)) * 8)
+    one_line_error(score(tiny_model, tmp_path / "res", datasets=f"b={binary}"), str(binary), "not UTF-8 text")
+    assert no_datasets(tmp_path / "res")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff garbage {"], ids=["empty", "unreadable"])
+def test_an_empty_or_unreadable_calibration_file_is_named_as_such(tiny_model, tmp_path, content, monkeypatch):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_bytes(content)
+    r = cli("quantize", "--model-id", tiny_model, "--output", tmp_path / "q", "--calibration-dataset", calib)
+    one_line_error(r, str(calib), "empty file" if not content else "unreadable as .jsonl")
+    assert "hub" not in r.stderr.splitlines()[-1] and not (tmp_path / "q").exists()
+
+
+def test_export_modelopt_names_a_config_that_is_not_json(tiny_model, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "config.json").write_text("{not json")
+    r = cli("export-modelopt", "--model", bad, "--output", tmp_path / "out")
+    one_line_error(r, f"{bad / 'config.json'}: unreadable JSON")
+    assert not (tmp_path / "out").exists()
+
+
 # -- bad archives --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_tokenizers(tiny_model, tmp_path_factory):
@@ -241,6 +286,77 @@ def test_kill_mid_run_then_resume_matches_a_clean_run(tiny_model, tmp_path, clea
     assert rows(tmp_path).equals(clean_run)
 
 
+def _stage_three_parts(tiny_model, results, monkeypatch):
+    """A run stopped by a full disk after its first three parts: the staging directory a resume reads."""
+    real = pq.write_table
+    calls = {"n": 0}
+
+    def fill_up(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(28, "No space left on device", str(where))
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", fill_up)
+    one_line_error(score(tiny_model, results, *SLOW), "no space left on device")
+    monkeypatch.setattr(pq, "write_table", real)
+    return results / "logprobs" / "model=m" / ".dataset=wiki.partial"
+
+
+def test_resume_scores_damaged_or_fabricated_staged_parts_again(tiny_model, tmp_path, monkeypatch, clean_run):
+    """Fault injection: staged parts changed after they were written are never published."""
+    staging = _stage_three_parts(tiny_model, tmp_path, monkeypatch)
+    parts = sorted(staging.glob("part-*.parquet"))
+    assert len(parts) == 3
+    parts[1].write_bytes(parts[0].read_bytes())  # a well-formed part of this run, under another part's name
+    parts[2].write_bytes(parts[2].read_bytes()[:-200])  # truncated
+    shutil.copy(parts[0], staging / "part-00090.parquet")  # a part this run never writes
+    r = score(tiny_model, tmp_path, *SLOW)
+    assert r.exit_code == 0, r.output
+    assert "resuming, 1 of" in r.stderr
+    assert r.stderr.count("scored again") == 3, r.stderr
+    assert rows(tmp_path).equals(clean_run)
+    assert not staging.exists()
+
+
+def test_resume_removes_a_killed_writers_temporaries_only(tiny_model, tmp_path, monkeypatch, clean_run):
+    staging = _stage_three_parts(tiny_model, tmp_path, monkeypatch)
+    dead = staging / ".part-00003.parquet.tmp-999999999-abcdef"  # no such process: a killed run's
+    alive = staging / f".part-00004.parquet.tmp-{os.getppid()}-abcdef"  # a live process's work in progress
+    dead.write_bytes(b"half")
+    alive.write_bytes(b"half")
+    from jobs.stages import score as score_stage
+
+    monkeypatch.setattr(score_stage, "write_dataset", lambda *a, **k: None)  # plan only: no part written
+    assert score(tiny_model, tmp_path, *SLOW).exit_code == 0
+    assert not dead.exists() and alive.exists()
+
+
+def test_two_runs_of_one_output_one_writes_the_other_stops(tiny_model, tmp_path, clean_run):
+    """Fault injection (issue #19): a second run of the same label and set, started while the first has
+    parts on disk, stops with one line naming the first; the first's output is whole and identical."""
+    args = [sys.executable, "-m", "jobs", "score", "--model", str(tiny_model), "--label", "m", "--datasets", WIKI,
+            "--results-dir", str(tmp_path), *SLOW]
+    staging = tmp_path / "logprobs" / "model=m" / ".dataset=wiki.partial"
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not list(staging.glob("part-*.parquet")) and first.poll() is None:
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)  # mid-run, with parts on disk, for as long as the second run takes
+        assert first.poll() is None, "the first run finished before the second could start"
+        second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 1, second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"being written by pid {first.pid} on " in last, second.stderr
+    assert rows(tmp_path).equals(clean_run)
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already scored" in again.stderr
+
+
 def test_sigterm_exits_cleanly_and_keeps_parts(tiny_model, tmp_path):
     args = [sys.executable, "-m", "jobs", "score", "--model", str(tiny_model), "--label", "m", "--datasets", WIKI,
             "--results-dir", str(tmp_path), "--part-size", "4", "--max-batch-tokens", "256"]
@@ -251,11 +367,15 @@ def test_sigterm_exits_cleanly_and_keeps_parts(tiny_model, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "wiki: interrupted — " in err and "parts kept in" in err and "again to resume" in err, err
     assert list(staging.glob("part-*.parquet")) and not list(staging.glob(".*tmp*"))
 
 
 def test_rerun_skips_and_other_settings_are_refused(tiny_model, tmp_path):
-    assert score(tiny_model, tmp_path).exit_code == 0
+    r = score(tiny_model, tmp_path)
+    assert r.exit_code == 0
+    # not a terminal (click's runner): one progress line per part, throttled, with the last always there
+    assert re.search(r"m/wiki: (\d+)/\1 parts, [\d,]+ tokens/s, ETA 0:00:00", r.stderr), r.stderr
     first = [p.stat().st_mtime_ns for p in logprobs.part_files(logprobs.dataset_dir(tmp_path, "m", "wiki"))]
     r = score(tiny_model, tmp_path)
     assert r.exit_code == 0 and "already scored" in r.stderr

@@ -64,7 +64,7 @@ def test_offline_a_local_copys_failure_is_its_own(tmp_path, monkeypatch):
     bad = tmp_path / "rows.jsonl"
     bad.write_text("not json\n")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EvalSetError, match="cannot load dataset") as info:
+    with pytest.raises(EvalSetError, match="unreadable as .jsonl") as info:
         evalsets.load_rows(str(bad), None, "test")
     assert type(info.value) is EvalSetError
 

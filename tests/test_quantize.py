@@ -1,5 +1,6 @@
 """The quantize stage's schemes and options, each checked by reading back what it saved."""
 import json
+import os
 
 import pytest
 
@@ -54,7 +55,19 @@ def test_indivisible_group_size_fails_cleanly(tiny_model, tmp_path):
     out = tmp_path / "w4"
     r = cli("quantize", "--model-id", tiny_model, "--output", out, "--scheme", "W4A16")
     assert r.exit_code == 1 and "not divisible by group_size" in r.stderr
-    assert not out.exists() and not list(tmp_path.glob(".*"))
+    # llm-compressor's message whole in the log (the layers come after its first line), its first line as the error
+    assert "model.layers.0.mlp.down_proj (columns=192, group_size=128)" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: llm-compressor: The following layers")
+    assert not out.exists() and [p.name for p in tmp_path.glob(".*")] == [".w4.lock"]  # the lock file, released
+
+
+def test_a_checkpoint_being_written_stops_a_second_run(tiny_model, tmp_path):
+    from jobs.core import locks
+
+    with locks.hold(tmp_path / "q"):
+        r = cli("quantize", "--model-id", tiny_model, "--output", tmp_path / "q", "--scheme", "NVFP4A16")
+    assert r.exit_code == 1 and f"checkpoint is being written by pid {os.getpid()} " in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "q").exists()
 
 
 def test_existing_output_needs_overwrite(tiny_model, tmp_path):

@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.archive import logprobs
-from jobs.core.errors import ScoreError, SettingsError
+from jobs.core.errors import ArchiveError, ScoreError, SettingsError
 from jobs.engines.base import SequenceScores
 
 
@@ -80,3 +80,36 @@ def test_incomplete_dataset_is_refused(tmp_path):
 def test_labels_that_would_break_the_hive_layout(label):
     with pytest.raises(SettingsError, match="bad model label"):
         logprobs.dataset_dir("results", label, "wiki")
+
+
+def test_discover_lists_published_datasets_only(tmp_path):
+    """pyarrow.dataset's Hive discovery: staging directories, lock files, temporaries and other files are not
+    datasets; shards make one; labels and names stay strings ("1" is not the integer 1)."""
+    from jobs.archive import tasks as task_archive
+
+    def put(path):
+        logprobs.atomic_write_table(logprobs.sequences_to_table([seq(0, 5)]), path, {"fingerprint": "f"})
+
+    lp = tmp_path / "logprobs"
+    put(lp / "model=1" / "dataset=wiki" / "part-00000.parquet")
+    put(lp / "model=1" / "dataset=07" / "shard=1-of-2" / "part-00000.parquet")
+    put(lp / "model=1" / "dataset=07" / "shard=2-of-2" / "part-00000.parquet")
+    put(lp / "model=1" / ".dataset=chat.partial" / "part-00000.parquet")
+    (lp / "model=1" / ".dataset=wiki.lock").write_text("")
+    (lp / "model=1" / "dataset=wiki" / "notes.txt").write_text("not a part")
+    (lp / "model=2" / "dataset=empty").mkdir(parents=True)
+    assert logprobs.discover(tmp_path) == {"1": {"07": lp / "model=1" / "dataset=07",
+                                                 "wiki": lp / "model=1" / "dataset=wiki"}}
+    assert logprobs.discover(tmp_path / "nothing") == {}
+    put(tmp_path / "tasks" / "model=m" / "task=arc" / "part-00000.parquet")
+    put(tmp_path / "tasks" / "model=m" / ".task=gsm8k.tmp-1-abc" / "part-00000.parquet")
+    assert task_archive.discover(tmp_path) == {"m": {"arc": tmp_path / "tasks" / "model=m" / "task=arc"}}
+
+
+def test_a_part_without_a_required_column_is_named(tmp_path):
+    d = tmp_path / "d"
+    meta = {"fingerprint": "f"}
+    logprobs.atomic_write_table(logprobs.sequences_to_table([seq(0, 5)]), d / "part-00000.parquet", meta)
+    logprobs.atomic_write_table(logprobs.sequences_to_table([seq(1, 5)]).drop(["rank"]), d / "part-00001.parquet", meta)
+    with pytest.raises(ArchiveError, match=r"part-00001.parquet: missing columns \['rank'\]"):
+        logprobs.read_dataset(d)

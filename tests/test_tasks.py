@@ -8,6 +8,7 @@ import pytest
 
 from conftest import DATA, cli
 from jobs.archive import tasks as task_archive
+from jobs.core import locks
 from jobs.engines import lmeval
 from jobs.report import tasks as task_report
 
@@ -162,13 +163,26 @@ def test_interrupted_run_keeps_finished_tasks_and_resumes(tiny_model, tmp_path, 
     monkeypatch.setattr(lmeval, "evaluate", interrupt_second)
     r = tasks(tiny_model, "m", tmp_path, "--limit", "5")
     assert r.exit_code == 130 and "completed parts are kept" in r.stderr
+    assert "interrupted — 1 of 2 tasks kept, run the same command again to resume" in r.stderr
     model_dir = tmp_path / "tasks" / "model=m"
-    assert [p.name for p in model_dir.iterdir()] == ["task=qscore_arith"]  # nothing partial, nothing hidden
+    # nothing partial, nothing hidden but the tasks' lock files (released, unsigned)
+    assert sorted(p.name for p in model_dir.iterdir()) == [".task=qscore_arith.lock", ".task=qscore_cloze.lock",
+                                                          "task=qscore_arith"]
     task_archive.read_task(model_dir / "task=qscore_arith")
     calls.clear()
     r = tasks(tiny_model, "m", tmp_path, "--limit", "5")
     assert r.exit_code == 0 and calls == ["qscore_cloze"]  # only what was missing
     assert sorted(task_archive.discover(tmp_path)["m"]) == ["qscore_arith", "qscore_cloze"]
+
+
+def test_a_task_being_written_stops_a_second_run_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lmeval, "load_lm", no_model)
+    with locks.hold(task_archive.task_dir(tmp_path, "m", "qscore_cloze")):
+        one_line_error(tasks(tiny_model, "m", tmp_path), "task=qscore_cloze: task is being written by pid")
+    assert task_archive.discover(tmp_path) == {}
 
 
 def test_overwrite_replaces(tiny_model, tmp_path):
@@ -177,7 +191,9 @@ def test_overwrite_replaces(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     table, meta = task_archive.read_task(task_archive.task_dir(tmp_path, "m", "qscore_cloze"))
     assert table.num_rows == 4 and meta["task"]["limit"] == 4
-    assert not [p for p in (tmp_path / "tasks" / "model=m").iterdir() if p.name.startswith(".")]
+    hidden = [p.name for p in (tmp_path / "tasks" / "model=m").iterdir() if p.name.startswith(".")]
+    assert hidden == [".task=qscore_cloze.lock"]  # no temporary left; the lock file, released and unsigned
+    assert locks.holder(task_archive.task_dir(tmp_path, "m", "qscore_cloze")) == {}
 
 
 # -- bad input --------------------------------------------------------------------------------------------

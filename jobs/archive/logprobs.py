@@ -2,19 +2,22 @@
 
 A scored dataset lives at ``<results>/logprobs/model=<label>/dataset=<set>/part-<k>.parquet``. Every
 file is written under a temporary name and renamed when complete, so no reader sees a partial file.
+Archives are found and read with ``pyarrow.dataset`` (Hive partitioning; hidden staging directories, lock
+files and temporaries are not listed), after qscore's own checks of each part's footer: one run's
+fingerprint, the required columns, and as many rows as the run recorded.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from jobs.core import atomic
@@ -107,8 +110,9 @@ def sequences_to_table(seqs: Iterable, topk: int = 1) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def atomic_write_table(table: pa.Table, path: Path, metadata: dict) -> Path:
-    """Write to a hidden temporary name in the same directory, fsync, then rename into place."""
+def atomic_write_table(table: pa.Table, path: Path, metadata: dict, before_rename=None) -> Path:
+    """Write to a hidden temporary name in the same directory, fsync, then rename into place
+    (``before_rename(tmp)`` runs on the complete temporary file just before)."""
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, sort_keys=True, default=str).encode()
     # Logprobs are almost all distinct floats: a dictionary page for them is a failed attempt that pyarrow
@@ -116,21 +120,50 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict) -> Path:
     dictionary = [f.name for f in table.schema if not pa.types.is_floating(getattr(f.type, "value_type", f.type))]
     with atomic.atomic_file(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd", use_dictionary=dictionary)
+        if before_rename is not None:
+            before_rename(tmp)
     return Path(path)
 
 
-def read_metadata(path: Path) -> dict:
+def _footer(path: Path) -> tuple[pa.Schema, dict]:
     try:
-        meta = pq.read_schema(path).metadata or {}
+        schema = pq.read_schema(path)
     except Exception as exc:  # pyarrow raises several types for a damaged footer
         raise ArchiveError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
+    meta = schema.metadata or {}
     if META_KEY not in meta:
         raise ArchiveError(f"{path}: no qscore metadata (not written by the score stage)")
-    return json.loads(meta[META_KEY])
+    return schema, json.loads(meta[META_KEY])
+
+
+def read_metadata(path: Path) -> dict:
+    return _footer(path)[1]
 
 
 def part_files(directory: Path) -> list[Path]:
     return sorted(p for p in Path(directory).glob("part-*.parquet"))
+
+
+def discover(results_dir: str | os.PathLike) -> dict[str, dict[str, Path]]:
+    """{label: {set: dataset directory}} of the published datasets under ``<results>/logprobs``."""
+    return hive_dirs(Path(results_dir) / "logprobs", "dataset")
+
+
+def hive_dirs(root: Path, key: str) -> dict[str, dict[str, Path]]:
+    """{label: {name: directory}} of the ``model=<label>/<key>=<name>/`` directories that hold parts, as
+    pyarrow.dataset's Hive discovery lists them: it skips hidden and ``_`` names (staging directories,
+    lock files, temporaries) and opens no file."""
+    if not root.is_dir():
+        return {}
+    strings = pa.schema([("model", pa.string()), (key, pa.string()), ("shard", pa.string())])
+    found: dict[str, dict[str, Path]] = {}
+    for frag in ds.dataset(root, format="parquet", partitioning=ds.partitioning(strings, flavor="hive")
+                           ).get_fragments():
+        keys = ds.get_partition_keys(frag.partition_expression)
+        if not re.fullmatch(r"part-\d+\.parquet", Path(frag.path).name) or not keys.get("model") or not keys.get(key):
+            continue
+        found.setdefault(keys["model"], {})[keys[key]] = root / f"model={keys['model']}" / f"{key}={keys[key]}"
+    return {m: dict(sorted(sets.items())) for m, sets in sorted(found.items())}
 
 
 def read_dataset(directory: Path, columns: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
@@ -158,36 +191,43 @@ def read_parts(directory: Path, columns: Sequence[str] | None = None, *, require
         raise ArchiveError(f"{directory}: no part-*.parquet files")
     required = list(required or columns or REQUIRED_COLUMNS)
     meta0 = None
+    schema0 = None
     for p in parts:
-        meta = read_metadata(p)
+        schema, meta = _footer(p)
+        missing = [c for c in required if c not in schema.names]
+        if missing:
+            raise ArchiveError(f"{p}: missing columns {missing}")
         if schema_version is not None and meta.get("schema_version") != schema_version:
             raise ArchiveError(f"{p}: not a {what} file of schema {schema_version!r} "
                                f"(schema {meta.get('schema_version')!r})")
         if meta0 is None:
-            meta0 = meta
+            meta0, schema0 = meta, schema
         elif meta.get("fingerprint") != meta0.get("fingerprint"):
             raise ArchiveError(f"{p}: written by a different run than {parts[0].name} (settings differ)")
-
-    def read(p: Path) -> pa.Table:
-        try:
-            t = pq.read_table(p, columns=list(columns) if columns else None)
-        except Exception as exc:
-            raise ArchiveError(f"{p}: corrupt Parquet file ({first_line(exc)})") from None
-        missing = [c for c in required if c not in t.column_names]
-        if missing:
-            raise ArchiveError(f"{p}: missing columns {missing}")
-        return t
-
-    # Parts are small (one per PART_SIZE texts): reading several at once hides each file's fixed cost.
-    # map() keeps the order and raises the first failing part's error.
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        table = pa.concat_tables(list(pool.map(read, parts)))
+    # One scan of every part (pyarrow reads several at once, in the parts' order), without the partition
+    # columns: the rows are the parts' own.
+    try:
+        table = ds.dataset([str(p) for p in parts], schema=schema0, format="parquet").to_table(
+            columns=list(columns) if columns else None)
+    except Exception as exc:
+        raise ArchiveError(f"{_corrupt_part(parts, columns) or directory}: corrupt Parquet file "
+                           f"({first_line(exc)})") from None
     expected = meta0.get("counts", {}).get("rows_total")
     if expected is not None and table.num_rows != expected:
         raise ArchiveError(
             f"{directory}: {table.num_rows} rows but the run recorded {expected} (incomplete {what})"
         )
     return table, meta0
+
+
+def _corrupt_part(parts: Sequence[Path], columns) -> Path | None:
+    """Which part fails to read on its own (the scan's error need not name it)."""
+    for p in parts:
+        try:
+            pq.read_table(p, columns=list(columns) if columns else None)
+        except Exception:
+            return p
+    return None
 
 
 def shard_problem(names: Sequence[str]) -> str | None:

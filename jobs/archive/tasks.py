@@ -102,8 +102,4 @@ def read_task(directory: Path) -> tuple[pa.Table, dict]:
 
 def discover(results_dir: str | os.PathLike) -> dict[str, dict[str, Path]]:
     """{label: {task: directory}} of finished tasks (hidden temporary directories are not listed)."""
-    found: dict[str, dict[str, Path]] = {}
-    for mdir in sorted(root(results_dir).glob("model=*")):
-        for tdir in sorted(mdir.glob("task=*")):
-            found.setdefault(mdir.name.split("=", 1)[1], {})[tdir.name.split("=", 1)[1]] = tdir
-    return found
+    return logprobs.hive_dirs(root(results_dir), "task")

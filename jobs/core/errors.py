@@ -33,6 +33,10 @@ class ArchiveError(QscoreError):
     """A logprob file or dataset that cannot be trusted: missing, truncated, corrupt or inconsistent."""
 
 
+class LockError(QscoreError):
+    """An output another run is writing at this moment (jobs/core/locks.py)."""
+
+
 class QuantizeError(QscoreError):
     pass
 

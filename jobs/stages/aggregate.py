@@ -10,6 +10,7 @@ import pyarrow as pa
 from jobs.stats import metrics, quant as quant_stats
 from jobs.report import outputs, tasks as task_report
 from jobs.archive import logprobs
+from jobs.core import locks
 from jobs.core.errors import AggregateError
 from jobs.core.settings import AggregateSettings
 
@@ -19,12 +20,7 @@ COLUMNS = ["sample_id", "position", "token_id", "logprob", "rank", "top1_id", "t
 
 def discover(results_dir: Path) -> dict[str, dict[str, Path]]:
     """{label: {set: dataset dir}} for finished datasets (hidden staging dirs are not listed)."""
-    root = Path(results_dir) / "logprobs"
-    found: dict[str, dict[str, Path]] = {}
-    for mdir in sorted(root.glob("model=*")):
-        for ddir in sorted(mdir.glob("dataset=*")):
-            found.setdefault(mdir.name.split("=", 1)[1], {})[ddir.name.split("=", 1)[1]] = ddir
-    return found
+    return logprobs.discover(results_dir)
 
 
 def load(found: dict[str, dict[str, Path]]):
@@ -134,11 +130,12 @@ def run(*, settings: AggregateSettings) -> Path:
     if task_report.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
         summary["tasks"] = task_report.summarize(task_report.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
-    deltas = delta_logprobs(data, baseline, summary["sets"])
-    # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
-    extra = quant_stats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
-    outputs.write_all(summary, deltas, out_dir, extra)
-    if "tasks" in summary:
-        task_report.write_csv(summary["tasks"], out_dir)
+    with locks.hold(out_dir, what="report"):
+        deltas = delta_logprobs(data, baseline, summary["sets"])
+        # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
+        extra = quant_stats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
+        outputs.write_all(summary, deltas, out_dir, extra)
+        if "tasks" in summary:
+            task_report.write_csv(summary["tasks"], out_dir)
     log.info("wrote %s", out_dir / "outputs.md")
     return out_dir

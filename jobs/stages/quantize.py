@@ -2,6 +2,7 @@
 
 The output directory appears only when complete (saved under a temporary name, then renamed), and
 carries ``qscore.json``: the recipe, the scheme, the calibration data and sizes, versions, time, memory.
+One run at a time writes an output: a second stops with an error naming the first (``jobs.core.locks``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import random
 import time
 from pathlib import Path
 
-from jobs.core import atomic, hub, provenance
+from jobs.core import atomic, hub, locks, progress, provenance
 from jobs.texts import evalsets
 from jobs.checkpoints import recipes
 from jobs.core.errors import QuantizeError
@@ -21,11 +22,19 @@ log = logging.getLogger("qscore.quantize")
 MANIFEST = "qscore.json"
 
 
-def calibration_set(source: str, split: str, n: int, max_len: int, tokenizer, seed: int = 42):
+def calibration_rows(source: str, split: str):
+    """The calibration set's rows, read before the model is loaded: a bad file fails in seconds."""
+    rows = evalsets.load_rows(source, None, split)
+    if "messages" not in rows.column_names and "text" not in rows.column_names:
+        raise QuantizeError(f"calibration set {source!r} needs a 'messages' or 'text' column")
+    return rows
+
+
+def calibration_set(source: str, split: str, n: int, max_len: int, tokenizer, seed: int = 42, rows=None):
     """``n`` chats rendered through the model's chat template, tokenized to at most ``max_len`` tokens."""
     from datasets import Dataset
 
-    rows = evalsets.load_rows(source, None, split)
+    rows = calibration_rows(source, split) if rows is None else rows
     if "messages" not in rows.column_names and "text" not in rows.column_names:
         raise QuantizeError(f"calibration set {source!r} needs a 'messages' or 'text' column")
     order = list(range(len(rows)))
@@ -82,7 +91,13 @@ def choose_pipeline(asked: str, *, cuda_bytes: int | None, weight_bytes: int, sa
 
 
 def run(*, settings: QuantizeSettings) -> Path:
-    s = settings
+    recipes.check_scheme(settings.scheme)
+    progress.quiet_third_party()
+    with locks.hold(settings.output, what="checkpoint"):  # before the output's existence is looked at
+        return _run(settings)
+
+
+def _run(s: QuantizeSettings) -> Path:
     scheme = recipes.check_scheme(s.scheme)
     out = Path(s.output)
     if out.exists() and not s.overwrite:
@@ -93,8 +108,10 @@ def run(*, settings: QuantizeSettings) -> Path:
         raise QuantizeError("--calibration-batch-size must be at least 1")
     model_path = hub.resolve(s.model_id, "model")
     calibrate = recipes.needs_calibration(scheme, s.no_calibration)
+    rows = None
     if calibrate:
         evalsets.check_local_source(s.calibration_dataset, "calibration")
+        rows = calibration_rows(s.calibration_dataset, s.calibration_split)
     t0 = time.time()
 
     import torch
@@ -123,7 +140,7 @@ def run(*, settings: QuantizeSettings) -> Path:
     dataset, n_used = (None, 0)
     if calibrate:
         dataset, n_used = calibration_set(s.calibration_dataset, s.calibration_split, s.num_calibration_samples,
-                                          s.max_sequence_length, tokenizer)
+                                          s.max_sequence_length, tokenizer, rows=rows)
     recipe = recipes.build(scheme, list(s.ignore), s.spinquant)
     kwargs = {}
     if calibrate:
@@ -140,7 +157,9 @@ def run(*, settings: QuantizeSettings) -> Path:
     try:
         oneshot(model=model, recipe=recipe, **kwargs)
     except ValueError as exc:  # llm-compressor's own checks of the model against the scheme
-        log.debug("llm-compressor refused", exc_info=True)
+        # The whole message in the log (a group-size error lists the layers after its first line), the
+        # first line as the stage's one-line error.
+        log.error("llm-compressor refused the model:\n%s", str(exc).strip(), exc_info=log.isEnabledFor(logging.DEBUG))
         raise QuantizeError(f"llm-compressor: {(str(exc).splitlines() or [''])[0][:400]}") from None
     t_calib = time.time()
 

@@ -2,8 +2,10 @@
 
 One engine serves every set of the run. Each (model, set) is written in parts of ``part_size`` texts
 into a hidden staging directory ``model=L/.dataset=D.partial/``; when the last part lands the directory
-is renamed to ``dataset=D``. A run that is killed resumes from its complete parts; a finished dataset is
-skipped when asked for again with the same inputs, and refused (unless --overwrite) when they differ.
+is renamed to ``dataset=D``. A run that is killed resumes from its complete parts (each checked against
+the digest recorded when it was written); a finished dataset is skipped when asked for again with the same
+inputs, and refused (unless --overwrite) when they differ. One run at a time writes a dataset: a second
+stops with an error naming the first (``jobs.core.locks``).
 
 With ``--shard i/N`` the run scores every N-th part of each set (parts i-1, i-1+N, …) into
 ``dataset=D/shard=i-of-N/``. Parts are the unit of batching too (a batch never straddles a part), so a
@@ -11,22 +13,25 @@ part computes the same numbers in whichever shard it lands, and the shards' unio
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.core import atomic, hub, provenance
+from jobs.core import atomic, hub, locks, progress, provenance
 from jobs import engines
 from jobs.texts import evalsets, sampling
 from jobs.engines import rolling
 from jobs.archive import logprobs
+from jobs.archive.fingerprint import fingerprint
 from jobs.checkpoints.checkpoint import Checkpoint, check_max_model_len, inspect, tokenizer_hash
-from jobs.core.errors import ScoreError
+from jobs.core.errors import ScoreError, SettingsError
 from jobs.core.settings import ScoreSettings, Shard
 
 log = logging.getLogger("qscore.score")
@@ -46,6 +51,7 @@ class Plan:
     fingerprint: str  # this run's output (the shard's, when sharded)
     set_fingerprint: str  # the whole set's: every shard of one run carries the same
     done: set[int] = field(default_factory=set)
+    digests: dict[str, str] = field(default_factory=dict)  # staged part name -> sha256 of its bytes as written
     skip: bool = False
     rolling: tuple[int, int] | None = None  # (window, stride): a document-level set, scored in rolling windows
 
@@ -70,15 +76,16 @@ def n_parts(n_samples: int, part_size: int) -> int:
     return (n_samples + part_size - 1) // part_size
 
 
+def output_dir(results_dir, label: str, name: str, shard: Shard | None) -> Path:
+    final = logprobs.dataset_dir(results_dir, label, name)
+    return final if shard is None else final / f"shard={shard.name}"
+
+
 def shard_parts(total: int, shard: Shard | None) -> list[int]:
     """The part indices of ``shard`` (pure): every N-th part, starting at part i-1."""
     if shard is None:
         return list(range(total))
     return list(range(shard.index - 1, total, shard.count))
-
-
-def fingerprint(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def token_digest(samples: list[sampling.Sample]) -> str:
@@ -114,9 +121,7 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
     set_fp = fingerprint({**common, "dataset": evalset.source, "tokens": token_digest(samples),
                           "part_size": s.part_size, **({"rolling": roll} if roll else {})})
     fp = set_fp if s.shard is None else fingerprint({"set": set_fp, "shard": str(s.shard)})
-    final = logprobs.dataset_dir(s.results_dir, s.label, name)
-    if s.shard is not None:
-        final = final / f"shard={s.shard.name}"
+    final = output_dir(s.results_dir, s.label, name, s.shard)
     total = n_parts(len(samples), s.part_size)
     plan = Plan(name, samples, evalset, shard_parts(total, s.shard), s.part_size, final, staging_dir(final), fp, set_fp,
                 rolling=roll)
@@ -138,8 +143,7 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
                 "pass --overwrite to replace it, or use another --label"
             )
     if plan.staging.exists():
-        progress = plan.staging / PROGRESS
-        old = json.loads(progress.read_text()).get("fingerprint") if progress.exists() else None
+        old = read_progress(plan.staging).get("fingerprint")
         if old != fp:  # an interrupted run of the same inputs is always resumed, --overwrite or not
             if not s.overwrite:
                 raise ScoreError(
@@ -148,10 +152,56 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
                 )
             shutil.rmtree(plan.staging)
     if plan.staging.exists():
-        for stale in plan.staging.glob(".part-*.tmp-*"):
-            stale.unlink()  # a temporary file of a killed run: never renamed, so never complete
-        plan.done = {int(p.stem.split("-")[1]) for p in logprobs.part_files(plan.staging)}
+        for name in [PROGRESS, *(part_name(k) for k in plan.parts)]:
+            atomic.remove_stale_temporaries(plan.staging / name)  # a killed run's: never renamed, never complete
+        plan.digests = read_progress(plan.staging).get("parts", {})
+        plan.done = staged_parts(plan)
     return plan
+
+
+def part_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def read_progress(staging: Path) -> dict:
+    """The staging directory's record: the run's fingerprint and the digest of every part it wrote."""
+    try:
+        return json.loads((staging / PROGRESS).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("%s: unreadable, the staged parts cannot be trusted", staging / PROGRESS)
+        return {}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def staged_parts(plan: Plan) -> set[int]:
+    """The staged parts a resumed run keeps: parts of this run whose bytes are those its writer recorded
+    (the digest goes into the progress file before the part is renamed into place). Any other file there,
+    damaged or made by hand, is removed and its part scored again: it never reaches the archive."""
+    done = set()
+    for p in logprobs.part_files(plan.staging):
+        m = re.fullmatch(r"part-(\d{5})\.parquet", p.name)
+        k = int(m.group(1)) if m else None
+        if k not in plan.parts:
+            why = "not a part of this run"
+        elif plan.digests.get(p.name) is None:
+            why = "no digest was recorded for it"
+        elif file_digest(p) != plan.digests[p.name]:
+            why = "its bytes differ from those written"
+        else:
+            done.add(k)
+            continue
+        log.warning("%s: %s; it is removed and its part scored again", p, why)
+        p.unlink()
+    return done
 
 
 def document_samples(evalset, tok, max_model_len: int, doc_stride: int):
@@ -179,9 +229,23 @@ def run(*, settings: ScoreSettings) -> list[Path]:
     logprobs.check_label("model label", s.label)
     specs = evalsets.parse_specs(s.datasets)
     sampling.max_tokens(s.engine.max_model_len)
+    progress.quiet_third_party()
+    with contextlib.ExitStack() as held:
+        for name, _ in specs:  # before anything already there is looked at
+            final = output_dir(s.results_dir, s.label, name, s.shard)
+            if s.shard is not None:  # shards of a set write side by side; an unsharded run of it excludes them
+                held.enter_context(locks.hold(final.parent, what="dataset", shared=True))
+            held.enter_context(locks.hold(final, what="dataset"))
+        return _run(s, specs)
+
+
+def _run(s: ScoreSettings, specs) -> list[Path]:
     model_path = hub.resolve(s.model, "model")
     ckpt = inspect(model_path)
     check_max_model_len(ckpt, s.engine.max_model_len)
+    vocab = ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size")
+    if vocab and s.topk > vocab:
+        raise SettingsError(f"--topk {s.topk} is above the vocabulary of {s.model} ({vocab} tokens)")
     tok, tok_path = load_tokenizer(s.tokenizer or s.model)
     backend_name = engines.pick(s.backend)
     arith = engines.arithmetic_for(backend_name, ckpt.quant, s.engine)
@@ -192,7 +256,6 @@ def run(*, settings: ScoreSettings) -> list[Path]:
     }
     limits = dict(s.limits)
     plans = [plan_dataset(name, evalsets.load_set(name, path, limits), tok, s, common) for name, path in specs]
-    vocab = ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size")
     for p in plans:
         top = max(max(x.token_ids) for x in p.samples)
         if vocab and top >= vocab:
@@ -228,7 +291,7 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     from tqdm import tqdm
 
     plan.staging.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(plan.staging / PROGRESS, json.dumps({"fingerprint": plan.fingerprint}))
+    _record(plan)
     if plan.done:
         log.info("%s: resuming, %d of %d parts already written", plan.name, len(plan.done), len(plan.parts))
     q = ckpt.quant
@@ -255,16 +318,28 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     todo = plan.todo
     queue = [(k, x) for k in todo for x in plan.part_samples(k)]
     t0, n_tokens = time.perf_counter(), sum(len(x.token_ids) for _, x in queue)
+    # a bar on a terminal (tqdm draws nothing elsewhere), a line per part in a batch log
     bar = tqdm(total=len(queue), desc=f"{s.label}/{plan.name}", unit="text", file=sys.stderr, disable=None)
+    lines = None if progress.on_terminal() else progress.PartProgress(
+        log, f"{s.label}/{plan.name}", len(plan.parts), len(plan.done), n_tokens)
     buffer: list = []
     remaining = list(todo)
-    for (k, _), seq in zip(queue, _scores(plan, engine, todo, s.topk)):
-        buffer.append(seq)
-        bar.update(1)
-        if len(buffer) == len(plan.part_samples(k)):
-            _write_part(plan, k, buffer, s.topk, base_meta)
-            remaining.remove(k)
-            buffer = []
+    try:
+        for (k, _), seq in zip(queue, _scores(plan, engine, todo, s.topk)):
+            buffer.append(seq)
+            bar.update(1)
+            if len(buffer) == len(plan.part_samples(k)):
+                _write_part(plan, k, buffer, s.topk, base_meta)
+                remaining.remove(k)
+                if lines:
+                    lines.part(sum(len(x.token_ids) for x in buffer))
+                buffer = []
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler
+        bar.close()
+        kept = len(plan.parts) - len(remaining)
+        log.warning("%s: interrupted — %d of %d parts kept in %s, run the same command again to resume",
+                    plan.name, kept, len(plan.parts), plan.staging)
+        raise
     bar.close()
     if remaining:
         raise ScoreError(f"{plan.name}: the backend returned no results for parts {remaining}")
@@ -285,9 +360,18 @@ def _scores(plan: Plan, engine, parts: list[int], topk: int):
         yield from rolling.score_documents(engine, plan.part_samples(k), topk, window, stride)
 
 
+def _record(plan: Plan) -> None:
+    atomic.write_text(plan.staging / PROGRESS, json.dumps({"fingerprint": plan.fingerprint, "parts": plan.digests}))
+
+
 def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:
     table = logprobs.sequences_to_table(seqs, topk)
     meta = {**base_meta, "created": provenance.now(),
             "part": {"index": k, "rows": table.num_rows, "texts": len(seqs),
                      "first_sample_id": seqs[0].sample_id, "last_sample_id": seqs[-1].sample_id}}
-    logprobs.atomic_write_table(table, plan.staging / f"part-{k:05d}.parquet", meta)
+
+    def record(tmp: Path) -> None:  # the digest is on disk before the part is: every part there has one
+        plan.digests[part_name(k)] = file_digest(tmp)
+        _record(plan)
+
+    logprobs.atomic_write_table(table, plan.staging / part_name(k), meta, before_rename=record)

@@ -9,22 +9,23 @@ with the run's provenance.
 Resume is per task: a task already evaluated with the same inputs (checkpoint and tokenizer hashes,
 task config and documents, lm-eval version, shots, limit, chat template, BOS, backend, dtype, context)
 is skipped; with other inputs it is refused unless ``overwrite``. A task's directory appears only
-when complete, so an interrupted run keeps the tasks it finished and redoes the one it was in.
+when complete, so an interrupted run keeps the tasks it finished and redoes the one it was in. One run at
+a time writes a task's directory: a second stops with an error naming the first (``jobs.core.locks``).
 
 ``quality_gate`` (validate's ``--baseline-tasks``) reruns a baseline's tasks, with the baseline's
 settings, on a checkpoint and fails when its recovery is below the minimum.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.core import atomic, hub, provenance
+from jobs.core import atomic, hub, locks, progress, provenance
 from jobs import engines
 from jobs.archive import tasks as task_archive
+from jobs.archive.fingerprint import fingerprint
 from jobs.engines import lmeval
 from jobs.stats import tasks as task_stats
 from jobs.checkpoints.checkpoint import inspect, tokenizer_hash
@@ -66,10 +67,6 @@ class Plan:
     final: Path
     fingerprint: str
     skip: bool = False
-
-
-def fingerprint(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check(settings: TasksSettings) -> None:
@@ -118,6 +115,12 @@ def plan_task(name, task, settings, common) -> Plan:
 def run(*, settings: TasksSettings) -> list[Path]:
     check(settings)
     names = lmeval.parse_tasks(settings.tasks)
+    progress.quiet_third_party()
+    with contextlib.ExitStack() as held:
+        return _run(settings, names, held)
+
+
+def _run(settings: TasksSettings, names, held: contextlib.ExitStack) -> list[Path]:
     model_path = hub.resolve(settings.model, "model")
     ckpt = inspect(model_path)
     tok_hash = tokenizer_hash(model_path)
@@ -125,6 +128,8 @@ def run(*, settings: TasksSettings) -> list[Path]:
     tm, tasks = lmeval.load_tasks(names, include_path(settings))
     arith = engines.arithmetic_for(backend, ckpt.quant, settings.engine)
     common = _common(settings, ckpt, tok_hash, backend, arith)
+    for name in tasks:  # before anything already there is looked at
+        held.enter_context(locks.hold(task_archive.task_dir(settings.results_dir, settings.label, name), what="task"))
     plans = [plan_task(name, task, settings, common) for name, task in tasks.items()]
     for p in plans:
         if p.skip:
@@ -137,10 +142,16 @@ def run(*, settings: TasksSettings) -> list[Path]:
     try:
         runtime = {**engine.describe(), **provenance.versions("vllm", "transformers", "torch", "compressed-tensors",
                                                               "lm_eval")}
-        for p in todo:
-            records, entry = lmeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot, limit=settings.limit,
-                                               chat_template=settings.chat_template,
-                                               fewshot_as_multiturn=settings.fewshot_as_multiturn)
+        for i, p in enumerate(todo):
+            log.info("%s: task %d/%d", p.name, i + 1, len(todo))  # a batch log's progress: lm-eval's bars are off
+            try:
+                records, entry = lmeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot,
+                                                 limit=settings.limit, chat_template=settings.chat_template,
+                                                 fewshot_as_multiturn=settings.fewshot_as_multiturn)
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler
+                log.warning("interrupted — %d of %d tasks kept, run the same command again to resume",
+                            len(plans) - len(todo) + i, len(plans))
+                raise
             write(p, records, entry, settings, ckpt, model_path, tok_hash, runtime)
     finally:
         engine.close()

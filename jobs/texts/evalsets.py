@@ -95,6 +95,8 @@ def load_rows(path: str, config: str | None, split: str, revision: str | None = 
 
     check_local_source(path, "dataset")
     local = Path(path).expanduser()
+    if local.is_file() and local.stat().st_size == 0:
+        raise EvalSetError(f"{path}: empty file")
     try:
         if local.is_file():
             fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}[local.suffix]
@@ -106,8 +108,8 @@ def load_rows(path: str, config: str | None, split: str, revision: str | None = 
         from datasets.exceptions import DatasetNotFoundError
 
         # offline, datasets raises a bare ValueError ("Couldn't find cache") for a hub set whose loader but not
-        # data is cached: any failure of a hub set in offline mode is the cache's
-        if unreachable(exc) or (hub_offline() and not local.exists()):
+        # data is cached: any failure of a hub set in offline mode is the cache's. A local file's error is its own.
+        if not local.exists() and (unreachable(exc) or hub_offline()):
             raise OfflineError(
                 f"dataset {path!r} is not in the local cache and the hub cannot be reached"
                 " (HF_HUB_OFFLINE=1?): run once online with HF_HOME set to a shared cache,"
@@ -115,6 +117,11 @@ def load_rows(path: str, config: str | None, split: str, revision: str | None = 
             ) from None
         if isinstance(exc, DatasetNotFoundError):
             raise EvalSetError(f"dataset {path!r}: no such dataset on the hub, or it is gated (set HF_TOKEN)") from None
+        if local.is_file():
+            root = exc
+            while root.__cause__ is not None:  # datasets wraps the reader's own error
+                root = root.__cause__
+            raise EvalSetError(f"{path}: unreadable as {local.suffix} ({first_line(root)})") from None
         raise EvalSetError(f"cannot load dataset {path!r} split {split!r}: {first_line(exc)}") from None
 
 
@@ -148,14 +155,21 @@ def load_hub_set(spec: HubSet, n: int, source: str | None = None, revision: str 
     return EvalSet(spec.name, texts, {**about, "n": n, "kind": spec.kind})
 
 
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalSetError(f"{path}: not UTF-8 text (byte {exc.start}): a binary file?") from None
+
+
 def read_local_texts(path: Path) -> list[str]:
     """A .txt (one text per line), .jsonl or .parquet (a ``text`` column, or ``messages`` chats)."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return render_wikitext(path.read_text(encoding="utf-8").splitlines(), n=10**9)
+        return render_wikitext(_utf8(path).splitlines(), n=10**9)
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_utf8(path).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
