@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.stats import divergence, textsums
+from jobs.stats import divergence, intervals, textsums
 from jobs.stats.metrics import Tokens, check_same_stream, text_starts
 
 QUANTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)  # llama.cpp's list (50 = median)
@@ -127,46 +127,8 @@ def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
                          columns={name: sl.start for name, sl in lay.slices.items()}, width=lay.width)
 
 
-# -- bootstrap ---------------------------------------------------------------------------------------------
-def draw_weights(n_texts: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot × n_texts): how often each text is drawn in each replicate (resampling texts with
-    replacement, as ``metrics.bootstrap_delta_nll`` does with the same generator calls)."""
-    idx = rng.integers(0, n_texts, size=(n_boot, n_texts))
-    flat = idx + (np.arange(n_boot) * n_texts)[:, None]
-    return np.bincount(flat.ravel(), minlength=n_boot * n_texts).reshape(n_boot, n_texts).astype(np.float64)
-
-
-def replicate_sums(matrices: list[np.ndarray], n_boot: int, seed: int, exact: int | None = None) -> np.ndarray:
-    """Σ over sets of W_set @ M_set: (n_boot × width), sets as strata, one generator in set order.
-
-    Only the first ``exact`` columns (sums and counts the means come from) are multiplied in float64;
-    the rest (histogram counts and bucket sums, most of the width) in float32, which halves the cost of
-    the product and moves a percentile's interval by far less than its bin width."""
-    rng = np.random.default_rng(seed)
-    out = None
-    for m in matrices:
-        w = draw_weights(len(m), n_boot, rng)
-        if exact is None or exact >= m.shape[1]:
-            s = w @ m
-        else:
-            s = np.empty((n_boot, m.shape[1]))
-            s[:, :exact] = w @ m[:, :exact]
-            s[:, exact:] = w.astype(np.float32) @ m[:, exact:].astype(np.float32)
-        out = s if out is None else out + s
-    return out
-
-
-def interval(reps: np.ndarray, alpha: float = 0.05, strict: bool = False) -> tuple[float, float]:
-    """Percentile interval of the replicates; replicates that are not finite (a bucket no text of the
-    replicate reached) are left out, or, with ``strict``, leave the interval undefined."""
-    ok = np.isfinite(reps)
-    if strict and not ok.all():
-        return float("nan"), float("nan")
-    reps = reps[ok]
-    if not len(reps):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+# -- bootstrap (``intervals``) ------------------------------------------------------------------------------
+draw_weights, replicate_sums, interval = intervals.draw_weights, intervals.replicate_sums, intervals.interval
 
 
 def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float, log: bool) -> np.ndarray:
