@@ -50,6 +50,7 @@ class Pair:
     base_conf: np.ndarray  # the baseline's top-1 probability
     same_top1: np.ndarray  # bool
     div: divergence.PairDivergence
+    context: np.ndarray | None = None  # tokens of context each had (document windows); None: its position
     cache: dict = field(default_factory=dict, repr=False)  # per-text matrices, per layout width
 
     def __len__(self) -> int:
@@ -68,14 +69,14 @@ def topk_of(t: Tokens) -> divergence.TopK:
 
 
 def pair(base: Tokens, model: Tokens, what: str = "", base_topk: divergence.TopK | None = None,
-         model_topk: divergence.TopK | None = None) -> Pair:
+         model_topk: divergence.TopK | None = None, context: np.ndarray | None = None) -> Pair:
     """Check the two streams are identical and compute the per-position divergences."""
     check_same_stream(base, model, what)
     b, m = base_topk or topk_of(base), model_topk or topk_of(model)
     div = divergence.topk_kl(b.ids, b.logprobs, m.ids, m.logprobs, base.logprob, model.logprob, base.token_id,
                              base=b, model=m)
     return Pair(base.sample_id, base.position, base.token_id, base.logprob, model.logprob,
-                np.exp(base.top1_logprob), base.top1_id == model.top1_id, div)
+                np.exp(base.top1_logprob), base.top1_id == model.top1_id, div, context)
 
 
 # -- per-text matrix -----------------------------------------------------------------------------------
@@ -122,7 +123,8 @@ def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
     """(n_texts × lay.width) sums per text: one compiled pass (``textsums``), no per-token Python."""
     return textsums.fill(sample_id=p.sample_id, base_lp=p.base_lp, model_lp=p.model_lp,
                          kl=p.div.kl, kl_reverse=p.div.kl_reverse, same_top1=p.same_top1, agree=p.div.agree,
-                         agree_k=p.div.agree_k, base_conf=p.base_conf, position=p.position, kl_edges=KL_EDGES,
+                         agree_k=p.div.agree_k, base_conf=p.base_conf,
+                         position=p.position if p.context is None else p.context, kl_edges=KL_EDGES,
                          dp_edges=DP_EDGES, conf_edges=CONF_EDGES, pos_edges=POS_EDGES,
                          columns={name: sl.start for name, sl in lay.slices.items()}, width=lay.width)
 
@@ -161,9 +163,18 @@ def _ci(value: float, reps: np.ndarray, strict: bool = False) -> dict:
 
 
 def _distribution(values: np.ndarray, reps_hist: np.ndarray, edges: np.ndarray, mean: float,
-                  mean_reps: np.ndarray) -> dict:
+                  mean_reps: np.ndarray, floor: float | None = None) -> dict:
+    """Mean, extremes and percentiles; with ``floor`` (KL: 0), percentiles and the minimum below it are
+    rounding (two probabilities that agree, each rounded) and are given as the floor, the raw minimum kept
+    as ``min_raw``."""
     qs = np.percentile(values, QUANTILES) if len(values) else [np.nan] * len(QUANTILES)
-    out = {"mean": _ci(mean, mean_reps), "max": float(values.max()), "min": float(values.min()), "quantiles": {}}
+    lo_raw = float(values.min())
+    if floor is not None:
+        qs = np.maximum(qs, floor)
+    out = {"mean": _ci(mean, mean_reps), "max": float(values.max()),
+           "min": lo_raw if floor is None else max(lo_raw, floor), "quantiles": {}}
+    if floor is not None:
+        out["min_raw"] = lo_raw
     for q, v in zip(QUANTILES, qs):
         out["quantiles"][f"{q:g}"] = _ci(v, hist_quantile(reps_hist, edges, q / 100, log=True), strict=True)
     return out
@@ -188,7 +199,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
         return lay(point, name) / n, lay(reps, name) / rn
 
     out = {"k": k, "tokens": int(n), "texts": int(lay(point, "texts")), "bootstrap_replicates": n_boot}
-    out["kld"] = _distribution(kl, lay(reps, "kl_hist"), KL_EDGES, *mean("kl"))
+    out["kld"] = _distribution(kl, lay(reps, "kl_hist"), KL_EDGES, *mean("kl"), floor=0.0)
     out["kld_reverse"] = {"mean": _ci(*mean("kl_reverse"))}
     out["delta_p"] = _distribution(dp, lay(reps, "dp_hist"), DP_EDGES, *mean("dp"))
     ms, rs = mean("dp_sq")
@@ -206,8 +217,8 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
                            "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
     out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
     out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if len(d) > 1 else float("nan")
-    out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True)
-    out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False)
+    out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True, texts=_texts_in(lay, mats, "conf_n"))
+    out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False, texts=_texts_in(lay, mats, "pos_n"))
     return out
 
 
@@ -242,7 +253,17 @@ def _corr(lay: Layout, s: np.ndarray):
         return cov / np.sqrt(vb * vm)
 
 
-def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool) -> list[dict]:
+MIN_TEXTS = 2  # a bucket whose tokens come from fewer texts gets no interval: resampling one text is no spread
+
+
+def _texts_in(lay: Layout, mats: list[np.ndarray], name: str) -> np.ndarray:
+    """How many texts have tokens in each bucket."""
+    return sum((np.atleast_2d(m[:, lay.slices[name]]) > 0).sum(axis=0) for m in mats)
+
+
+def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool, texts: np.ndarray) -> list[dict]:
+    """Per bucket: tokens, texts and the mean Δnll (and KLD) with their intervals; with fewer than
+    ``MIN_TEXTS`` texts the interval is undefined (NaN) and ``too_few_texts`` says why."""
     n, rn = lay(point, f"{prefix}_n"), lay(reps, f"{prefix}_n")
     dsum, rd = lay(point, f"{prefix}_delta"), lay(reps, f"{prefix}_delta")
     rows = []
@@ -251,9 +272,14 @@ def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool)
             continue
         with np.errstate(invalid="ignore", divide="ignore"):
             row = {"lo_edge": float(edges[b]), "hi_edge": float(edges[b + 1]), "tokens": int(n[b]),
+                   "texts": int(texts[b]), "too_few_texts": bool(texts[b] < MIN_TEXTS),
                    "delta_nll": _ci(-dsum[b] / n[b], -rd[:, b] / rn[:, b])}
             if kl:
                 row["kld"] = _ci(lay(point, f"{prefix}_kl")[b] / n[b], lay(reps, f"{prefix}_kl")[:, b] / rn[:, b])
+            if row["too_few_texts"]:
+                for key in ("delta_nll", "kld"):
+                    if key in row:
+                        row[key].update(lo=float("nan"), hi=float("nan"))
         rows.append(row)
     return rows
 

@@ -123,7 +123,7 @@ def units_to_decide(value: float, lo: float, hi: float, threshold: float, n: int
     half = (hi - lo) / 2
     if not (lo < threshold <= hi) or gap == 0 or not math.isfinite(half) or half <= 0 or n < 1:
         return None
-    return max(math.ceil(n * (half / gap) ** 2) - n, 1)
+    return max(math.ceil(n * (half / gap) ** 2 - 1e-9) - n, 1)  # 1e-9: 400.0000001 is 400
 
 
 def within(lo: float, hi: float, value: float, noise: float, n: int) -> dict:
