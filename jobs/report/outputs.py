@@ -37,7 +37,8 @@ def provenance_table(meta: dict) -> dict:
             "quantization": q.get("scheme"), "format": q.get("format"), "backend": rt.get("backend"),
             "backend_version": rt.get("backend_version"), "dtype": rt.get("dtype"), "gpu": rt.get("gpu_name"),
             "compute_capability": rt.get("compute_capability"), "kernel_path": rt.get("kernel_path"),
-            "arithmetic": rt.get("arithmetic") or q.get("scheme"),
+            # an unquantized model computes in its dtype, whatever its label or recorded "arithmetic" says
+            "arithmetic": (rt.get("arithmetic") or q.get("scheme")) if q.get("method") else rt.get("dtype"),
             "tokenizer": m.get("tokenizer", {}).get("name"), "max_model_len": m.get("sampling", {}).get("max_model_len"),
         }
     return out
@@ -74,19 +75,18 @@ def _check_words(c: Check) -> str:
 
 
 def _noise_line(checks: list[Check], what: str) -> str:
-    """'exceeds the noise floor (bf16~noise: dtype float32 → bfloat16) in Δnll, mean KLD; within it in …'"""
-    by = {}
-    for c in checks:
-        by.setdefault(c.outcome, []).append(c)
+    """'noise floor (bf16~noise: dtype float32 → bfloat16): exceeds it in Δnll (0.10 vs ±3.2e-04), …'"""
+    def fig(c: Check) -> str:
+        name = c.figure.split(" vs ")[0]
+        band = "±" if name == "Δnll" else ""  # Δnll is signed: the noise is a band around 0
+        more = f"; ~{c.more} more texts" if c.more else ""
+        return f"{name} ({sig(c.value, 2)} vs {band}{sig(c.against, 2)}{more})"
+
     parts = []
     for outcome, words in (("exceeds", "exceeds it in"), ("within", "within it in"), ("inconclusive", "inconclusive in")):
-        cs = by.get(outcome, [])
+        cs = [c for c in checks if c.outcome == outcome]
         if cs:
-            figs = ", ".join(f"{c.figure.split(' vs ')[0]} ({sig(c.value, 2)} vs ±{sig(c.against, 2)}"
-                             + (f"; ~{c.more} more texts" if c.more else "") + ")" if c.figure.startswith("Δnll")
-                             else f"{c.figure.split(' vs ')[0]} ({sig(c.value, 2)} vs {sig(c.against, 2)}"
-                             + (f"; ~{c.more} more texts" if c.more else "") + ")" for c in cs)
-            parts.append(f"{words} {figs}")
+            parts.append(f"{words} " + ", ".join(fig(c) for c in cs))
     return f"{what} ({checks[0].note}): " + "; ".join(parts)
 
 
@@ -102,14 +102,15 @@ def render_verdict(s: Summary) -> list[str]:
         L += [f"> **Warning:** {w}", ""]
     for m, v in s.verdict.items():
         p = s.provenance.get(m) or {}
-        head = f"**{m}**" + (f" ({p.get('arithmetic')}, computed in {p.get('dtype')})" if p.get("dtype") else "")
+        arith = "" if p.get("arithmetic") in (None, p.get("dtype")) else f"{p.get('arithmetic')}, "
+        head = f"**{m}**" + (f" ({arith}computed in {p.get('dtype')})" if p.get("dtype") else "")
         L.append(f"- {head}: **{v.outcome}**")
         c = v.ppl_change_pct
-        L.append(f"  - perplexity {ci(c['value'], c['lo'], c['hi'], 2, sign=True)} %; score "
+        L.append(f"  - perplexity {ci(c['value'], c['lo'], c['hi'], 3, sign=True)} %; score "
                  f"{ci(v.perplexity.value, v.perplexity.lo, v.perplexity.hi, 4)} vs {sig(v.perplexity.against, 3)}: "
                  + _check_words(v.perplexity))
         if v.kld:
-            L.append(f"  - mean KLD (lower bound) {ci(max(v.kld['value'], 0), max(v.kld['lo'], 0), v.kld['hi'], 2)} nats")
+            L.append(f"  - mean KLD (lower bound) {ci(max(v.kld['value'], 0), max(v.kld['lo'], 0), v.kld['hi'], 3)} nats")
         groups = {}
         for c in v.noise:
             groups.setdefault((c.figure.split(" vs ")[1], c.note), []).append(c)
@@ -139,7 +140,7 @@ def render_perplexity(s: Summary) -> list[str]:
     for m, e in s.models.items():
         p = e["overall"].get("paired")
         prov = s.provenance.get(m) or {}
-        change = ci(100 * (p["ppl_ratio"] - 1), 100 * (p["ppl_ratio_lo"] - 1), 100 * (p["ppl_ratio_hi"] - 1), 2,
+        change = ci(100 * (p["ppl_ratio"] - 1), 100 * (p["ppl_ratio_lo"] - 1), 100 * (p["ppl_ratio_hi"] - 1), 3,
                     sign=True) + " %" if p else "baseline"
         score = ci(e["overall"]["score"], p["score_lo"], p["score_hi"], 4) if p else "100"
         L.append(f"| {quant_report.name(s, m)} | {prov.get('dtype') or ''} | {prov.get('arithmetic') or ''} | "
@@ -161,9 +162,9 @@ def render_paired(s: Summary) -> list[str]:
         for x in s.sets:
             st = s.models[m]["sets"][x]
             p, c = st["paired"], st.get("comparison")
-            kld = ci(max(c["kld"]["mean"]["value"], 0), max(c["kld"]["mean"]["lo"], 0), c["kld"]["mean"]["hi"], 2) if c else ""
+            kld = ci(max(c["kld"]["mean"]["value"], 0), max(c["kld"]["mean"]["lo"], 0), c["kld"]["mean"]["hi"], 3) if c else ""
             L.append(f"| {quant_report.name(s, m)} | {x} | {p['tokens']} | "
-                     f"{ci(p['delta_nll'], p['delta_nll_lo'], p['delta_nll_hi'], 2, sign=True)} | {kld} "
+                     f"{ci(p['delta_nll'], p['delta_nll_lo'], p['delta_nll_hi'], 3, sign=True)} | {kld} "
                      f"| {sig(p['same_top1'], 4)} | {sig(p['delta_p'], 2, sign=True)} |")
     return L + [""]
 
@@ -173,7 +174,8 @@ def render_provenance(s: Summary) -> list[str]:
          "|---|---|---|---|---|---|---|---|"]
     for m, p in s.provenance.items():
         gpu = f"{p['gpu']} ({p['compute_capability']})" if p.get("gpu") else "CPU"
-        L.append(f"| {m} | {p['model']} | {p['content_hash']} | {p['quantization']} ({p['format']}) | "
+        quant = f"{p['quantization']} ({p['format']})" if p.get("format") else "none"
+        L.append(f"| {m} | {p['model']} | {p['content_hash']} | {quant} | "
                  f"{p['backend']} {p['backend_version']} | {p['dtype']} | {gpu} | {p['kernel_path']} |")
     if any("W4A" in str((v or {}).get("arithmetic")) for v in s.provenance.values()):
         L += ["", "Arithmetic: what the NVFP4 rows computed. W4A4 is what their configs declare (FP4 activations "

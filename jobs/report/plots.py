@@ -27,7 +27,8 @@ def _plt():
 
 
 def styles(summary: Summary) -> dict[str, dict]:
-    """Per label: colour by checkpoint (its content hash, else its path), line style by arithmetic."""
+    """Per label: colour by checkpoint (its content hash, else its path), line style by arithmetic (and the
+    dtype it was computed in)."""
     ckpts, ariths, out = {}, {}, {}
     for m in summary.models:
         p = summary.provenance.get(m) or {}
@@ -35,7 +36,7 @@ def styles(summary: Summary) -> dict[str, dict]:
             out[m] = dict(NOISE)
             continue
         ck = p.get("content_hash") or p.get("model") or m
-        ar = p.get("arithmetic") or p.get("dtype") or ""
+        ar = (p.get("arithmetic"), p.get("dtype"))  # a twin through another dtype is drawn apart from its model
         colour = "#000000" if m == summary.baseline else PALETTE[ckpts.setdefault(ck, len(ckpts)) % len(PALETTE)]
         out[m] = {"color": colour, "ls": LINESTYLES[ariths.setdefault(ar, len(ariths)) % len(LINESTYLES)], "lw": 1.4}
     return out

@@ -68,8 +68,8 @@ def render_core(s: Summary) -> list[str]:
          "| model | mean KLD | 99 % KLD | RMS Δp | same top-1 | Δnll |", "|---|---:|---:|---:|---:|---:|"]
     for m in models:
         c = s.models[m]["overall"]["comparison"]
-        L.append(f"| {name(s, m)} | {_kl(c['kld']['mean'], 2)} | {_kl(c['kld']['quantiles']['99'], 2)} "
-                 f"| {_ci(c['delta_p']['rms'], 2)} | {_ci(c['same_top1'], 4)} | {_ci(c['ln_ppl_ratio'], 2, sign=True)} |")
+        L.append(f"| {name(s, m)} | {_kl(c['kld']['mean'])} | {_kl(c['kld']['quantiles']['99'])} "
+                 f"| {_ci(c['delta_p']['rms'])} | {_ci(c['same_top1'], 4)} | {_ci(c['ln_ppl_ratio'], 3, sign=True)} |")
     L.append("")
     if s.path_noise:
         L += ["## Path noise", "",
@@ -80,7 +80,7 @@ def render_core(s: Summary) -> list[str]:
               "|---|---|---|---:|---:|---:|---:|---:|"]
         for label, pn in s.path_noise.items():
             d = pn.delta_nll
-            L.append(f"| {label} | {pn.reference} | {pn.path} | {ci(d['value'], d['lo'], d['hi'], 2, sign=True)} "
+            L.append(f"| {label} | {pn.reference} | {pn.path} | {ci(d['value'], d['lo'], d['hi'], 3, sign=True)} "
                      f"| {sig(pn.kld, 2)} | {sig(pn.rms_delta_p, 2)} | {sig(pn.top1_disagreement, 2)} | {pn.tokens} |")
         L.append("")
     return L

@@ -265,7 +265,7 @@ def model_verdict(s: Summary, m: str) -> ModelVerdict:
         noise += noise_checks(overall, s.path_noise[label], "noise floor")
     group = twin_of(m, s.models) or m  # a twin's own path noise is its group's
     for label, pn in s.path_noise.items():
-        if pn.reference == group and label != m and pn.reference != s.baseline:
+        if pn.reference == group and pn.reference != s.baseline:  # a twin's own is the pair it belongs to
             noise += noise_checks(overall, pn, "own path noise")
     tasks = tasks_check(s.tasks["rows"], m) if s.tasks else None
     return ModelVerdict(model=m, outcome=combine(perp.outcome, tasks.outcome if tasks else None),
@@ -275,9 +275,9 @@ def model_verdict(s: Summary, m: str) -> ModelVerdict:
 def near_uniform(baseline: str, nll: float, vocab: int | None, ppl: float, where: str) -> str | None:
     if not vocab or vocab < 2 or nll < NEAR_UNIFORM * math.log(vocab):
         return None
-    near = "above" if ppl > vocab else "close to"
+    near, how = ("above", "no better than") if ppl > vocab else ("close to", "barely better than")
     return (f"the baseline {baseline}'s perplexity {ppl:.4g} is {near} its vocabulary size {vocab} ({where}): "
-            f"it predicts barely better than a uniform guess (ln {vocab} = {math.log(vocab):.3g} nats, its NLL "
+            f"it predicts {how} a uniform guess (ln {vocab} = {math.log(vocab):.3g} nats, its NLL "
             f"{nll:.3g}), so its comparisons say little about a quantization")
 
 
