@@ -140,8 +140,8 @@ def render_perplexity(s: Summary) -> list[str]:
     for m, e in s.models.items():
         p = e["overall"].get("paired")
         prov = s.provenance.get(m) or {}
-        change = ci(100 * (p["ppl_ratio"] - 1), 100 * (p["ppl_ratio_lo"] - 1), 100 * (p["ppl_ratio_hi"] - 1), 3,
-                    sign=True) + " %" if p else "baseline"
+        change = ci(p["ppl_change_pct"], p["ppl_change_pct_lo"], p["ppl_change_pct_hi"], 3, sign=True) + " %" \
+            if p else "baseline"
         score = ci(e["overall"]["score"], p["score_lo"], p["score_hi"], 4) if p else "100"
         L.append(f"| {quant_report.name(s, m)} | {prov.get('dtype') or ''} | {prov.get('arithmetic') or ''} | "
                  + " | ".join(sig(e["sets"][x]["ppl"], 4) for x in s.sets)

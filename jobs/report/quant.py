@@ -65,11 +65,11 @@ def render_core(s: Summary) -> list[str]:
          "built from both top-K lists (docs/statistics.md); top-K stored: " + ", ".join(f"{m} K={k}" for m, k in ks.items())
          + ". Δp = p(model) − p(baseline) of the actual token. KL values below 0 are rounding of two equal "
          "probabilities and are shown as 0.", "",
-         "| model | mean KLD | 99 % KLD | RMS Δp | same top-1 | Δnll |", "|---|---:|---:|---:|---:|---:|"]
+         "| model | mean KLD | 99 % KLD | RMS Δp | same top-1 |", "|---|---:|---:|---:|---:|"]
     for m in models:
         c = s.models[m]["overall"]["comparison"]
         L.append(f"| {name(s, m)} | {_kl(c['kld']['mean'])} | {_kl(c['kld']['quantiles']['99'])} "
-                 f"| {_ci(c['delta_p']['rms'])} | {_ci(c['same_top1'], 4)} | {_ci(c['ln_ppl_ratio'], 3, sign=True)} |")
+                 f"| {_ci(c['delta_p']['rms'])} | {_ci(c['same_top1'], 4)} |")
     L.append("")
     if s.path_noise:
         L += ["## Path noise", "",

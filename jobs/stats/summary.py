@@ -256,7 +256,7 @@ def combine(*outcomes: str) -> str:
 def model_verdict(s: Summary, m: str) -> ModelVerdict:
     overall = s.models[m]["overall"]
     p = overall["paired"]
-    ppl = {"value": 100 * (p["ppl_ratio"] - 1), "lo": 100 * (p["ppl_ratio_lo"] - 1), "hi": 100 * (p["ppl_ratio_hi"] - 1)}
+    ppl = {"value": p["ppl_change_pct"], "lo": p["ppl_change_pct_lo"], "hi": p["ppl_change_pct_hi"]}
     perp = perplexity_check(overall, s.recovery_min)
     c = overall.get("comparison")
     kld = dict(c["kld"]["mean"]) if c else None
