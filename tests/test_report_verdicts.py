@@ -80,7 +80,8 @@ def test_pooled_sets_by_text_identity_not_by_name():
 
 
 def test_context_lengths_of_rolling_windows():
-    # a document of 12 tokens (positions 1..11 scored) in windows of 4 (stride 3): windows [0,4) [3,7) [6,10) and the last one [8,12), as much context as fits
+    # a document of 12 tokens (positions 1..11 scored) in windows of 4 (stride 3): windows [0,4) [3,7) [6,10),
+    # and the last one [8,12): as much context as fits
     sid = np.zeros(11, np.int64)
     pos = np.arange(1, 12)
     assert S.context_lengths(sid, pos, 4, None).tolist() == [1, 2, 3, 1, 2, 3, 1, 2, 3, 2, 3]

@@ -157,12 +157,14 @@ def render_paired(s: Summary) -> list[str]:
     L = ["## Per set, paired with the baseline", "",
          "Δnll = mean over tokens of logprob(baseline) − logprob(model) = ln PPL ratio (> 0: the model is worse), "
          "on identical token streams; 95 % CI, bootstrap over texts.", "",
-         "| model | set | tokens | Δnll (95 % CI) | mean KLD (95 % CI) | same top-1 | mean Δp |", "|---|---|---:|---:|---:|---:|---:|"]
+         "| model | set | tokens | Δnll (95 % CI) | mean KLD (95 % CI) | same top-1 | mean Δp |",
+         "|---|---|---:|---:|---:|---:|---:|"]
     for m in s.compared():
         for x in s.sets:
             st = s.models[m]["sets"][x]
             p, c = st["paired"], st.get("comparison")
-            kld = ci(max(c["kld"]["mean"]["value"], 0), max(c["kld"]["mean"]["lo"], 0), c["kld"]["mean"]["hi"], 3) if c else ""
+            k = c["kld"]["mean"] if c else None
+            kld = ci(max(k["value"], 0), max(k["lo"], 0), k["hi"], 3) if k else ""
             L.append(f"| {quant_report.name(s, m)} | {x} | {p['tokens']} | "
                      f"{ci(p['delta_nll'], p['delta_nll_lo'], p['delta_nll_hi'], 3, sign=True)} | {kld} "
                      f"| {sig(p['same_top1'], 4)} | {sig(p['delta_p'], 2, sign=True)} |")
@@ -170,7 +172,8 @@ def render_paired(s: Summary) -> list[str]:
 
 
 def render_provenance(s: Summary) -> list[str]:
-    L = ["## Provenance", "", "| model | checkpoint | hash | quantization | backend | dtype | GPU (cc) | low-precision kernel path |",
+    L = ["## Provenance", "",
+         "| model | checkpoint | hash | quantization | backend | dtype | GPU (cc) | low-precision kernel path |",
          "|---|---|---|---|---|---|---|---|"]
     for m, p in s.provenance.items():
         gpu = f"{p['gpu']} ({p['compute_capability']})" if p.get("gpu") else "CPU"
@@ -211,7 +214,8 @@ def render_markdown(s: Summary, plot_names: list[str]) -> str:
           "| model | set | tokens | texts | top-1 acc | conf_ppl |", "|---|---|---:|---:|---:|---:|"]
     for m, e in s.models.items():
         for name, st in list(e["sets"].items()) + [("overall", e["overall"])]:
-            L.append(f"| {m} | {name} | {st['tokens']} | {st['texts']} | {sig(st['top1_acc'], 4)} | {sig(st['conf_ppl'], 4)} |")
+            L.append(f"| {m} | {name} | {st['tokens']} | {st['texts']} | {sig(st['top1_acc'], 4)} "
+                     f"| {sig(st['conf_ppl'], 4)} |")
     return "\n".join(L) + "\n"
 
 
