@@ -227,3 +227,18 @@ def test_a_failing_aggregate_leaves_the_old_report_whole(tmp_path, monkeypatch):
     assert r.exit_code != 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
+
+
+def test_a_twin_scored_on_fewer_sets_is_left_out_not_narrowing_the_comparison(tmp_path):
+    _small(tmp_path)
+    rng = np.random.default_rng(6)
+    texts = [rng.integers(0, 20, 15) for _ in range(4)]
+    base, _ = _dists(rng, 60, 20)
+    for label in ("bf16", "q"):
+        write_model(tmp_path, label, base, texts, 4, sets=("b",))
+    write_model(tmp_path, "q~bf16", base, texts, 4, sets=("b",))  # only on b
+    r = cli("aggregate", "--results-dir", tmp_path, "--baseline", "bf16", "--bootstrap", 100)
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert s["sets"] == ["a", "b"] and "q~bf16" not in s["models"]
+    assert any("q~bf16 is left out" in w and "a missing" in w for w in s["warnings"])

@@ -83,14 +83,20 @@ def compute(data, baseline: str, n_boot: int, seed: int, dataset_meta: dict | No
     ``summary.pooled_sets``): the same, token-weighted, and its pairing with the baseline."""
     labels = sorted({k[0] for k in data}, key=lambda m: (m != baseline, m))
     all_sets = sorted({k[1] for k in data})
-    common = [s for s in all_sets if all((m, s) in data for m in labels)]
+    # a path-noise twin scored on fewer sets must not narrow every model's comparison: it is left out
+    models = [m for m in labels if stats_summary.twin_of(m, labels) is None]
+    common = [s for s in all_sets if all((m, s) in data for m in models)]
     if not common:
         raise AggregateError("no evaluation set was scored for every model: nothing to compare")
+    partial = [m for m in labels if m not in models and not all((m, s) in data for s in common)]
+    labels = [m for m in labels if m not in partial]
     skipped = [s for s in all_sets if s not in common]
     pooled, same = pooled_sets(common, dataset_meta or {})
     out = Summary(baseline=baseline, sets=common, sets_not_in_every_model=skipped,
                   bootstrap={"replicates": n_boot, "seed": seed, "unit": "text", "alpha": 0.05}, models={},
                   recovery_min=recovery_min, overall_sets=pooled, same_text=same)
+    out.warnings += [f"{m} is left out: a path-noise twin must be scored on every set of the comparison "
+                     f"({', '.join(s for s in common if (m, s) not in data)} missing)" for m in partial]
     for m in labels:
         per_set = {s: metrics.set_stats(data[(m, s)]) for s in all_sets if (m, s) in data}
         overall = metrics.overall_stats([per_set[s] for s in pooled])
@@ -112,13 +118,13 @@ def compute(data, baseline: str, n_boot: int, seed: int, dataset_meta: dict | No
     return out
 
 
-def delta_nll(data, baseline: str, sets: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def delta_nll(data, baseline: str, sets: list[str], models=None) -> dict[str, dict[str, np.ndarray]]:
     """Per set, per model: per-token Δnll = logprob(baseline) − logprob(model) on the shared stream (the
     tables' sign: positive is a loss)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for s in sets:
         for (m, name), t in data.items():
-            if name == s and m != baseline:
+            if name == s and m != baseline and (models is None or m in models):
                 out.setdefault(s, {})[m] = data[(baseline, s)].logprob - t.logprob
     return out
 
@@ -163,8 +169,8 @@ def run(*, settings: AggregateSettings) -> Path:
     extra = quant_stats.add_to_summary(summary, data, meta, n_boot=s.bootstrap, seed=s.seed, tokenizer=s.report_tokenizer)
     summary.verdict = {m: stats_summary.model_verdict(summary, m) for m in summary.models
                        if m != baseline and m not in summary.noise_floor}
-    summary.warnings = warnings(summary, data, meta)
-    deltas = delta_nll(data, baseline, summary.sets)
+    summary.warnings += warnings(summary, data, meta)
+    deltas = delta_nll(data, baseline, summary.sets, summary.models)
     del data
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     outputs.write_report(summary, deltas, extra, out_dir)
