@@ -116,6 +116,9 @@ def render_verdict(s: Summary) -> list[str]:
             groups.setdefault((c.figure.split(" vs ")[1], c.note), []).append(c)
         for (what, _), cs in groups.items():
             L.append(f"  - {_noise_line(cs, what)}")
+        if not s.noise_floor:
+            L.append("  - noise floor: not measured (`make noise-floor` scores the baseline again as "
+                     f"`{s.baseline}~noise`)")
         if not any(c.figure.endswith("own path noise") for c in v.noise):
             L.append(f"  - own path noise: not measured (score it again through another path as `{m}~<path>`)")
         if v.tasks:

@@ -47,7 +47,7 @@ def label(summary: Summary, m: str) -> str:
     if m in summary.noise_floor:
         return f"{m} (noise floor)"
     what = p.get("arithmetic") or p.get("dtype")
-    return f"{m} ({what})" if what else m
+    return f"{m}, {what}" if what else m
 
 
 def _legend_outside(ax) -> None:
