@@ -100,6 +100,8 @@ def render_verdict(s: Summary) -> list[str]:
          "Number of texts to decide: normal approximation at the observed effect (docs/statistics.md).", ""]
     for w in s.warnings:
         L += [f"> **Warning:** {w}", ""]
+    if not s.verdict:
+        L.append(f"No model besides the baseline {s.baseline} (and its noise floor): nothing to judge.")
     for m, v in s.verdict.items():
         p = s.provenance.get(m) or {}
         arith = "" if p.get("arithmetic") in (None, p.get("dtype")) else f"{p.get('arithmetic')}, "

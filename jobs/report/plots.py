@@ -201,7 +201,7 @@ def by_confidence(summary: Summary) -> bytes:
 
 def all_plots(summary: Summary, deltas: dict, kl: dict | None) -> dict[str, bytes]:
     """{file name: PNG bytes}, in the order report.md shows them."""
-    out = {"score.png": scores(summary)}
+    out = {"score.png": scores(summary)} if len(summary.models) > 1 else {}
     out.update({f"delta_nll_{name}.png": png for name, png in delta_nll(summary, deltas).items()})
     if summary.compared() and summary.statistics is not None and kl:
         out["kld_cdf.png"] = kld_cdf(summary, kl)
