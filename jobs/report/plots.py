@@ -13,7 +13,9 @@ import numpy as np
 from jobs.stats.summary import Summary
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-LINESTYLES = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1))]
+# dash patterns by arithmetic; each checkpoint's dashes start at its own offset, so that two curves that
+# coincide (two checkpoints of one arithmetic, as the demo's llmc and modelopt rows) show both colours
+DASHES = [None, (4, 2), (6, 2, 1, 2), (1.5, 1.5), (5, 1, 1, 1, 1, 1)]
 NOISE = {"color": "#888888", "ls": ":", "lw": 1.6}
 
 
@@ -38,7 +40,9 @@ def styles(summary: Summary) -> dict[str, dict]:
         ck = p.get("content_hash") or p.get("model") or m
         ar = (p.get("arithmetic"), p.get("dtype"))  # a twin through another dtype is drawn apart from its model
         colour = "#000000" if m == summary.baseline else PALETTE[ckpts.setdefault(ck, len(ckpts)) % len(PALETTE)]
-        out[m] = {"color": colour, "ls": LINESTYLES[ariths.setdefault(ar, len(ariths)) % len(LINESTYLES)], "lw": 1.4}
+        k = ckpts[ck] if m != summary.baseline else 0
+        dash = DASHES[ariths.setdefault(ar, len(ariths)) % len(DASHES)]
+        out[m] = {"color": colour, "ls": "-" if dash is None else (2.0 * k, dash), "lw": 1.4}
     return out
 
 

@@ -21,7 +21,7 @@ PATH_SEP = "~"  # <label>~<path>: <label>'s checkpoint scored again through anot
 NEAR_UNIFORM = 0.9  # a baseline whose NLL is this share of ln(vocabulary) or more is close to guessing
 # metadata that says how a scoring ran: the path of a ``<label>~<path>`` twin is where these differ
 PATH_KEYS = (("runtime", "dtype"), ("runtime", "backend"), ("runtime", "backend_version"),
-             ("runtime", "arithmetic"), ("runtime", "kernel_path"), ("runtime", "gpu_name"),
+             ("runtime", "arithmetic"), ("runtime", "gpu_name"),  # not kernel_path: it repeats the dtype
              ("runtime", "batch_size"), ("runtime", "max_num_seqs"), ("runtime", "device"),
              ("sampling", "part_size"), ("sampling", "topk"))
 
