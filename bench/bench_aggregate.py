@@ -117,17 +117,17 @@ def run(root: Path, n_boot: int) -> tuple[dict, dict]:
         data, meta = aggregate.load(found)
     with c("paired"):
         summary = aggregate.compute(data, "bf16", n_boot, 0)
-        summary["provenance"] = outputs.provenance_table(meta)
-        deltas = aggregate.delta_logprobs(data, "bf16", summary["sets"])
+        summary.provenance = outputs.provenance_table(meta)
+        deltas = aggregate.delta_nll(data, "bf16", summary.sets)
     with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_to_summary)
-        for s in summary["sets"]:
+        for s in summary.sets:
             b, q = data[("bf16", s)], data[("llmc-nvfp4", s)]
             divergence.topk_kl(b.topk_ids, b.topk_logprobs, q.topk_ids, q.topk_logprobs, b.logprob, q.logprob,
                                b.token_id)
     with c("stats"):
         extra = quant_stats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
     with c("report"):
-        outputs.write_all(summary, deltas, root / "report", extra)
+        outputs.write_report(summary, deltas, extra, root / "report")
     for d in (c.wall, c.cpu):
         d["aggregate"] = d["read"] + d["paired"] + d["stats"] + d["report"]
     return c.wall, c.cpu

@@ -71,6 +71,7 @@ def test_paired_stats_by_hand():
     # Both texts have the same Δ sum (0.5 over 2 tokens): every text resample gives 0.25.
     assert p["delta_nll_lo"] == pytest.approx(0.25) and p["delta_nll_hi"] == pytest.approx(0.25)
     assert p["score_lo"] == pytest.approx(100 * math.exp(-0.25))
+    assert p["ppl_change_pct"] == pytest.approx(100 * (math.exp(0.25) - 1))  # the verdict's "+28.4 %"
 
 
 def test_bootstrap_resamples_texts_not_tokens():

@@ -84,12 +84,12 @@ def test_nvfp4_models_lose_quality_with_intervals(results):
 def test_report_files(results):
     rep = results / "report"
     md = (rep / "report.md").read_text()
-    assert "| llmc-nvfp4 |" in md and "| modelopt-nvfp4 |" in md and "conf_nll" in md
+    assert "| llmc-nvfp4 |" in md and "| modelopt-nvfp4 |" in md and "conf_ppl" in md
     assert "95 % CI" in md
     csv = (rep / "summary.csv").read_text().splitlines()
     assert csv[0].startswith("model,dataset,tokens") and len(csv) == 1 + 3 * 3
     assert csv[0].endswith(",kld,kld_lo,kld_hi,kld_reverse,delta_p_rms,topk")
-    for png in ["score.png", "delta_logprob_wiki.png", "delta_logprob_chat.png"]:
+    for png in ["score.png", "delta_nll_wiki.png", "delta_nll_chat.png"]:
         assert (rep / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -101,7 +101,7 @@ def test_top20_by_default_gives_every_statistic(results):
         assert 0 < c["kld"]["mean"]["lo"] <= c["kld"]["mean"]["value"] <= c["kld"]["mean"]["hi"]
         assert len(c["topk_agreement"]) == 10 and c["topk_agreement"][0]["value"] > c["topk_agreement"][9]["value"]
     md = (results / "report" / "report.md").read_text()
-    assert "## Distribution shift" in md and "## Where it hurts" in md and "⟦" in md
+    assert "## Distribution shift" in md and "### Where it hurts" in md and "⟦" in md
 
 
 def test_validate_passes_on_both_nvfp4_formats(tiny_nvfp4, tiny_modelopt):

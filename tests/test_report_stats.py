@@ -11,7 +11,7 @@ from jobs.archive import logprobs
 from jobs.engines.base import SequenceScores
 
 
-def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=None):
+def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=None, runtime=None, dataset=None):
     """dists: (n_tokens, V) log-probabilities per position of each text, laid out text after text."""
     for name in sets:
         seqs, row = [], 0
@@ -30,7 +30,8 @@ def write_model(root, label, dists, texts, k, sets=("a", "b"), tokenizer_path=No
                                               tk_ids if k > 1 else None, tk_lp if k > 1 else None))
         table = logprobs.sequences_to_table(seqs, topk=k)
         meta = {"fingerprint": label, "model": {"ref": label}, "tokenizer": {"path": str(tokenizer_path or "")},
-                "dataset": {"name": name}, "counts": {"rows_total": table.num_rows}}
+                "dataset": {"name": name, **((dataset or {}).get(name) or {})}, "runtime": runtime or {},
+                "counts": {"rows_total": table.num_rows}}
         logprobs.atomic_write_table(table, logprobs.dataset_dir(root, label, name) / "part-00000.parquet", meta)
 
 
@@ -74,17 +75,18 @@ def test_summary_holds_every_statistic_with_intervals(archive):
     assert noise["topk_agreement"][0]["value"] > q4["topk_agreement"][0]["value"]
 
 
-def test_report_shows_the_noise_floor_row_first_and_the_new_sections(archive):
+def test_report_opens_with_the_verdict_then_core_tables_then_the_appendix(archive):
     md = (archive / "report" / "report.md").read_text()
-    for title in ("## Distribution shift", "### Percentiles (overall)", "### Top-k agreement",
-                  "### By the baseline's confidence", "### By position in the text", "## Where it hurts"):
-        assert title in md
-    section = md.split("## Distribution shift")[1].split("### Percentiles")[0]
+    order = ["## Verdict", "## Perplexity", "## Distribution shift", "## Path noise", "## Per set, paired",
+             "## Provenance", "## Plots", "# Appendix", "### KLD and Δp percentiles", "### Top-k agreement",
+             "### By the baseline's confidence", "### By context length", "### Where it hurts"]
+    assert [md.index(t) for t in order] == sorted(md.index(t) for t in order)
+    verdict = md.split("## Verdict")[1].split("## Perplexity")[0]
+    assert "- **q4**" in verdict and "noise floor (bf16~noise" in verdict and "exceeds it in Δnll" in verdict
+    section = md.split("## Distribution shift")[1].split("## Path noise")[0]
     rows = [ln for ln in section.splitlines() if ln.startswith("| bf16~noise") or ln.startswith("| q4")]
-    assert rows[0].startswith("| bf16~noise *(noise floor)* | a |") and rows[-1].startswith("| q4 | overall |")
+    assert rows[0].startswith("| bf16~noise *(noise floor)* |") and rows[-1].startswith("| q4 |")
     assert "lower bound" in md
-    # the existing sections are still there, in their place
-    assert md.index("## Paired with the baseline") < md.index("## Distribution shift") < md.index("## Per set")
     assert "pass `--tokenizer" in md  # no tokenizer recorded here: ids only, and the report says how to decode
     for png in ("kld_cdf.png", "topk_agreement.png", "delta_nll_by_confidence.png"):
         assert (archive / "report" / png).stat().st_size > 1000 and f"]({png})" in md

@@ -70,7 +70,7 @@ def test_baseline_zero_is_undefined_not_a_division():
     with np.errstate(all="raise"):
         r = task_stats.paired_recovery([0, 0, 0], [1, 0, 0], seed=0)
     assert r["value"] is None and r["lo"] is None and r["undefined"] == "baseline scores 0"
-    assert task_stats.verdict(r["value"], 0.95) == "undefined"
+    assert task_stats.verdict(r, 0.95)["outcome"] == "undefined"
     r = task_stats.paired_recovery([], [], seed=0)
     assert r["value"] is None and "no document" in r["undefined"]
 
@@ -85,11 +85,19 @@ def test_replicates_where_the_baseline_resamples_to_zero():
     assert r["undefined_replicates"] == pytest.approx(358, abs=50)
 
 
-def test_verdict_compares_unrounded():
-    assert task_stats.verdict(0.95, 0.95) == "pass"
-    assert task_stats.verdict(0.9499, 0.95) == "fail"  # llm-compressor's CI would round this to 0.95
-    assert task_stats.verdict(1.2, 0.95) == "pass"
-    assert task_stats.verdict(None, 0.95) == "undefined"
+def test_verdict_is_read_off_the_interval_not_the_point():
+    def rec(value, lo, hi, n=60):
+        return {"value": value, "lo": lo, "hi": hi, "n": n}
+
+    v = task_stats.verdict
+    assert v(rec(1.0, 0.95, 1.1), 0.95) == {"outcome": "pass", "more": None}  # lower end clears it
+    assert v(rec(0.9, 0.85, 0.9499), 0.95) == {"outcome": "fail", "more": None}  # upper end below, unrounded
+    # the demo's case (issue #22): recovery 1.000, interval 0.892–1.125 on 60 documents: not a pass.
+    # Half-width 0.1165, effect 1.000 − 0.95 = 0.05: n' = 60 · (0.1165 / 0.05)² = 325.7 → 326, 266 more
+    assert v(rec(1.0, 0.892, 1.125), 0.95) == {"outcome": "inconclusive", "more": 266}
+    assert v(rec(0.95, 0.9, 1.0), 0.95) == {"outcome": "inconclusive", "more": None}  # on the line: never
+    assert v(rec(1.0, None, None), 0.95)["outcome"] == "inconclusive"  # no interval, no pass
+    assert v(rec(None, None, None), 0.95)["outcome"] == "undefined"
 
 
 def test_pairing_by_doc_id_and_document():
@@ -99,15 +107,20 @@ def test_pairing_by_doc_id_and_document():
     assert base.doc_id[ib].tolist() == model.doc_id[im].tolist() == [1, 2, 3]
     c = task_stats.compare(base, model, 0.95, n_boot=200, seed=0)
     assert c["recovery"]["n"] == 3 and c["recovery"]["value"] == pytest.approx(2 / 2)
-    assert c["accuracy"]["value"] == pytest.approx(2 / 3) and c["verdict"] == "pass"
+    # recovery 1.0 on 3 documents, two of them discordant: the interval is wide, the verdict open
+    assert c["accuracy"]["value"] == pytest.approx(2 / 3) and c["verdict"] == "inconclusive"
+    assert c["more_documents"] > 0
     other = measure([1, 1, 0], ids=[1, 2, 3], hashes=["h1", "changed", "h3"])
     with pytest.raises(TaskDocsMismatch, match="doc 2 is a different document"):
         task_stats.pair(base, other, "m vs b: ")
 
 
 def test_compare_fails_below_the_minimum():
-    base = measure([1] * 10)
-    model = measure([1] * 9 + [0])
+    base = measure([1] * 200)
+    model = measure([1] * 160 + [0] * 40)
     c = task_stats.compare(base, model, 0.95, n_boot=200, seed=0)
-    assert c["recovery"]["value"] == pytest.approx(0.9) and c["verdict"] == "fail"
-    assert task_stats.compare(base, model, 0.9, n_boot=200, seed=0)["verdict"] == "pass"
+    assert c["recovery"]["value"] == pytest.approx(0.8) and c["recovery"]["hi"] < 0.95 and c["verdict"] == "fail"
+    assert task_stats.compare(base, model, 0.7, n_boot=200, seed=0)["verdict"] == "pass"
+    # one miss in ten: recovery 0.9 < 0.95, but the interval reaches 1.0: not a fail on this evidence
+    assert task_stats.compare(measure([1] * 10), measure([1] * 9 + [0]), 0.95, n_boot=200,
+                              seed=0)["verdict"] == "inconclusive"

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from jobs.archive import tasks as task_archive
+from jobs.report import fmt
 from jobs.stats import tasks as task_stats
 
 CSV_FIELDS = ["task", "metric", "filter", "model", "num_fewshot", "limit", "docs", "accuracy", "accuracy_lo",
               "accuracy_hi", "lm_eval_value", "recovery", "recovery_lo", "recovery_hi", "paired_docs", "verdict",
-              "note"]
+              "more_documents", "note"]
 # settings that make two runs of a task comparable; a difference is reported beside the recovery
 COMPARABLE = {("task", "config_hash"): "task definition", ("task", "num_fewshot"): "shots",
               ("task", "limit"): "limit", ("lm_eval", "chat_template"): "chat template",
@@ -83,13 +84,13 @@ def summarize(data: dict[str, dict[str, tuple]], baseline: str, recovery_min: fl
                        "docs": acc["n"], "accuracy": acc["value"], "accuracy_lo": acc["lo"], "accuracy_hi": acc["hi"],
                        "lm_eval_value": ((meta.get("results") or {}).get("lm_eval") or {}).get(f"{key[0]},{key[1]}"),
                        "recovery": None, "recovery_lo": None, "recovery_hi": None, "paired_docs": None,
-                       "verdict": "baseline" if m == baseline else None, "note": ""}
+                       "verdict": "baseline" if m == baseline else None, "more_documents": None, "note": ""}
                 if m != baseline and base is not None and key in base:
                     c = task_stats.compare(base[key], mv, recovery_min, n_boot, seed,
                                           what=f"{m} vs {baseline} on {task}: ")
                     rec = c["recovery"]
                     row.update(recovery=rec["value"], recovery_lo=rec["lo"], recovery_hi=rec["hi"],
-                               paired_docs=rec["n"], verdict=c["verdict"])
+                               paired_docs=rec["n"], verdict=c["verdict"], more_documents=c["more_documents"])
                     diff = _settings_diff(data[baseline][task][1], meta)
                     row["note"] = "; ".join(filter(None, [
                         rec["undefined"] and f"recovery undefined: {rec['undefined']}",
@@ -117,10 +118,8 @@ def _f(x, digits=4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def _ci(value, lo, hi, digits=4) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.{digits}f}" + (f" ({lo:.{digits}f}–{hi:.{digits}f})" if lo is not None else "")
+def _ci(value, lo, hi, digits=3) -> str:
+    return "—" if value is None else fmt.ci(value, lo, hi, digits)
 
 
 def markdown(summary: dict) -> list[str]:
@@ -130,10 +129,11 @@ def markdown(summary: dict) -> list[str]:
          f"lm-evaluation-harness on each task, per metric and filter. Accuracy: 95 % interval, bootstrap over "
          f"documents. Recovery = accuracy(model) / accuracy({summary['baseline']}) on the documents both answered, "
          f"with a paired bootstrap interval (the same documents resampled for both; {b['replicates']} replicates, "
-         f"seed {b['seed']}); pass when recovery ≥ {rmin} (RECOVERY_MIN; llm-compressor's CI requires 0.95, "
-         "after rounding to the percent, which is not done here). A recovery is undefined when the baseline "
-         "scores 0.", "",
-         f"| task | metric (filter) | shots | docs | model | accuracy (95 % CI) | recovery (95 % CI) | ≥ {rmin} |",
+         f"seed {b['seed']}). Verdict against {rmin} (RECOVERY_MIN; llm-compressor's CI requires 0.95 of the point "
+         "estimate rounded to the percent): *pass* when the interval's lower end is at least that, *fail* when its "
+         "upper end is below, *inconclusive* otherwise, with how many more documents would decide it at the "
+         "observed recovery. A recovery is undefined when the baseline scores 0.", "",
+         f"| task | metric (filter) | shots | docs | model | accuracy (95 % CI) | recovery (95 % CI) | vs {rmin} |",
          "|---|---|---:|---:|---|---:|---:|:---:|"]
     prev = None
     for r in summary["rows"]:
@@ -147,6 +147,8 @@ def markdown(summary: dict) -> list[str]:
             rec, ok = "undefined" + (" (baseline 0)" if "baseline scores 0" in r["note"] else ""), "—"
         else:
             rec, ok = _ci(r["recovery"], r["recovery_lo"], r["recovery_hi"], 3), r["verdict"]
+            if r.get("more_documents"):
+                ok += f" (~{r['more_documents']} more docs)"
         acc = _ci(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"])
         L.append("| " + " | ".join(cells + [r["model"], acc, rec, ok]) + " |")
     notes = [f"{r['model']} on {r['task']} {r['metric']} ({r['filter']}): {r['note']}" for r in summary["rows"]

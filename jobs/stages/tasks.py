@@ -250,7 +250,7 @@ def quality_gate(*, ckpt, baseline: str, recovery_min: float, backend: str, opti
                 c = task_stats.compare(bm[key], mm[key], recovery_min, n_boot, seed, what=f"{name}: ")
                 entry = {"task": name, "metric": key[0], "filter": key[1], **c}
                 result["measures"].append(entry)
-                if c["verdict"] == "fail":
+                if c["verdict"] in ("fail", "inconclusive"):  # a pass needs the interval's lower end to clear it
                     failures.append(entry)
     finally:
         engine.close()
@@ -259,7 +259,8 @@ def quality_gate(*, ckpt, baseline: str, recovery_min: float, backend: str, opti
         rec = f["recovery"]
         more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
         raise ValidationError(
-            f"quality gate: {f['task']} {f['metric']} ({f['filter']}) recovery {rec['value']:.3f} < {recovery_min} "
+            f"quality gate: {f['task']} {f['metric']} ({f['filter']}) recovery {rec['value']:.3f} "
+            f"{'<' if f['verdict'] == 'fail' else 'with an interval that does not clear'} {recovery_min} "
             f"(model {f['accuracy_paired']:.4f} vs baseline {f['baseline_accuracy_paired']:.4f} on {rec['n']} "
             f"documents of {baseline}){more}")
     return result

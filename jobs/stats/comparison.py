@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.stats import divergence, textsums
+from jobs.stats import divergence, intervals, textsums
 from jobs.stats.metrics import Tokens, check_same_stream, text_starts
 
 QUANTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)  # llama.cpp's list (50 = median)
@@ -50,6 +50,7 @@ class Pair:
     base_conf: np.ndarray  # the baseline's top-1 probability
     same_top1: np.ndarray  # bool
     div: divergence.PairDivergence
+    context: np.ndarray | None = None  # tokens of context each had (document windows); None: its position
     cache: dict = field(default_factory=dict, repr=False)  # per-text matrices, per layout width
 
     def __len__(self) -> int:
@@ -68,14 +69,14 @@ def topk_of(t: Tokens) -> divergence.TopK:
 
 
 def pair(base: Tokens, model: Tokens, what: str = "", base_topk: divergence.TopK | None = None,
-         model_topk: divergence.TopK | None = None) -> Pair:
+         model_topk: divergence.TopK | None = None, context: np.ndarray | None = None) -> Pair:
     """Check the two streams are identical and compute the per-position divergences."""
     check_same_stream(base, model, what)
     b, m = base_topk or topk_of(base), model_topk or topk_of(model)
     div = divergence.topk_kl(b.ids, b.logprobs, m.ids, m.logprobs, base.logprob, model.logprob, base.token_id,
                              base=b, model=m)
     return Pair(base.sample_id, base.position, base.token_id, base.logprob, model.logprob,
-                np.exp(base.top1_logprob), base.top1_id == model.top1_id, div)
+                np.exp(base.top1_logprob), base.top1_id == model.top1_id, div, context)
 
 
 # -- per-text matrix -----------------------------------------------------------------------------------
@@ -122,51 +123,14 @@ def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
     """(n_texts × lay.width) sums per text: one compiled pass (``textsums``), no per-token Python."""
     return textsums.fill(sample_id=p.sample_id, base_lp=p.base_lp, model_lp=p.model_lp,
                          kl=p.div.kl, kl_reverse=p.div.kl_reverse, same_top1=p.same_top1, agree=p.div.agree,
-                         agree_k=p.div.agree_k, base_conf=p.base_conf, position=p.position, kl_edges=KL_EDGES,
+                         agree_k=p.div.agree_k, base_conf=p.base_conf,
+                         position=p.position if p.context is None else p.context, kl_edges=KL_EDGES,
                          dp_edges=DP_EDGES, conf_edges=CONF_EDGES, pos_edges=POS_EDGES,
                          columns={name: sl.start for name, sl in lay.slices.items()}, width=lay.width)
 
 
-# -- bootstrap ---------------------------------------------------------------------------------------------
-def draw_weights(n_texts: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot × n_texts): how often each text is drawn in each replicate (resampling texts with
-    replacement, as ``metrics.bootstrap_delta_nll`` does with the same generator calls)."""
-    idx = rng.integers(0, n_texts, size=(n_boot, n_texts))
-    flat = idx + (np.arange(n_boot) * n_texts)[:, None]
-    return np.bincount(flat.ravel(), minlength=n_boot * n_texts).reshape(n_boot, n_texts).astype(np.float64)
-
-
-def replicate_sums(matrices: list[np.ndarray], n_boot: int, seed: int, exact: int | None = None) -> np.ndarray:
-    """Σ over sets of W_set @ M_set: (n_boot × width), sets as strata, one generator in set order.
-
-    Only the first ``exact`` columns (sums and counts the means come from) are multiplied in float64;
-    the rest (histogram counts and bucket sums, most of the width) in float32, which halves the cost of
-    the product and moves a percentile's interval by far less than its bin width."""
-    rng = np.random.default_rng(seed)
-    out = None
-    for m in matrices:
-        w = draw_weights(len(m), n_boot, rng)
-        if exact is None or exact >= m.shape[1]:
-            s = w @ m
-        else:
-            s = np.empty((n_boot, m.shape[1]))
-            s[:, :exact] = w @ m[:, :exact]
-            s[:, exact:] = w.astype(np.float32) @ m[:, exact:].astype(np.float32)
-        out = s if out is None else out + s
-    return out
-
-
-def interval(reps: np.ndarray, alpha: float = 0.05, strict: bool = False) -> tuple[float, float]:
-    """Percentile interval of the replicates; replicates that are not finite (a bucket no text of the
-    replicate reached) are left out, or, with ``strict``, leave the interval undefined."""
-    ok = np.isfinite(reps)
-    if strict and not ok.all():
-        return float("nan"), float("nan")
-    reps = reps[ok]
-    if not len(reps):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+# -- bootstrap (``intervals``) ------------------------------------------------------------------------------
+draw_weights, replicate_sums, interval = intervals.draw_weights, intervals.replicate_sums, intervals.interval
 
 
 def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float, log: bool) -> np.ndarray:
@@ -199,9 +163,18 @@ def _ci(value: float, reps: np.ndarray, strict: bool = False) -> dict:
 
 
 def _distribution(values: np.ndarray, reps_hist: np.ndarray, edges: np.ndarray, mean: float,
-                  mean_reps: np.ndarray) -> dict:
+                  mean_reps: np.ndarray, floor: float | None = None) -> dict:
+    """Mean, extremes and percentiles; with ``floor`` (KL: 0), percentiles and the minimum below it are
+    rounding (two probabilities that agree, each rounded) and are given as the floor, the raw minimum kept
+    as ``min_raw``."""
     qs = np.percentile(values, QUANTILES) if len(values) else [np.nan] * len(QUANTILES)
-    out = {"mean": _ci(mean, mean_reps), "max": float(values.max()), "min": float(values.min()), "quantiles": {}}
+    lo_raw = float(values.min())
+    if floor is not None:
+        qs = np.maximum(qs, floor)
+    out = {"mean": _ci(mean, mean_reps), "max": float(values.max()),
+           "min": lo_raw if floor is None else max(lo_raw, floor), "quantiles": {}}
+    if floor is not None:
+        out["min_raw"] = lo_raw
     for q, v in zip(QUANTILES, qs):
         out["quantiles"][f"{q:g}"] = _ci(v, hist_quantile(reps_hist, edges, q / 100, log=True), strict=True)
     return out
@@ -226,7 +199,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
         return lay(point, name) / n, lay(reps, name) / rn
 
     out = {"k": k, "tokens": int(n), "texts": int(lay(point, "texts")), "bootstrap_replicates": n_boot}
-    out["kld"] = _distribution(kl, lay(reps, "kl_hist"), KL_EDGES, *mean("kl"))
+    out["kld"] = _distribution(kl, lay(reps, "kl_hist"), KL_EDGES, *mean("kl"), floor=0.0)
     out["kld_reverse"] = {"mean": _ci(*mean("kl_reverse"))}
     out["delta_p"] = _distribution(dp, lay(reps, "dp_hist"), DP_EDGES, *mean("dp"))
     ms, rs = mean("dp_sq")
@@ -244,8 +217,8 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
                            "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
     out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
     out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if len(d) > 1 else float("nan")
-    out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True)
-    out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False)
+    out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True, texts=_texts_in(lay, mats, "conf_n"))
+    out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False, texts=_texts_in(lay, mats, "pos_n"))
     return out
 
 
@@ -280,7 +253,17 @@ def _corr(lay: Layout, s: np.ndarray):
         return cov / np.sqrt(vb * vm)
 
 
-def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool) -> list[dict]:
+MIN_TEXTS = 2  # a bucket whose tokens come from fewer texts gets no interval: resampling one text is no spread
+
+
+def _texts_in(lay: Layout, mats: list[np.ndarray], name: str) -> np.ndarray:
+    """How many texts have tokens in each bucket."""
+    return sum((np.atleast_2d(m[:, lay.slices[name]]) > 0).sum(axis=0) for m in mats)
+
+
+def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool, texts: np.ndarray) -> list[dict]:
+    """Per bucket: tokens, texts and the mean Δnll (and KLD) with their intervals; with fewer than
+    ``MIN_TEXTS`` texts the interval is undefined (NaN) and ``too_few_texts`` says why."""
     n, rn = lay(point, f"{prefix}_n"), lay(reps, f"{prefix}_n")
     dsum, rd = lay(point, f"{prefix}_delta"), lay(reps, f"{prefix}_delta")
     rows = []
@@ -289,9 +272,14 @@ def _buckets(lay: Layout, point, reps, prefix: str, edges: np.ndarray, kl: bool)
             continue
         with np.errstate(invalid="ignore", divide="ignore"):
             row = {"lo_edge": float(edges[b]), "hi_edge": float(edges[b + 1]), "tokens": int(n[b]),
+                   "texts": int(texts[b]), "too_few_texts": bool(texts[b] < MIN_TEXTS),
                    "delta_nll": _ci(-dsum[b] / n[b], -rd[:, b] / rn[:, b])}
             if kl:
                 row["kld"] = _ci(lay(point, f"{prefix}_kl")[b] / n[b], lay(reps, f"{prefix}_kl")[:, b] / rn[:, b])
+            if row["too_few_texts"]:
+                for key in ("delta_nll", "kld"):
+                    if key in row:
+                        row[key].update(lo=float("nan"), hi=float("nan"))
         rows.append(row)
     return rows
 

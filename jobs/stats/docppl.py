@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from jobs.stats.comparison import interval, replicate_sums
+from jobs.stats.intervals import interval, replicate_sums
 from jobs.core.errors import AggregateError
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs.core.errors import TokenStreamMismatch
+from jobs.stats import intervals
 
 
 @dataclass
@@ -157,24 +158,16 @@ def per_text_sums(sample_id: np.ndarray, values: np.ndarray) -> tuple[np.ndarray
 def bootstrap_delta_nll(
     groups: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> np.ndarray:
-    """Bootstrap replicates of Δnll over texts, stratified by set.
+    """Bootstrap replicates of Δnll over texts, stratified by set (``intervals.stratified_ratio_sums``).
 
     ``groups`` holds, per set, (Σ Δlogprob per text, tokens per text). Texts — not tokens — are the
     resampled unit because tokens within a text are correlated. Returns the ``n_boot`` replicates.
     """
-    rng = np.random.default_rng(seed)
-    num = np.zeros(n_boot)
-    den = np.zeros(n_boot)
-    for d, n in groups:
-        idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-        num += d[idx].sum(axis=1)
-        den += n[idx].sum(axis=1)
+    num, den = intervals.stratified_ratio_sums(groups, n_boot, seed)
     return -num / den
 
 
-def interval(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
-    lo, hi = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+interval = intervals.interval
 
 
 def paired_stats(
@@ -203,6 +196,9 @@ def paired_stats(
         "ppl_ratio": float(np.exp(d_nll)),
         "ppl_ratio_lo": float(np.exp(lo)),
         "ppl_ratio_hi": float(np.exp(hi)),
+        "ppl_change_pct": 100.0 * (float(np.exp(d_nll)) - 1.0),
+        "ppl_change_pct_lo": 100.0 * (float(np.exp(lo)) - 1.0),
+        "ppl_change_pct_hi": 100.0 * (float(np.exp(hi)) - 1.0),
         "score_lo": 100.0 * float(np.exp(-hi)),
         "score_hi": 100.0 * float(np.exp(-lo)),
         "same_top1": same / n_tok,

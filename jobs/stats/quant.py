@@ -4,7 +4,8 @@ Adds, to every model paired with the baseline (per set and overall), the ``compa
 ``comparison.statistics`` (KLD lower bound, Δp, top-k agreement, ln PPL ratio and correlation, buckets by
 confidence and position); recognises the noise-floor runs (``<baseline>~<anything>``: the baseline scored
 again through another path); and finds where it hurts (worst texts and tokens, decoded where a tokenizer
-is at hand). The numbers are computed here; ``quantreport`` renders them.
+is at hand). The numbers are computed here; ``report.quant`` renders them and ``report.outputs`` writes
+worst_tokens.parquet.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.stats import comparison, docppl, metrics
+from jobs.stats import comparison, docppl, metrics, summary as summary_mod
 from jobs.archive import logprobs
 from jobs.core.errors import AggregateError, ArchiveError
 
@@ -81,21 +82,35 @@ def topk_matrices(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
 
 @dataclass
 class Extra:
-    """What the report needs beyond summary.json: per-token arrays for plots and the worst-token rows."""
+    """What the outputs need beyond summary.json: per-token arrays for plots and the worst-token rows."""
 
-    kl: dict = field(default_factory=dict)  # model -> overall per-position KLD (for the CDF plot)
+    kl: dict = field(default_factory=dict)  # model -> per-position KLD over the pooled sets (the CDF plot)
     worst_rows: list = field(default_factory=list)  # rows of worst_tokens.parquet
     decoded: bool = False
 
 
-def add_to_summary(summary: dict, data: dict, meta: dict, *, n_boot: int, seed: int,
+def contexts(data: dict, meta: dict, label: str, sets: list[str]) -> dict[str, np.ndarray | None]:
+    """Per set: the context each token had, for document-level sets scored in rolling windows (None: the
+    position in the text is the context)."""
+    out = {}
+    for s in sets:
+        roll = (meta[(label, s)].get("dataset") or {}).get("rolling")
+        t = data[(label, s)]
+        out[s] = None if not roll else summary_mod.context_lengths(t.sample_id, t.position, roll["window"],
+                                                                    roll.get("stride"))
+    return out
+
+
+def add_to_summary(summary: summary_mod.Summary, data: dict, meta: dict, *, n_boot: int, seed: int,
                    tokenizer: str | None = None) -> Extra:
-    base, sets = summary["baseline"], summary["sets"]
-    labels = [m for m in summary["models"] if m != base]
+    """Fill ``summary``'s comparison blocks, noise floor, path noise and where-it-hurts; the per-set
+    figures for every set, the overall ones over ``summary.overall_sets``."""
+    base, sets, pooled = summary.baseline, summary.sets, summary.overall_sets
+    labels = [m for m in summary.models if m != base]
     add_document_metrics(summary, data, meta, n_boot=n_boot, seed=seed)
-    summary["noise_floor"] = [m for m in labels if is_noise(m, base)]
-    ks = {m: _k(data, m, sets) for m in summary["models"]}
-    summary["statistics"] = {
+    summary.noise_floor = [m for m in labels if is_noise(m, base)]
+    ks = {m: _k(data, m, sets) for m in summary.models}
+    summary.statistics = {
         "kl": "lower bound of the full-vocabulary KL divergence from top-K (see docs/statistics.md)",
         "topk": ks, "kl_bins_per_decade": 20, "kl_range": [1e-10, 1e2], "dp_bins_per_decade": 20,
         "dp_range": [1e-8, 1],
@@ -104,33 +119,60 @@ def add_to_summary(summary: dict, data: dict, meta: dict, *, n_boot: int, seed: 
     decode = _decoder(tokenizer, meta, base)
     extra = Extra(decoded=decode is not None)
     hurts = {}
+    ctx = contexts(data, meta, base, sets)
     base_topk = {s: comparison.topk_of(data[(base, s)]) for s in sets}  # shared by every model
     for m in labels:
         pairs = {}
         for s in sets:
             try:
                 pairs[s] = comparison.pair(data[(base, s)], data[(m, s)], f"{m} vs {base} on {s}: ",
-                                           base_topk=base_topk[s])
+                                           base_topk=base_topk[s], context=ctx[s])
             except ValueError as exc:
                 raise AggregateError(f"{m} vs {base} on {s}: {exc}") from None
-            summary["models"][m]["sets"][s]["comparison"] = comparison.statistics([pairs[s]], n_boot, seed)
-        summary["models"][m]["overall"]["comparison"] = comparison.statistics(list(pairs.values()), n_boot, seed)
-        extra.kl[m] = np.concatenate([p.div.kl for p in pairs.values()])
+            summary.models[m]["sets"][s]["comparison"] = comparison.statistics([pairs[s]], n_boot, seed)
+        summary.models[m]["overall"]["comparison"] = comparison.statistics([pairs[s] for s in pooled], n_boot, seed)
+        extra.kl[m] = np.concatenate([pairs[s].div.kl for s in pooled])
         hurts[m], rows = _where_it_hurts(m, pairs, data, base, decode)
         extra.worst_rows += rows
-    summary["where_it_hurts"] = hurts
-    summary["where_it_hurts_decoded"] = extra.decoded
+    summary.where_it_hurts = hurts
+    summary.where_it_hurts_decoded = extra.decoded
+    add_path_noise(summary, data, meta, ctx, n_boot=n_boot, seed=seed)
     return extra
+
+
+def add_path_noise(summary: summary_mod.Summary, data: dict, meta: dict, ctx: dict, *, n_boot: int,
+                   seed: int) -> None:
+    """Every ``<label>~<path>`` twin against its ``<label>`` over the pooled sets: the baseline's twins are
+    already paired with it; another model's twin is paired with that model here."""
+    pooled = summary.overall_sets
+    for m in summary.models:
+        ref = summary_mod.twin_of(m, summary.models)
+        if ref is None:
+            continue
+        path = summary_mod.describe_path(meta[(ref, pooled[0])], meta[(m, pooled[0])])
+        if ref == summary.baseline:
+            o = summary.models[m]["overall"]
+            paired, comp = o["paired"], o["comparison"]
+        else:
+            what = f"{m} vs {ref}"
+            try:
+                paired = metrics.paired_stats([data[(ref, s)] for s in pooled], [data[(m, s)] for s in pooled],
+                                              n_boot=n_boot, seed=seed)
+                comp = comparison.statistics([comparison.pair(data[(ref, s)], data[(m, s)], f"{what} on {s}: ",
+                                                              context=ctx[s]) for s in pooled], n_boot, seed)
+            except ValueError as exc:
+                raise AggregateError(f"{what}: {exc}") from None
+        summary.path_noise[m] = summary_mod.path_noise(m, ref, path, paired, comp)
 
 
 def add_document_metrics(summary: dict, data: dict, meta: dict, *, n_boot: int, seed: int) -> None:
     """lm-eval's word/byte perplexity and bits per byte for every document-level set (``wikitext2_doc``)."""
     for (label, s), t in data.items():
         ds = meta[(label, s)].get("dataset", {})
-        if ds.get("kind") != "document" or label not in summary["models"]:
+        if ds.get("kind") != "document" or label not in summary.models:
             continue
         units = ds.get("units") or {}
-        summary["models"][label]["sets"][s]["document"] = {
+        summary.models[label]["sets"][s]["document"] = {
             **docppl.metrics(t.sample_id, t.logprob, units.get("words", []), units.get("bytes", []), n_boot, seed),
             "rolling": ds.get("rolling")}
 
@@ -197,18 +239,3 @@ def _row(model, s, crit, p, ids, i, text_start, decode) -> dict:
         "delta_nll": float(p.base_lp[i] - p.model_lp[i]), "kld": float(p.div.kl[i]),
         "kld_reverse": float(p.div.kl_reverse[i]), "base_top1_prob": float(p.base_conf[i]),
     }
-
-
-def write_worst_tokens(rows: list[dict], path: Path) -> None:
-    """worst_tokens.parquet: per model and criterion, the positions that lost most (atomic write)."""
-    from jobs.core import atomic
-
-    schema_ = pa.schema([("model", pa.string()), ("dataset", pa.string()), ("criterion", pa.string()),
-                         ("sample_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
-                         ("token", pa.string()), ("context", pa.string()), ("context_ids", pa.list_(pa.int32())),
-                         ("base_logprob", pa.float32()), ("model_logprob", pa.float32()),
-                         ("delta_nll", pa.float32()), ("kld", pa.float32()), ("kld_reverse", pa.float32()),
-                         ("base_top1_prob", pa.float32())])
-    table = pa.Table.from_pylist(rows, schema=schema_)
-    with atomic.atomic_file(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs.core.errors import QscoreError
+from jobs.stats import intervals
 
-ALPHA = 0.05
+ALPHA = intervals.ALPHA
 MAX_UNDEFINED_SHARE = 0.05
 
 
@@ -39,20 +40,8 @@ class Measure:
     values: np.ndarray  # float64
 
 
-def interval(replicates: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
-    lo, hi = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
-
-
-def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Mean of ``values`` with a 95 % percentile-bootstrap interval (documents resampled)."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return {"value": None, "lo": None, "hi": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    reps = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
-    lo, hi = interval(reps)
-    return {"value": float(x.mean()), "lo": lo, "hi": hi, "n": int(len(x))}
+interval = intervals.interval
+bootstrap_mean = intervals.bootstrap_mean
 
 
 def pair(base: Measure, model: Measure, what: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -81,10 +70,7 @@ def paired_recovery(base: np.ndarray, model: np.ndarray, n_boot: int = 1000, see
         out["undefined"] = "baseline scores 0"
         return out
     out["value"] = float(m.mean() / b.mean())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(b), size=(n_boot, len(b)))
-    den = b[idx].mean(axis=1)
-    num = m[idx].mean(axis=1)
+    num, den = intervals.paired_ratio(b, m, n_boot, seed)
     ok = den > 0
     out["undefined_replicates"] = int(n_boot - ok.sum())
     if out["undefined_replicates"] <= MAX_UNDEFINED_SHARE * n_boot:
@@ -92,14 +78,23 @@ def paired_recovery(base: np.ndarray, model: np.ndarray, n_boot: int = 1000, see
     return out
 
 
-def verdict(recovery: float | None, minimum: float) -> str:
-    """``pass`` when recovery >= minimum (no rounding), ``fail`` below, ``undefined`` without a recovery.
+def verdict(recovery: dict, minimum: float) -> dict:
+    """The quality gate's and the report's verdict on one recovery (``paired_recovery``'s dict), from its
+    interval (``intervals.three_way``): ``pass`` only when the interval's lower end is at least ``minimum``,
+    ``fail`` when its upper end is below it, ``inconclusive`` otherwise (or when there is no interval), with
+    ``more``: how many more paired documents would decide it at the observed recovery (normal
+    approximation); ``undefined`` without a recovery. The validate stage's task gate and the report call
+    this one function.
 
-    llm-compressor's CI rounds recovery to the nearest percent before comparing (0.945 passes 0.95);
-    qscore compares the unrounded ratio."""
-    if recovery is None:
-        return "undefined"
-    return "pass" if recovery >= minimum else "fail"
+    llm-compressor's CI rounds the point estimate to the nearest percent before comparing (0.945 passes
+    0.95); qscore compares the unrounded interval."""
+    if recovery.get("value") is None:
+        return {"outcome": "undefined", "more": None}
+    lo, hi = recovery.get("lo"), recovery.get("hi")
+    outcome = intervals.three_way(lo, hi, minimum)
+    more = (intervals.units_to_decide(recovery["value"], lo, hi, minimum, recovery["n"])
+            if outcome == intervals.INCONCLUSIVE and lo is not None else None)
+    return {"outcome": outcome, "more": more}
 
 
 def compare(base: Measure, model: Measure, minimum: float, n_boot: int = 1000, seed: int = 0,
@@ -107,10 +102,12 @@ def compare(base: Measure, model: Measure, minimum: float, n_boot: int = 1000, s
     """Everything the report and the quality gate say about one model against the baseline on one measure."""
     ib, im = pair(base, model, what)
     rec = paired_recovery(base.values[ib], model.values[im], n_boot=n_boot, seed=seed)
+    v = verdict(rec, minimum)
     return {
         "accuracy": bootstrap_mean(model.values, n_boot, seed),
         "baseline_accuracy_paired": float(base.values[ib].mean()) if len(ib) else None,
         "accuracy_paired": float(model.values[im].mean()) if len(im) else None,
         "recovery": rec,
-        "verdict": verdict(rec["value"], minimum),
+        "verdict": v["outcome"],
+        "more_documents": v["more"],
     }
