@@ -116,6 +116,8 @@ def run(*, settings: AggregateSettings) -> Path:
     s = settings
     results = Path(s.results_dir)
     found = discover(results)
+    if s.labels:  # a report of these labels only (`make compare`)
+        found = {k: found_v for k, found_v in found.items() if k in s.labels or k == s.baseline}
     if not found:
         raise AggregateError(f"no scored datasets under {results / 'logprobs'}: run the score stage first")
     labels = sorted(found)
@@ -132,7 +134,8 @@ def run(*, settings: AggregateSettings) -> Path:
     summary = compute(data, baseline, s.bootstrap, s.seed)
     summary["provenance"] = outputs.provenance_table(meta)
     if task_report.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
-        summary["tasks"] = task_report.summarize(task_report.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
+        tasks = {k: t for k, t in task_report.load(results).items() if not s.labels or k in s.labels or k == baseline}
+        summary["tasks"] = task_report.summarize(tasks, baseline, s.recovery_min, s.bootstrap, s.seed)
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     deltas = delta_logprobs(data, baseline, summary["sets"])
     # The quantization statistics (KLD, Δp, agreement, noise floor, where it hurts): their own module.
