@@ -11,10 +11,8 @@
 #
 # `make` (= `make help`) lists every target and variable with its current value. Variables come from,
 # strongest first: the command line, the environment, `.env` (see .env.example). Empty means the default,
-# which lives in one place: the stage's option (`python -m jobs <stage> --help`), or the plan for what
-# the pipeline derives (MODELS, QUANT_OUTPUT, BASELINE, TOKENIZER), or below for make's own variables.
-# Each stage runs in a local venv (RUNNER=local, the default) or in its container (RUNNER=docker);
-# see docs/cuda-host.md.
+# which lives in one place: the stage's option (`python -m jobs <stage> --help`), the plan for what the
+# pipeline derives (MODELS, QUANT_OUTPUT, ...), or below for make's own. RUNNER: docs/cuda-host.md.
 #
 # Stamps: every job's target is a file, so `make quantize eval report` redoes only what is missing or
 # stale, and `make -j` never has two recipes write the same file.
@@ -236,18 +234,17 @@ plan: ## print every job of the plan (JSON lines: id, stage, commands for local 
 
 k8s: ## render the scoring jobs as a Kubernetes Indexed Job + aggregate Job: RESULTS_DIR/cluster/qscore-k8s.json
 	@mkdir -p '$(QS_RESULTS)/cluster'
-	$(PLAN) --format k8s > '$(QS_RESULTS)/cluster/qscore-k8s.json.tmp'
+	@$(PLAN) --format k8s > '$(QS_RESULTS)/cluster/qscore-k8s.json.tmp'
 	@mv '$(QS_RESULTS)/cluster/qscore-k8s.json.tmp' '$(QS_RESULTS)/cluster/qscore-k8s.json'
 	@echo "kubectl apply -f $(QS_RESULTS)/cluster/qscore-k8s.json"
 
 slurm: ## render the scoring jobs as a Slurm job array: RESULTS_DIR/cluster/qscore.sbatch (the report: its own job)
 	@mkdir -p '$(QS_RESULTS)/cluster'
-	$(PLAN) --format slurm > '$(QS_RESULTS)/cluster/qscore.sbatch.tmp'
+	@$(PLAN) --format slurm > '$(QS_RESULTS)/cluster/qscore.sbatch.tmp'
 	@mv '$(QS_RESULTS)/cluster/qscore.sbatch.tmp' '$(QS_RESULTS)/cluster/qscore.sbatch'
-	@echo 'jid=$$(sbatch --parsable $(QS_RESULTS)/cluster/qscore.sbatch) && $(QS_SLURM_AGGREGATE)'
+	@$(PLAN) --format slurm-submit
 
 clean: ## delete results (logprobs, task results, report, stamps) and the demo's models; keeps other models and caches
-	rm -rf $(QS_RESULTS)/logprobs $(QS_RESULTS)/tasks $(QS_RESULTS)/.stamps $(QS_RESULTS)/.plan $(DEMO_RESULTS_DIR) \
-	  $(DEMO_BASE) $(DEMO_QUANT) $(DEMO_MODELOPT)
+	rm -rf $(addprefix $(QS_RESULTS)/,logprobs tasks report .stamps .plan) $(DEMO_RESULTS_DIR) $(DEMO_BASE) $(DEMO_QUANT) $(DEMO_MODELOPT)
 
 FORCE:
