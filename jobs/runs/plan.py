@@ -47,7 +47,6 @@ RUNNERS = ("local", "docker")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*")
 # A path that becomes a make target or prerequisite: make cannot quote spaces, ':' or '=' in one.
 _MAKE_PATH = re.compile(r"[A-Za-z0-9._/+~@,-]+")
-SECRETS = ("HF_TOKEN",)
 
 
 @dataclass(frozen=True)
@@ -551,10 +550,6 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
 
 
 # -- renderings ---------------------------------------------------------------------------------------------
-def as_json(jobs: list[Job]) -> str:
-    return "".join(json.dumps({"index": i, **asdict(j), "command": j.command}) + "\n" for i, j in enumerate(jobs))
-
-
 def as_make(jobs: list[Job], v: Variables) -> str:
     """A makefile fragment: per group the stamps its target makes, then one explicit rule per job (stamp:
     inputs; its command for RUNNER). Prerequisites go through variables: a path with '=' (model=<label>)
