@@ -15,10 +15,9 @@
 # pipeline derives (MODELS, QUANT_OUTPUT, ...), or below for make's own. RUNNER: docs/cuda-host.md.
 #
 # Stamps: every job's target is a file, so `make quantize eval report` redoes only what is missing or
-# stale, and `make -j` never has two recipes write the same file.
-#   quantize   <QUANT_OUTPUT>/qscore.json, written by the stage when the checkpoint is complete. It is
-#              never redone while it exists (hours of GPU): use another QUANT_OUTPUT, or delete it.
-#   others     $(RESULTS_DIR)/.stamps/<job id>.<sum>.ok (validate: .log, what it printed)
+# stale, and `make -j` never has two recipes write the same file. quantize: <QUANT_OUTPUT>/qscore.json,
+# written by the stage last, never redone while it exists (hours of GPU): use another QUANT_OUTPUT, or
+# delete it; the others: $(RESULTS_DIR)/.stamps/<job id>.<sum>.ok (validate: .log, what it printed).
 # <sum> is a checksum of the job's arguments: changing one names a new stamp, so the job runs again. A
 # stamp is written only after its job succeeded and is ignored when an output it vouches for is gone. A
 # job redone because an input changed (a new checkpoint, an edited data file) replaces its old output
@@ -201,8 +200,7 @@ $(DEMO_MODELOPT)/config.json: $(DEMO_BASE)/config.json | $(SETUP_STAMP)
 	HF_HUB_OFFLINE=1 $(FIXTURES) export-modelopt --model $(DEMO_BASE) --output $(DEMO_MODELOPT)$(if $(wildcard $@), --overwrite)
 
 images: image-quantize image-vllm image-aggregate ## build the three images (TAG, IMAGE_PREFIX, QUANTIZE_BASE)
-BUILD_ARGS = --build-arg VERSION=$(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml 2>/dev/null) \
-  --build-arg REVISION=$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+BUILD_ARGS = --build-arg VERSION=$(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml 2>/dev/null) --build-arg REVISION=$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 image-quantize: ## build IMAGE_PREFIX-quantize:TAG (llm-compressor on CUDA PyTorch)
 	docker build -f docker/quantize.Dockerfile -t $(IMAGE_PREFIX)-quantize:$(TAG) $(BUILD_ARGS)$(if $(QUANTIZE_BASE), --build-arg BASE_IMAGE=$(QUANTIZE_BASE)) .
 image-vllm: ## build IMAGE_PREFIX-vllm:TAG (vllm/vllm-openai:v0.26.0 + jobs)
