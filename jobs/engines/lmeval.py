@@ -22,7 +22,7 @@ from jobs.core.errors import OfflineError, SettingsError
 
 log = logging.getLogger("qscore.tasks")
 
-BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "data" / "tasks"
+BUNDLED_TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"  # jobs/engines/ -> the repository
 # lm-eval's defaults (simple_evaluate), fixed and recorded: the few-shot examples drawn for each
 # document depend on them.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
