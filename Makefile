@@ -5,7 +5,7 @@
 #       └──────> eval (one scoring job per model, every set through one engine) ──> report
 #
 # Every job and its command come from the job plan, `python3 -m jobs plan` (jobs/runs/plan.py): it reads
-# the variables below, checks them, and writes the rules make runs into RESULTS_DIR/.plan/jobs-<sum>.mk,
+# the variables below, checks them, and writes the rules make runs into $TMPDIR/qscore-plan-<uid>/jobs-<sum>.mk,
 # included here. `make plan` prints each job with its command for both runners; `make -n TARGET` prints
 # what would run; `make k8s` and `make slurm` hand the same scoring jobs to a cluster.
 #
@@ -243,6 +243,6 @@ slurm: ## render the scoring jobs as a Slurm job array: RESULTS_DIR/cluster/qsco
 	@$(PLAN) --format slurm-submit
 
 clean: ## delete results (logprobs, task results, report, stamps) and the demo's models; keeps other models and caches
-	rm -rf $(addprefix $(QS_RESULTS)/,logprobs tasks report .stamps .plan) $(DEMO_RESULTS_DIR) $(DEMO_BASE) $(DEMO_QUANT) $(DEMO_MODELOPT)
+	rm -rf $(addprefix $(QS_RESULTS)/,logprobs tasks report .stamps) $(DEMO_RESULTS_DIR) $(DEMO_BASE) $(DEMO_QUANT) $(DEMO_MODELOPT)
 
 FORCE:

@@ -593,10 +593,13 @@ def as_make(jobs: list[Job], v: Variables) -> str:
 
 
 def write_make(jobs: list[Job], v: Variables) -> str:
-    """Write the fragment under RESULTS_DIR/.plan, named after its content (two make runs with other
-    variables never read each other's), and return its path."""
+    """Write the fragment and return its path. It is named after its content (two make runs with other
+    variables never read each other's) and kept outside RESULTS_DIR (results hold results only; it is
+    written again on every make run anyway)."""
+    import tempfile
+
     text = as_make(jobs, v)
-    path = Path(v.results) / ".plan" / f"jobs-{_hash(text)}.mk"
+    path = Path(tempfile.gettempdir()) / f"qscore-plan-{os.getuid()}" / f"jobs-{_hash(text)}.mk"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
