@@ -465,13 +465,13 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
         args = ["--model", model, "--label", label, "--datasets", ",".join(v.datasets)]
         if tokenizer:
             args += ["--tokenizer", tokenizer]
-        args += backend_args + engine
-        if g("TOPK"):
-            args += ["--topk", g("TOPK")]
-        args += ["--results-dir", v.results]
+        # the order of the commands qscore has always recorded in each part's metadata
+        args += engine[:2] if g("MAX_MODEL_LEN") else []
+        args += backend_args + (["--topk", g("TOPK")] if g("TOPK") else []) + ["--results-dir", v.results]
         for name, var, flag in (("wikitext2", "N_WIKITEXT", "--n-wikitext"), ("ultrachat", "N_ULTRACHAT", "--n-ultrachat")):
             if g(var) and name in v.datasets:
                 args += [flag, g(var)]
+        args += engine[2:] if g("MAX_MODEL_LEN") else engine
         if mode:
             args += ["--nvfp4-compute", mode]
         if shard:
@@ -499,11 +499,13 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
     bundled = sorted(str(p) for pat in ("*.yaml", "*.jsonl", "*.py") for p in Path("data/tasks").glob(pat))
     for label, path in v.models:
         targs = ["--model", path, "--label", label] + (["--tasks", ",".join(task_words)] if task_words else [])
-        targs += backend + engine
-        for flag, name in (("--chat-template", "CHAT_TEMPLATE"), ("--limit", "LIMIT"), ("--num-fewshot", "NUM_FEWSHOT")):
+        targs += backend + (engine[:2] if g("MAX_MODEL_LEN") else [])
+        targs += ["--chat-template", g("CHAT_TEMPLATE")] if g("CHAT_TEMPLATE") else []
+        targs += ["--results-dir", v.results]
+        for flag, name in (("--limit", "LIMIT"), ("--num-fewshot", "NUM_FEWSHOT")):
             if g(name):
                 targs += [flag, g(name)]
-        targs += ["--results-dir", v.results] + shlex.split(g("TASKS_ARGS")) + overwrite
+        targs += (engine[2:] if g("MAX_MODEL_LEN") else engine) + shlex.split(g("TASKS_ARGS")) + overwrite
         add(f"tasks.{label}", "tasks", "tasks", targs, hub(path) or not task_words or
             any(not is_local(t) and not t.startswith("qscore_") for t in task_words),
             inputs=_model_input(path, produced) + [p for t in task_words for p in _file_input(t)] + bundled,
