@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from jobs.core.settings import EngineOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+# a share of the baseline's accuracy: above 1 no model could pass, at 0 every model would
+RECOVERY = click.FloatRange(0, 1, min_open=True)
 
 
 def opt(*names, env: str, **kw):
@@ -126,7 +128,8 @@ def _engine(kw: dict, **more) -> EngineOptions:
 
 @main.command(context_settings=CONTEXT)
 @opt("--model-id", env="MODEL_ID", required=True, help="Hub id or local directory of the model to quantize.")
-@opt("--output", env="QUANT_OUTPUT", required=True, help="Directory for the compressed checkpoint.")
+@opt("--quant-output", "--output", "output", env="QUANT_OUTPUT", required=True,
+     help="Directory for the compressed checkpoint.")
 @opt("--scheme", env="SCHEME", default="NVFP4", help="NVFP4, NVFP4A16, FP8_DYNAMIC, FP8, W4A16, W8A16 or W8A8.")
 @opt("--calibration-dataset", env="CALIBRATION_DATASET", default="HuggingFaceH4/ultrachat_200k",
      help="Hub dataset or local .jsonl/.parquet file of chats ('messages') or 'text'.")
@@ -139,12 +142,12 @@ def _engine(kw: dict, **more) -> EngineOptions:
 @opt("--spinquant", env="SPINQUANT", is_flag=True, default=False,
      help="Apply SpinQuant Hadamard rotations (R1, R2) before quantizing.")
 @opt("--ignore", env="IGNORE", default="lm_head", help="Comma-separated modules left unquantized.")
-@opt("--pipeline", env="CALIBRATION_PIPELINE", default="auto", type=click.Choice(["auto", "basic", "sequential"]),
+@opt("--calibration-pipeline", "--pipeline", "pipeline", env="CALIBRATION_PIPELINE", default="auto", type=click.Choice(["auto", "basic", "sequential"]),
      help="llm-compressor calibration pipeline; auto: basic (one pass) when the model fits on the GPU, "
           "else sequential (layer by layer).")
 @opt("--calibration-batch-size", env="CALIBRATION_BATCH_SIZE", type=int, default=1,
      help="Calibration samples per forward pass (llm-compressor's batch_size).")
-@opt("--offload", env="CALIBRATION_OFFLOAD", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+@opt("--calibration-offload", "--offload", "offload", env="CALIBRATION_OFFLOAD", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
      help="Sequential pipeline: where layer inputs wait between layers; auto: the GPU when they fit.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
 @stage
@@ -161,7 +164,7 @@ def quantize(ignore, **kw):
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
 @opt("--expect-scheme", env="EXPECT_SCHEME", default=None, help="Fail unless the config claims this scheme.")
-@opt("--max-new-tokens", env="VALIDATE_MAX_NEW_TOKENS", type=int, default=16, help="Tokens generated per prompt.")
+@opt("--max-new-tokens", env="MAX_NEW_TOKENS", type=int, default=16, help="Tokens generated per prompt.")
 @opt("--baseline-logprobs", env="BASELINE_LOGPROBS", default=None,
      help="Quality gate: a baseline's dataset directory (results/logprobs/model=L/dataset=D).")
 @opt("--max-nll-increase", env="MAX_NLL_INCREASE", type=float, default=0.1,
@@ -169,7 +172,7 @@ def quantize(ignore, **kw):
 @opt("--gate-texts", env="GATE_TEXTS", type=int, default=16, help="Quality gate: texts of the baseline to score.")
 @opt("--baseline-tasks", env="BASELINE_TASKS", default=None,
      help="Task quality gate: a baseline's task results (results/tasks/model=L, or one task=T in it), rerun here.")
-@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+@opt("--recovery-min", env="RECOVERY_MIN", type=RECOVERY, default=0.95,
      help="Task quality gate: smallest accuracy recovery (model / baseline) allowed on every task and metric.")
 @engine_options
 @stage
@@ -233,17 +236,20 @@ def score(n_wikitext, n_ultrachat, nvfp4_compute, max_batch_tokens, shard, **kw)
 @opt("--report-dir", env="REPORT_DIR", default=None, help="Where the report goes (default: RESULTS_DIR/report).")
 @opt("--bootstrap", env="BOOTSTRAP", type=int, default=1000, help="Bootstrap replicates (resampling texts).")
 @opt("--seed", env="SEED", type=int, default=0, help="Bootstrap seed.")
-@opt("--recovery-min", env="RECOVERY_MIN", type=float, default=0.95,
+@opt("--recovery-min", env="RECOVERY_MIN", type=RECOVERY, default=0.95,
      help="Task accuracy: recovery (model / baseline) below which a task fails (llm-compressor's CI: 0.95).")
-@opt("--tokenizer", "report_tokenizer", env="REPORT_TOKENIZER", default=None,
+@opt("--labels", env="LABELS", default=None,
+     help="Comma/space list of the labels to report (with the baseline); default: every label in the archive.")
+@opt("--report-tokenizer", "--tokenizer", "report_tokenizer", env="REPORT_TOKENIZER", default=None,
      help="tokenizer.json (or its directory) to decode the worst tokens' context (default: the baseline's "
           "tokenizer recorded in its Parquet metadata, where readable here; else ids only).")
 @stage
-def aggregate(**kw):
+def aggregate(labels, **kw):
     """Tables, paired statistics and plots from the Parquet archive (no model needed)."""
     from jobs.core.settings import AggregateSettings
     from jobs.stages import aggregate as a
 
+    kw["labels"] = tuple((labels or "").replace(",", " ").split())
     out = a.run(settings=AggregateSettings(**kw))
     click.echo(str(out / "report.md"))
 
@@ -263,9 +269,9 @@ def aggregate(**kw):
      help="With a chat template: few-shot examples as earlier conversation turns.")
 @opt("--add-bos-token/--no-add-bos-token", env="ADD_BOS_TOKEN", default=True,
      help="Prepend the tokenizer's BOS token (lm-eval's add_bos_token; no-op for tokenizers without one, e.g. Qwen).")
-@opt("--include-path", env="TASKS_INCLUDE_PATH", default=None,
+@opt("--tasks-include-path", "--include-path", "include_path", env="TASKS_INCLUDE_PATH", default=None,
      help="Directory of lm-eval YAML tasks (default: the bundled data/tasks).")
-@opt("--batch-size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
+@opt("--tasks-batch-size", "--batch-size", "batch_size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
 @opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
@@ -296,31 +302,22 @@ def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_mul
         click.echo(str(p))
 
 
-@main.command("build-tiny", context_settings=CONTEXT)
-@opt("--output", env="TINY_MODEL", default="models/tiny-qwen3", help="Directory of the tiny model.")
-@opt("--steps", env="TINY_STEPS", type=int, default=None, help="Training steps (default: the recipe's).")
-@stage
-def build_tiny(output, steps):
-    """Build (once, cached) the tiny Qwen3 model and tokenizer that the demo and tests use."""
-    from jobs.tinymodel import build_tiny_model
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def plan(args):
+    """The job plan: every job of a run with its commands (jobs.runs.plan; `plan --help`)."""
+    from jobs.runs import plan as p
 
-    kw = {} if steps is None else {"steps": steps}
-    click.echo(str(build_tiny_model(output, **kw)))
+    sys.exit(p.main(list(args)))
 
 
-@main.command("export-modelopt", context_settings=CONTEXT)
-@opt("--model", env="MODEL", required=True, help="BF16 checkpoint directory.")
-@opt("--output", env="MODELOPT_OUTPUT", required=True, help="Directory for the ModelOpt NVFP4 checkpoint.")
-@opt("--calibration-file", env="MODELOPT_CALIBRATION", default=None,
-     help="Local .txt/.jsonl/.parquet texts or chats to calibrate on (default: the bundled data/calib_mini.jsonl).")
-@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")
-@stage
-def export_modelopt(model, output, calibration_file, overwrite):
-    """Quantize a BF16 checkpoint to NVFP4 with nvidia-modelopt and export it in ModelOpt's format
-    (the demo's stand-in for NVIDIA's own checkpoints)."""
-    from jobs.modelopt_export import DEFAULT_CALIBRATION, export_modelopt_nvfp4
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def slots(args):
+    """Run a command on GPUs nobody else is using (jobs.runs.slots; `slots --help`)."""
+    from jobs.runs import slots as sl
 
-    click.echo(str(export_modelopt_nvfp4(model, output, calibration_file or DEFAULT_CALIBRATION, overwrite=overwrite)))
+    sys.exit(sl.main(list(args)))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ def cli_subprocess(*args: str, env: dict | None = None, timeout: int = 600) -> s
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def fixtures_subprocess(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the fixtures' command line (tests/fixtures/cli.py: build-tiny, export-modelopt)."""
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "cli.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -53,7 +59,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """Built once (about a minute on 2 cores) into .cache/, reused while the recipe and data are unchanged."""
-    from jobs.tinymodel import build_tiny_model
+    from fixtures.tinymodel import build_tiny_model
 
     return Path(build_tiny_model(ROOT / ".cache" / "tiny-qwen3"))
 
@@ -72,7 +78,7 @@ def tiny_nvfp4(tiny_model, models_dir) -> Path:
 def tiny_modelopt(tiny_model, models_dir) -> Path:
     out = models_dir / "tiny-modelopt"
     # its own process: nvidia-modelopt patches torch and transformers when it quantizes
-    r = cli_subprocess("export-modelopt", "--model", tiny_model, "--output", out)
+    r = fixtures_subprocess("export-modelopt", "--model", tiny_model, "--output", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

@@ -42,7 +42,7 @@ def build(out: Path) -> Path:
     from click.testing import CliRunner
 
     from jobs.cli import main
-    from jobs.tinymodel import GPU_SHAPE, build_tiny_model
+    from fixtures.tinymodel import GPU_SHAPE, build_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     bf16 = Path(build_tiny_model(out / "tiny-bf16", steps=150, shape=GPU_SHAPE))
@@ -53,8 +53,9 @@ def build(out: Path) -> Path:
                        "--num-calibration-samples", "64", "--max-sequence-length", "256"])
         assert r.exit_code == 0, r.output
     if not (out / "tiny-modelopt").exists():
-        r = run(main, ["export-modelopt", "--model", str(bf16), "--output", str(out / "tiny-modelopt")])
-        assert r.exit_code == 0, r.output
+        from fixtures.modelopt_export import DEFAULT_CALIBRATION, export_modelopt_nvfp4
+
+        export_modelopt_nvfp4(str(bf16), str(out / "tiny-modelopt"), DEFAULT_CALIBRATION)
     return out
 
 

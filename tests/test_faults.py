@@ -187,7 +187,7 @@ def test_export_modelopt_names_a_config_that_is_not_json(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def two_tokenizers(tiny_model, tmp_path_factory):
     """The tiny model scored once with its own tokenizer and once with a differently trained one."""
-    from jobs.tinymodel import train_tokenizer
+    from fixtures.tinymodel import train_tokenizer
 
     other = tmp_path_factory.mktemp("other-tok")
     shutil.copytree(tiny_model, other, dirs_exist_ok=True)

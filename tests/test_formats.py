@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, cli_subprocess
+from conftest import cli, fixtures_subprocess
 from jobs.texts import evalsets, sampling
 from jobs.archive import logprobs
 from jobs.checkpoints.checkpoint import inspect
@@ -191,6 +191,6 @@ def test_export_modelopt_refuses_bad_input_in_one_line(tiny_modelopt, tmp_path):
                       (["--model", tiny_modelopt, "--output", tmp_path / "y"], "already quantized"),
                       (["--model", tiny_modelopt.parent / "tiny-nvfp4-missing", "--output", tmp_path / "z"],
                        "no config.json")]:
-        r = cli_subprocess("export-modelopt", *args)
+        r = fixtures_subprocess("export-modelopt", *args)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error:") and msg in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []

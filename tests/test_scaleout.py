@@ -15,25 +15,40 @@ import pytest
 from conftest import cli
 from jobs.runs import executors, plan, slots
 from jobs.archive import logprobs
-from jobs.core.errors import SettingsError
+import re
+
+from jobs.core.errors import QscoreError, SettingsError
 
 ENV = {"MODELS": "bf16=Qwen/Qwen3-14B llmc=models/Qwen3-14B-NVFP4", "DATASETS": "wikitext2 chat=data/chat.jsonl",
        "MAX_MODEL_LEN": "2048", "TOPK": "1", "RESULTS_DIR": "results"}
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
+def scoring(env: dict) -> list:
+    return [j for j in plan.build(env, uid=1000) if j.group == "eval"]
+
+
 def test_one_job_per_model_with_every_set():
-    jobs = plan.plan(ENV)
+    jobs = scoring(ENV)
     assert [j.id for j in jobs] == ["score.bf16", "score.llmc"]
-    assert jobs[1].args[:6] == ["score", "--model", "models/Qwen3-14B-NVFP4", "--label", "llmc", "--datasets"]
-    assert jobs[1].args[6] == "wikitext2,chat=data/chat.jsonl"
+    assert jobs[1].args[:6] == ["--model", "models/Qwen3-14B-NVFP4", "--label", "llmc", "--datasets",
+                                "wikitext2,chat=data/chat.jsonl"]
     assert jobs[0].outputs == ["results/logprobs/model=bf16/dataset=wikitext2", "results/logprobs/model=bf16/dataset=chat"]
-    assert len({s for j in jobs for s in j.stamps}) == 4  # one stamp per (model, set)
-    assert plan.plan(ENV) == jobs  # stable
+    assert len({j.stamp for j in jobs}) == 2
+    assert scoring(ENV) == jobs  # stable
+
+
+def test_every_job_has_commands_for_both_runners_inputs_outputs_and_a_stamp():
+    jobs = {j.id: j for j in plan.build(ENV, uid=1000)}
+    assert {"quantize", "validate", "score.bf16", "tasks.llmc", "report", "noise.bf16~noise", "serve"} <= set(jobs)
+    for j in jobs.values():
+        assert j.commands["local"] and "docker run" in j.commands["docker"]
+    assert jobs["report"].stamp.startswith("results/.stamps/report.") and jobs["report"].outputs
+    assert jobs["validate"].needs == ["quantize"] and jobs["validate"].inputs == ["models/Qwen3-14B-NVFP4/qscore.json"]
 
 
 def test_shards_and_weight_only_jobs():
-    jobs = plan.plan({**ENV, "SHARDS": "2", "WEIGHT_ONLY": "llmc"})
+    jobs = scoring({**ENV, "SHARDS": "2", "WEIGHT_ONLY": "llmc"})
     assert [j.id for j in jobs] == ["score.bf16.shard-1-of-2", "score.bf16.shard-2-of-2", "score.llmc.shard-1-of-2",
                                    "score.llmc.shard-2-of-2", "score.llmc-w4a16.shard-1-of-2",
                                    "score.llmc-w4a16.shard-2-of-2"]
@@ -45,23 +60,46 @@ def test_shards_and_weight_only_jobs():
 @pytest.mark.parametrize("env, msg", [
     ({"MODELS": "oops"}, "not label=path"),
     ({"MODELS": "a=x a=y"}, "labels repeat"),
-    ({"MODELS": ""}, "MODELS is empty"),
+    ({"MODELS": "a=x a-w4a16=y", "WEIGHT_ONLY": "a"}, "two jobs have the id 'score.a-w4a16'"),
+    ({"MODELS": "../../etc=x"}, "not a plain name"),
+    ({"DATASETS": "../x=data/a.txt"}, "not a plain name"),
     ({"WEIGHT_ONLY": "nope"}, "not in MODELS"),
-    ({"SHARDS": "0"}, "at least 1"),
+    ({"SHARDS": "0"}, "SHARDS must be a whole number >= 1"),
+    ({"TOPK": "0"}, "TOPK must be a whole number >= 1"),
+    ({"MAX_MODEL_LEN": "abc"}, "MAX_MODEL_LEN must be a whole number"),
+    ({"NVFP4_COMPUTE": "foo"}, "NVFP4_COMPUTE must be one of"),
+    ({"SCORE_ARGS": "--x 'unclosed"}, "not a valid shell word list"),
+    ({"RESULTS_DIR": "my results"}, "character make cannot use"),
+    ({"RECOVERY_MIN": "7"}, "RECOVERY_MIN must be a number in (0, 1]"),
+    ({"RUNNER": "podman"}, "RUNNER must be one of local, docker"),
+    ({"LABEL": "x"}, "needs both MODEL"),
     ({"DATASETS": "bogus"}, "unknown evaluation set"),
 ])
 def test_bad_plans_are_named(env, msg):
-    with pytest.raises(Exception, match=msg) as e:
-        plan.plan({**ENV, **env})
-    assert isinstance(e.value, (SettingsError,)) or "evaluation set" in str(e.value)
+    with pytest.raises(QscoreError, match=re.escape(msg)):
+        plan.build({**ENV, **env})
 
 
 def test_plan_command_prints_json_lines_and_one_job(capsys):
-    assert plan.main(["--index", "1"], env=ENV) == 0
+    assert plan.main(["--group", "eval", "--index", "1"], env=ENV) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and '"id": "score.llmc"' in out[0]
-    assert plan.main(["--index", "5"], env=ENV) == 1
+    assert plan.main(["--group", "eval", "--index", "5"], env=ENV) == 1
     assert "out of range" in capsys.readouterr().err
+    assert plan.main(["--format", "k8s"], env={**ENV, "TOPK": "0"}) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1  # one line, nothing rendered
+
+
+def test_docker_least_privilege():
+    jobs = {j.id: j.commands["docker"] for j in plan.build({**ENV, "HF_HUB_OFFLINE": "1"}, uid=1000)}
+    for jid in ("validate", "score.bf16", "tasks.bf16", "report"):
+        assert ":/models:ro" in jobs[jid] and ":/hf:ro" in jobs[jid] and '-u "$(id -u):$(id -g)"' in jobs[jid], jid
+    assert ":/models " in jobs["quantize"] and "chown" not in jobs["quantize"]
+    root = {j.id: j.commands["docker"] for j in plan.build(ENV, uid=0)}
+    assert all("-u 10001:10001" in c and "chown -R 10001:10001" in c for c in root.values())
+    assert ":/hf " in root["score.bf16"]  # a hub model is downloaded on first use: the cache is writable
+    assert "--env-file" not in root["report"]  # no .env here: nothing (never .env.example)
 
 
 # -- shards ------------------------------------------------------------------------------------------------
@@ -157,15 +195,27 @@ def _run_case(script: str, var: str, index: int, tmp_path: Path) -> list[str]:
     return r.stdout.splitlines()
 
 
-def test_kubernetes_manifests_are_valid_and_each_index_runs_its_job(tmp_path):
-    import kubernetes_validate
-    import yaml
+def test_kubernetes_manifests_are_valid_least_privileged_and_each_index_runs_its_job(tmp_path):
+    import json
 
-    jobs = plan.plan({**ENV, "SHARDS": "2"})
-    docs = [d for d in yaml.safe_load_all(executors.render("k8s", jobs, {"K8S_PVC": "pvc1", "TAG": "v1"})) if d]
-    assert [d["metadata"]["name"] for d in docs] == ["qscore-score", "qscore-aggregate"]
+    import kubernetes_validate
+
+    env = {**ENV, "SHARDS": "2", "K8S_PVC": "pvc1", "TAG": "v1"}
+    jobs = scoring(env)
+    doc = json.loads(executors.render("k8s", jobs, plan.resolve(env)))
+    docs = doc["items"]
+    assert doc["kind"] == "List" and [d["metadata"]["name"] for d in docs] == ["qscore-score", "qscore-aggregate"]
     for d in docs:
         kubernetes_validate.validate(d, "1.33", strict=True)
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert mounts["/workspace/models"]["readOnly"] and mounts["/workspace/data"]["readOnly"]
+            assert not mounts["/workspace/results"].get("readOnly") and "/tmp" in mounts
     score = docs[0]["spec"]
     assert score["completionMode"] == "Indexed" and score["completions"] == len(jobs) == 4
     pod = score["template"]["spec"]
@@ -176,7 +226,7 @@ def test_kubernetes_manifests_are_valid_and_each_index_runs_its_job(tmp_path):
     script = c["command"][2]
     for i, job in enumerate(jobs):
         args = _run_case(script, "JOB_COMPLETION_INDEX", i, tmp_path)
-        assert args == ["-m", "jobs", *executors.relocate(job.args, "/workspace")]
+        assert args == ["-m", "jobs", *executors.relocate(["score", *job.args], "/workspace")]
     assert "/workspace/models/Qwen3-14B-NVFP4" in _run_case(script, "JOB_COMPLETION_INDEX", 2, tmp_path)
     r = subprocess.run(["sh", "-c", script], env={**os.environ, "JOB_COMPLETION_INDEX": "9"}, capture_output=True, text=True)
     assert r.returncode == 2 and "no job" in r.stderr
@@ -184,10 +234,11 @@ def test_kubernetes_manifests_are_valid_and_each_index_runs_its_job(tmp_path):
     assert agg["containers"][0]["args"][:1] == ["aggregate"] and "until [ -d" in agg["initContainers"][0]["command"][2]
 
 
-def test_slurm_array_runs_the_plan(tmp_path):
-    jobs = plan.plan(ENV)
-    text = executors.render("slurm", jobs, {"SLURM_PREFIX": "srun --container-image=q.sqsh"})
-    assert "#SBATCH --array=0-1" in text and "#SBATCH --gpus-per-task=1" in text
+def test_slurm_array_runs_the_plan_and_the_report_is_a_job_of_its_own(tmp_path):
+    jobs = scoring(ENV)
+    v = plan.resolve({**ENV, "SLURM_PREFIX": "srun --container-image=q.sqsh"})
+    text = executors.render("slurm", jobs, v)
+    assert "#SBATCH --array=0-1" in text and "#SBATCH --gpus-per-task=1" in text and "aggregate" not in text.split("set -eu")[1]
     script = text.split("set -euo pipefail", 1)[1]
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "srun").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
@@ -196,8 +247,11 @@ def test_slurm_array_runs_the_plan(tmp_path):
                                                      "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["--container-image=q.sqsh", ".venv-vllm/bin/python", "-m", "jobs", *jobs[1].args]
-    assert shlex.split(text.split("--aggregate\" ]; then\n", 1)[1].splitlines()[0])[1:5] == [".venv/bin/python", "-m", "jobs", "aggregate"]
+    assert r.stdout.split() == ["--container-image=q.sqsh", ".venv-vllm/bin/python", "-m", "jobs", "score", *jobs[1].args]
+    submit = shlex.split(executors.aggregate_submit(v, "42"))
+    assert submit[:4] == ["sbatch", "--job-name=qscore-aggregate", "--ntasks=1", "--dependency=afterok:42"]
+    assert not any(a.startswith(("--array", "--gpus")) for a in submit)
+    assert shlex.split(submit[-1])[:4] == [".venv/bin/python", "-m", "jobs", "aggregate"]
 
 
 def test_a_job_wanting_more_gpus_than_listed_is_refused(capsys):

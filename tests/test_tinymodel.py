@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from jobs import tinymodel
-from jobs.tinymodel import DATA_DIR, build_tiny_model, mean_nll, render_chat, train_tokenizer
+from fixtures import tinymodel
+from fixtures.tinymodel import DATA_DIR, build_tiny_model, mean_nll, render_chat, train_tokenizer
 
 DATA_FILES = ("wiki_mini.txt", "chat_mini.jsonl", "calib_mini.jsonl", "train_mini.txt")
 

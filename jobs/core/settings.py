@@ -160,4 +160,5 @@ class AggregateSettings:
     seed: int = 0
     recovery_min: float = 0.95  # task accuracy: recovery below which a task fails
     report_tokenizer: str | None = None  # decodes the worst tokens' context (default: the baseline's)
+    labels: tuple[str, ...] = ()  # the labels reported (with the baseline); empty: every label in the archive
 

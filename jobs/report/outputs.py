@@ -132,7 +132,6 @@ def render_verdict(s: Summary) -> list[str]:
 
 
 def render_perplexity(s: Summary) -> list[str]:
-    base = s.baseline
     L = ["## Perplexity", "",
          "PPL = exp of the mean negative log-likelihood of the actual text's tokens (position 0 of each text "
          "excluded); *overall* is token-weighted over " + ", ".join(s.overall_sets) + "."]

@@ -1,9 +1,11 @@
-"""The job plan handed to a cluster's scheduler: a Kubernetes Indexed Job, or a Slurm job array.
+"""The scoring jobs of the plan handed to a cluster's scheduler: a Kubernetes Indexed Job, or a Slurm job array.
 
-Each renders, from the same plan, one array of scoring jobs (element i runs job i of the plan, chosen by
-``JOB_COMPLETION_INDEX`` / ``SLURM_ARRAY_TASK_ID``) and an aggregate job after it. Paths are those the
-jobs see there: on Kubernetes the models, data and results live on one shared volume (a PVC) mounted at
-/workspace; on Slurm the repository is on a shared filesystem and jobs run in it. Standard library only.
+Each renders one array of scoring jobs (element i runs job i, chosen by ``JOB_COMPLETION_INDEX`` /
+``SLURM_ARRAY_TASK_ID``) and an aggregate job after it. Paths are those the jobs see there: on
+Kubernetes the models, data and results live on one shared volume (a PVC) whose models/ and data/ are
+mounted read-only and whose results directory is the only one written, under /workspace; on Slurm the
+repository is on a shared filesystem and jobs run in it. Kubernetes manifests are JSON documents
+(a ``kind: List``), which kubectl reads as it reads YAML. Standard library only.
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import shlex
 from jobs.core.errors import SettingsError
 
 WORKSPACE = "/workspace"
+IMAGE_USER = 10001  # the images' USER
 
 
-def render(kind: str, jobs: list, env: dict[str, str]) -> str:
+def render(kind: str, jobs: list, v) -> str:
     if kind == "k8s":
-        return kubernetes(jobs, env)
+        return kubernetes(jobs, v)
     if kind == "slurm":
-        return slurm(jobs, env)
+        return slurm(jobs, v)
     raise SettingsError(f"unknown executor {kind!r}")
 
 
@@ -56,16 +59,15 @@ def dispatch(jobs: list, index_var: str, prefix: list[str], root: str | None) ->
     """A POSIX shell ``case`` running job ``$index_var`` of the plan (pure)."""
     lines = [f'case "${{{index_var}}}" in']
     for i, j in enumerate(jobs):
-        args = relocate(j.args, root) if root else j.args
+        args = relocate(["score", *j.args], root) if root else ["score", *j.args]
         lines.append(f"  {i}) exec {shlex.join([*prefix, *args])} ;;  # {j.id}")
     lines.append(f'  *) echo "no job {index_var}=${{{index_var}}} in this plan of {len(jobs)}" >&2; exit 2 ;;')
     lines.append("esac")
     return "\n".join(lines)
 
 
-def _image(env: dict, stage: str) -> str:
-    registry = env.get("K8S_REGISTRY", "")
-    return f"{registry}{env.get('IMAGE_PREFIX') or 'qscore'}-{stage}:{env.get('TAG') or 'latest'}"
+def _image(v, stage: str) -> str:
+    return f"{v.get('K8S_REGISTRY')}{v.get('IMAGE_PREFIX') or 'qscore'}-{stage}:{v.get('TAG') or 'latest'}"
 
 
 def _gpus(jobs: list) -> int:
@@ -73,96 +75,93 @@ def _gpus(jobs: list) -> int:
 
 
 # -- Kubernetes -------------------------------------------------------------------------------------------
-def kubernetes(jobs: list, env: dict[str, str]) -> str:
-    name = env.get("K8S_NAME") or "qscore"
-    pvc = env.get("K8S_PVC") or "qscore-workspace"
-    hf_pvc = env.get("K8S_HF_PVC") or pvc
-    secret = env.get("K8S_HF_SECRET") or "hf-token"
-    results = f"{WORKSPACE}/{env.get('RESULTS_DIR') or 'results'}"
-    volumes = [{"name": "workspace", "persistentVolumeClaim": {"claimName": pvc}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = [{"name": "workspace", "mountPath": WORKSPACE}, {"name": "dshm", "mountPath": "/dev/shm"}]
-    if hf_pvc != pvc:
-        volumes.append({"name": "hf", "persistentVolumeClaim": {"claimName": hf_pvc}})
-        mounts.append({"name": "hf", "mountPath": "/hf"})
-        hf_home = "/hf"
-    else:
-        hf_home = f"{WORKSPACE}/.cache/huggingface"
-    env_vars = [{"name": "HF_HOME", "value": hf_home}, {"name": "CACHE_DIR", "value": f"{WORKSPACE}/.cache/qscore"},
+# Least privilege: never root, no privilege escalation, no capabilities, a read-only root filesystem with
+# writable scratch (emptyDir) where programs write: /tmp, HOME (caches of torch, triton, matplotlib).
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": IMAGE_USER, "runAsGroup": IMAGE_USER, "fsGroup": IMAGE_USER,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                      "capabilities": {"drop": ["ALL"]}}
+SCRATCH = [("tmp", "/tmp"), ("home", "/home/qscore")]
+
+
+def _mounts(results_top: str, *, models_rw: bool = False, caches: bool = True) -> list[dict]:
+    m = [{"name": "workspace", "mountPath": f"{WORKSPACE}/models", "subPath": "models", "readOnly": not models_rw},
+         {"name": "workspace", "mountPath": f"{WORKSPACE}/data", "subPath": "data", "readOnly": True},
+         {"name": "workspace", "mountPath": f"{WORKSPACE}/{results_top}", "subPath": results_top}]
+    if caches:  # a hub model or set is downloaded on first use; compile caches are reused
+        m += [{"name": "workspace", "mountPath": f"{WORKSPACE}/.cache", "subPath": ".cache"}]
+    return m + [{"name": name, "mountPath": path} for name, path in SCRATCH]
+
+
+def _volumes(pvc: str, shm: bool) -> list[dict]:
+    vols = [{"name": "workspace", "persistentVolumeClaim": {"claimName": pvc}}]
+    vols += [{"name": name, "emptyDir": {}} for name, _ in SCRATCH]
+    return vols + ([{"name": "dshm", "emptyDir": {"medium": "Memory"}}] if shm else [])
+
+
+def _job(name: str, stage: str, pod: dict, spec: dict) -> dict:
+    labels = {"app.kubernetes.io/name": "qscore", "qscore/stage": stage}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": labels},
+            "spec": {**spec, "template": {"metadata": {"labels": labels},
+                                          "spec": {"restartPolicy": "Never", "securityContext": POD_SECURITY, **pod}}}}
+
+
+def kubernetes(jobs: list, v) -> str:
+    name = v.get("K8S_NAME") or "qscore"
+    pvc = v.get("K8S_PVC") or "qscore-workspace"
+    secret = v.get("K8S_HF_SECRET") or "hf-token"
+    if v.results.startswith("/") or v.results.startswith(".."):
+        raise SettingsError(f"RESULTS_DIR {v.results!r}: make k8s needs a path inside the repository (on the PVC)")
+    top = v.results.removeprefix("./").split("/", 1)[0]
+    results = f"{WORKSPACE}/{v.results.removeprefix('./')}"
+    env_vars = [{"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+                {"name": "CACHE_DIR", "value": f"{WORKSPACE}/.cache/qscore"},
                 {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token", "optional": True}}}]
     gpus = _gpus(jobs)
-    score = {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": f"{name}-score", "labels": {"app.kubernetes.io/name": "qscore", "qscore/stage": "score"}},
-        "spec": {
-            "completionMode": "Indexed", "completions": len(jobs),
-            "parallelism": int(env.get("K8S_PARALLELISM") or len(jobs)),
-            "backoffLimitPerIndex": 2, "maxFailedIndexes": 0,
-            "template": {
-                "metadata": {"labels": {"app.kubernetes.io/name": "qscore", "qscore/stage": "score"}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
-                    "containers": [{
-                        "name": "score", "image": _image(env, "vllm"), "workingDir": WORKSPACE,
-                        "command": ["/bin/sh", "-c", dispatch(jobs, "JOB_COMPLETION_INDEX", ["python3", "-m", "jobs"],
-                                                              WORKSPACE)],
-                        "env": env_vars,
-                        "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},
-                        "volumeMounts": mounts,
-                    }],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
+    score = _job(f"{name}-score", "score", {
+        "containers": [{
+            "name": "score", "image": _image(v, "vllm"), "workingDir": WORKSPACE,
+            "command": ["/bin/sh", "-c", dispatch(jobs, "JOB_COMPLETION_INDEX", ["python3", "-m", "jobs"], WORKSPACE)],
+            "env": env_vars, "securityContext": CONTAINER_SECURITY,
+            "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},
+            "volumeMounts": _mounts(top) + [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+        "volumes": _volumes(pvc, shm=True)}, {
+        "completionMode": "Indexed", "completions": len(jobs),
+        "parallelism": int(v.get("K8S_PARALLELISM") or len(jobs)), "backoffLimitPerIndex": 2, "maxFailedIndexes": 0})
     outputs = " ".join(shlex.quote(relocate(["--results-dir", o], WORKSPACE)[1]) for j in jobs for o in j.outputs)
-    wait = (f"for d in {outputs}; do until [ -d \"$d\" ]; do echo \"waiting for $d\"; sleep 30; done; done")
-    aggregate = {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": f"{name}-aggregate", "labels": {"app.kubernetes.io/name": "qscore",
-                                                             "qscore/stage": "aggregate"}},
-        "spec": {
-            "backoffLimit": 2,
-            "template": {
-                "metadata": {"labels": {"app.kubernetes.io/name": "qscore", "qscore/stage": "aggregate"}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
-                    # Kubernetes orders no Jobs: this one waits until the score Job's outputs are all there
-                    "initContainers": [{"name": "wait-for-scores", "image": _image(env, "aggregate"),
-                                        "command": ["/bin/sh", "-c", wait],
-                                        "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE}]}],
-                    "containers": [{
-                        "name": "aggregate", "image": _image(env, "aggregate"), "workingDir": WORKSPACE,
-                        "args": ["aggregate", "--results-dir", results, "--baseline", env.get("BASELINE") or "bf16"],
-                        "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE}],
-                    }],
-                    "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": pvc}}],
-                },
-            },
-        },
-    }
-    header = ("# qscore on Kubernetes, rendered by `make k8s` from the job plan (`make plan`).\n"
-              f"# {len(jobs)} scoring jobs: index i of the Indexed Job runs job i ({', '.join(j.id for j in jobs)}).\n"
-              f"# Needs: PVC {pvc} holding models/, data/ and results/ at its root; optional Secret {secret} (key token).\n")
-    return header + "---\n" + to_yaml(score) + "---\n" + to_yaml(aggregate)
+    wait = f"for d in {outputs}; do until [ -d \"$d\" ]; do echo \"waiting for $d\"; sleep 30; done; done"
+    mounts = _mounts(top, caches=False)
+    aggregate = _job(f"{name}-aggregate", "aggregate", {
+        # Kubernetes orders no Jobs: this one waits until the score Job's outputs are all there
+        "initContainers": [{"name": "wait-for-scores", "image": _image(v, "aggregate"), "command": ["/bin/sh", "-c", wait],
+                            "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts}],
+        "containers": [{"name": "aggregate", "image": _image(v, "aggregate"), "workingDir": WORKSPACE,
+                        "args": ["aggregate", "--results-dir", results, "--baseline", v.baseline],
+                        "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts}],
+        "volumes": _volumes(pvc, shm=False)}, {"backoffLimit": 2})
+    doc = {"apiVersion": "v1", "kind": "List", "metadata": {
+        "annotations": {"qscore/rendered-by": "make k8s (python -m jobs plan --format k8s)",
+                        "qscore/jobs": ", ".join(j.id for j in jobs),
+                        "qscore/needs": f"PVC {pvc} holding models/, data/ and {top}/ at its root; "
+                                        f"optional Secret {secret} (key token)"}},
+           "items": [score, aggregate]}
+    return json.dumps(doc, indent=2) + "\n"
 
 
 # -- Slurm ------------------------------------------------------------------------------------------------
-def slurm(jobs: list, env: dict[str, str]) -> str:
-    """An ``sbatch`` script: the array of scoring jobs; run with ``--aggregate`` it is the aggregate step."""
+def slurm(jobs: list, v) -> str:
+    """An ``sbatch`` script: the array of scoring jobs. The aggregate step is a job of its own, with no
+    array and no GPU: ``aggregate_command``."""
     gpus = _gpus(jobs)
-    results = env.get("RESULTS_DIR") or "results"
-    runner = env.get("SLURM_PYTHON") or ".venv-vllm/bin/python"
-    agg_python = env.get("SLURM_AGGREGATE_PYTHON") or ".venv/bin/python"
-    prefix = shlex.split(env.get("SLURM_PREFIX") or "") + [runner, "-m", "jobs"]
-    extra = "\n".join(f"#SBATCH {line}" for line in (env.get("SLURM_SBATCH") or "").split(";") if line.strip())
+    runner = v.get("SLURM_PYTHON") or ".venv-vllm/bin/python"
+    prefix = shlex.split(v.get("SLURM_PREFIX")) + [runner, "-m", "jobs"]
+    extra = "\n".join(f"#SBATCH {line.strip()}" for line in v.get("SLURM_SBATCH").split(";") if line.strip())
     return f"""#!/bin/bash
 # qscore on Slurm, rendered by `make slurm` from the job plan (`make plan`): {len(jobs)} scoring jobs,
 # array element i runs job i ({', '.join(j.id for j in jobs)}).
-# Submit from the repository (on a filesystem the nodes share), the report after the array:
-#   jid=$(sbatch --parsable THIS_FILE) && sbatch --dependency=afterok:$jid THIS_FILE --aggregate
+# Submit from the repository (on a filesystem the nodes share), then the report after the array
+# (one task, no GPU):
+#   {aggregate_submit(v, "$jid")}
 # Containers: set SLURM_PREFIX to the site's launcher, e.g. "srun --container-image=qscore-vllm.sqsh"
 # (pyxis) or "apptainer exec --nv qscore-vllm.sif"; by default the local venv {runner} runs the jobs.
 #SBATCH --job-name=qscore-score
@@ -173,45 +172,17 @@ def slurm(jobs: list, env: dict[str, str]) -> str:
 {extra}
 set -euo pipefail
 export CACHE_DIR="${{CACHE_DIR:-$HOME/.cache/qscore}}"
-if [ "${{1:-}}" = "--aggregate" ]; then
-  exec {agg_python} -m jobs aggregate --results-dir {shlex.quote(results)} --baseline {shlex.quote(env.get("BASELINE") or "bf16")}
-fi
 {dispatch(jobs, "SLURM_ARRAY_TASK_ID", prefix, None)}
 """
 
 
-# -- a small YAML writer: the host has no PyYAML, and JSON strings are valid YAML scalars ---------------------
-def to_yaml(value, indent: int = 0) -> str:
-    pad = " " * indent
-    if isinstance(value, dict):
-        if not value:
-            return pad + "{}\n"
-        out = []
-        for k, v in value.items():
-            if isinstance(v, (dict, list)) and v:
-                out.append(f"{pad}{k}:\n{to_yaml(v, indent + 2)}")
-            else:
-                out.append(f"{pad}{k}: {_scalar(v)}\n")
-        return "".join(out)
-    if isinstance(value, list):
-        out = []
-        for v in value:
-            if isinstance(v, (dict, list)) and v:
-                body = to_yaml(v, indent + 2)
-                out.append(f"{pad}- {body[indent + 2:]}")
-            else:
-                out.append(f"{pad}- {_scalar(v)}\n")
-        return "".join(out)
-    return pad + _scalar(value) + "\n"
+def aggregate_command(v) -> list[str]:
+    python = v.get("SLURM_AGGREGATE_PYTHON") or ".venv/bin/python"
+    return [python, "-m", "jobs", "aggregate", "--results-dir", v.results, "--baseline", v.baseline,
+            "--report-dir", v.report]
 
 
-def _scalar(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, (dict, list)):
-        return "{}" if isinstance(v, dict) else "[]"
-    return json.dumps(v)
+def aggregate_submit(v, jid: str) -> str:
+    """The aggregate as its own Slurm job: one task, no array, no GPU, after every array element succeeded."""
+    return (f"sbatch --job-name=qscore-aggregate --ntasks=1 --dependency=afterok:{jid} "
+            f"--wrap {shlex.quote(shlex.join(aggregate_command(v)))}")

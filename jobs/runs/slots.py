@@ -1,6 +1,6 @@
 """Run a command on GPUs nobody else is using: one scoring job per GPU at a time, under ``make -j``.
 
-    python3 -m jobs.runs.slots --gpus all --per-job 1 -- docker run --gpus {gpus} ... score ...
+    python3 -m jobs slots --gpus all --per-job 1 -- docker run --gpus {gpus} ... score ...
 
 Each GPU is a lock file (``flock``, held while the command runs, released by the kernel if this process
 dies); a job waits until it holds ``--per-job`` of them. The command gets the GPUs as
@@ -71,7 +71,7 @@ def acquire(gpus: list[str], n: int, lock_dir: Path, poll_s: float = 2.0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m jobs.runs.slots", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs slots", description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", required=True)
     ap.add_argument("--per-job", type=int, default=1)
     ap.add_argument("--lock-dir", default=os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",

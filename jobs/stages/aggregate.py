@@ -142,6 +142,9 @@ def run(*, settings: AggregateSettings) -> Path:
     s = settings
     results = Path(s.results_dir)
     found = discover(results)
+    if s.labels:  # a report of these labels only (`make compare`), with their noise twins (`<label>~<path>`)
+        keep = {*s.labels, s.baseline}
+        found = {k: v for k, v in found.items() if k.split(quant_stats.NOISE_SEP)[0] in keep}
     if not found:
         raise AggregateError(f"no scored datasets under {results / 'logprobs'}: run the score stage first")
     labels = sorted(found)
@@ -160,7 +163,8 @@ def run(*, settings: AggregateSettings) -> Path:
                       recovery_min=s.recovery_min)
     summary.provenance = outputs.provenance_table(meta)
     if task_report.has_results(results):  # lm-eval task accuracy (the tasks stage), when there is any
-        summary.tasks = task_report.summarize(task_report.load(results), baseline, s.recovery_min, s.bootstrap, s.seed)
+        tasks = {k: t for k, t in task_report.load(results).items() if not s.labels or k in s.labels or k == baseline}
+        summary.tasks = task_report.summarize(tasks, baseline, s.recovery_min, s.bootstrap, s.seed)
     out_dir = Path(s.report_dir) if s.report_dir else results / "report"
     with locks.hold(out_dir, what="report"):
         # The quantization statistics (KLD, Δp, agreement, noise floor, path noise, where it hurts): their own module.
