@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from jobs.core.settings import Nvfp4Compute
+
 if TYPE_CHECKING:
     from jobs.core.settings import EngineOptions
 
@@ -199,7 +201,7 @@ def validate(**kw):
      help="Tokenizer for the token stream; use the baseline's for every model of a comparison (default: the model's).")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
-@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
+@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default=Nvfp4Compute.DECLARED.value, type=click.Choice([m.value for m in Nvfp4Compute]),
      help="NVFP4 arithmetic: declared = as the checkpoint says (W4A4: native on Blackwell, emulated elsewhere); "
           "weight-only = W4A16, what Marlin serves on Hopper.")
 @opt("--topk", env="TOPK", type=int, default=20,
@@ -274,7 +276,7 @@ def aggregate(labels, **kw):
 @opt("--tasks-batch-size", "--batch-size", "batch_size", env="TASKS_BATCH_SIZE", type=int, default=16, help="transformers: requests per forward pass.")
 @opt("--backend", env="BACKEND", default="auto", type=click.Choice(["auto", "transformers", "vllm"]),
      help="auto: vLLM where installed with a GPU, else transformers.")
-@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default="declared", type=click.Choice(["declared", "weight-only"]),
+@opt("--nvfp4-compute", env="NVFP4_COMPUTE", default=Nvfp4Compute.DECLARED.value, type=click.Choice([m.value for m in Nvfp4Compute]),
      help="NVFP4 arithmetic, as for score: declared (W4A4) or weight-only (W4A16).")
 @opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace a task evaluated with other settings.")

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from jobs.core.errors import QscoreError, SettingsError
-from jobs.core.settings import NVFP4_COMPUTE, QuantizeSettings
+from jobs.core.settings import Nvfp4Compute, QuantizeSettings
 from jobs.texts.evalsets import parse_specs
 
 WEIGHT_ONLY_SUFFIX = "-w4a16"
@@ -156,7 +156,7 @@ def resolve(env: dict[str, str]) -> Variables:
         _fraction(env, name)
     for name in ("BACKEND", "NOISE_BACKEND"):
         _choice(env, name, BACKENDS)
-    _choice(env, "NVFP4_COMPUTE", NVFP4_COMPUTE)
+    _choice(env, "NVFP4_COMPUTE", tuple(m.value for m in Nvfp4Compute))
     _choice(env, "RUNNER", RUNNERS)
     for name in ("QUANTIZE_ARGS", "SCORE_ARGS", "TASKS_ARGS", "NOISE_ARGS", "DOCKER_ARGS", "SLURM_PREFIX"):
         try:
@@ -485,7 +485,7 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
             needs=needs(model, tokenizer), stamp=f"{stamps}/{jid}.{_hash(args)}.ok")
 
     mode = g("NVFP4_COMPUTE")
-    mode = "" if mode == "declared" else mode
+    mode = "" if mode == Nvfp4Compute.DECLARED.value else mode
     runs = [(label, path, mode) for label, path in v.models]
     runs += [(label + WEIGHT_ONLY_SUFFIX, path, "weight-only") for label, path in v.models if label in v.weight_only]
     for label, path, run_mode in runs:
