@@ -56,7 +56,8 @@ def test_batch_logs_get_no_library_bars_or_warnings(monkeypatch):
 def test_debug_keeps_library_bars(monkeypatch):
     from tqdm.std import tqdm
 
-    monkeypatch.setattr(tqdm, "__init__", tqdm.__init__)
+    # an earlier stage run in this process may have quieted tqdm already: start from its own __init__
+    monkeypatch.setattr(tqdm, "__init__", getattr(tqdm.__init__, "__wrapped__", tqdm.__init__))
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
     monkeypatch.setattr(logging.getLogger(), "level", logging.DEBUG)
     progress.quiet_third_party()
