@@ -232,10 +232,16 @@ def test_w4a4_path_noise_under_another_batch_layout(gpu_checkpoints, results, tm
     scored(bf16, "vllm-bf16", results, "vllm", "--dtype", "bfloat16", *VLLM_OPTS)
     score(bf16, "vllm-bf16-steps256", results, "vllm", "--dtype", "bfloat16", *VLLM_OPTS,
           "--max-num-batched-tokens", "256")
+    # and through another activation dtype: float16 instead of bfloat16 before the FP4 rounding
+    score(nvfp4, "vllm-nvfp4-w4a4-fp16", results, "vllm", *extra, *VLLM_OPTS, "--dtype", "float16")
     w4a4 = mean_abs_delta(results, "vllm-nvfp4-w4a4", "vllm-nvfp4-w4a4-steps256")
     bf = mean_abs_delta(results, "vllm-bf16", "vllm-bf16-steps256")
+    fp16 = mean_abs_delta(results, "vllm-nvfp4-w4a4", "vllm-nvfp4-w4a4-fp16")
     REPORT["w4a4 path noise: vllm emulation vs itself at 256-token steps"] = w4a4
     REPORT["bf16 path noise: vllm vs itself at 256-token steps"] = bf
+    REPORT["w4a4 path noise: vllm emulation, bfloat16 vs float16 activations"] = fp16
+    for name, (mean, _, same) in fp16.items():
+        assert 0 < mean <= 0.08 and same > 0.9, f"{name}: W4A4 dtype path noise {mean:.4f} per token, top-1 {same:.3f}"
     view = tmp_path / "view"
     (view / "logprobs").mkdir(parents=True)
     for label, shown in (("vllm-nvfp4-w4a4", "w4a4"), ("vllm-nvfp4-w4a4-steps256", "w4a4~noise")):
