@@ -2,6 +2,7 @@
 import io
 import logging
 import warnings
+import sys
 
 from jobs.core import progress
 
@@ -39,7 +40,7 @@ def test_clock():
 def test_batch_logs_get_no_library_bars_or_warnings(monkeypatch):
     from tqdm.std import tqdm
 
-    monkeypatch.setattr(tqdm, "__init__", tqdm.__init__)  # restored after the test
+    monkeypatch.setattr(tqdm, "__init__", getattr(tqdm.__init__, "__wrapped__", tqdm.__init__))  # restored after
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
     monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
     with warnings.catch_warnings():
@@ -65,3 +66,22 @@ def test_debug_keeps_library_bars(monkeypatch):
     for _ in tqdm(range(3), desc="calibrating", file=out, disable=False):
         pass
     assert "calibrating" in out.getvalue()
+
+
+def test_quiet_bars_still_keep_time(monkeypatch):
+    """vLLM divides by a bar's elapsed seconds: a quieted bar must draw nothing and still count time."""
+    import time
+
+    from tqdm.std import tqdm
+
+    monkeypatch.setattr(tqdm, "__init__", getattr(tqdm.__init__, "__wrapped__", tqdm.__init__))
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
+    progress.quiet_third_party()
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = tqdm(total=2, desc="Processed prompts", disable=False)
+    time.sleep(0.01)
+    bar.update(1)
+    assert bar.format_dict["elapsed"] > 0 and err.getvalue() == ""
+    bar.close()

@@ -21,6 +21,11 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+@functools.lru_cache(maxsize=1)
+def _nowhere():
+    return open(os.devnull, "w")
+
+
 def quiet_third_party() -> None:
     """In a batch log: no library progress bars, no library warnings (they stay on a terminal, and with DEBUG)."""
     if on_terminal() or logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -29,11 +34,13 @@ def quiet_third_party() -> None:
 
     init = tqdm.std.tqdm.__init__
     if not getattr(init, "_qscore_quiet", False):
-        # Every bar off, whatever ``disable`` its library passes (compressed-tensors passes False); tqdm's
+        # Every bar drawn to nowhere, whatever its library asks (compressed-tensors passes disable=False); tqdm's
         # TQDM_DISABLE would have to be set before tqdm is first imported, and is overridden by an explicit value.
+        # Not disabled: a disabled bar keeps no time, and vLLM divides by its elapsed seconds (ZeroDivisionError
+        # in LLM.generate under lm-eval, seen on the H200).
         @functools.wraps(init)
         def quiet(self, *args, **kwargs):
-            kwargs["disable"] = True
+            kwargs["file"] = _nowhere()
             init(self, *args, **kwargs)
 
         quiet._qscore_quiet = True
