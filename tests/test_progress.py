@@ -77,6 +77,7 @@ def test_quiet_bars_still_keep_time(monkeypatch):
     monkeypatch.setattr(tqdm, "__init__", getattr(tqdm.__init__, "__wrapped__", tqdm.__init__))
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
     monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
+    logging.getLogger().manager._clear_cache()  # isEnabledFor caches what an earlier test's level said
     progress.quiet_third_party()
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
