@@ -469,13 +469,13 @@ $(DEMO_MODELOPT_STAMP): $(DEMO_BASE_STAMP) $(call FORCE_IF_MISSING,$(DEMO_MODELO
 	$(PY) -m jobs export-modelopt --model $(DEMO_BASE) --output $(DEMO_MODELOPT)
 	@touch $@
 
-images: image-quantize image-vllm image-aggregate ## build the three images (TAG, IMAGE_PREFIX, QUANTIZE_BASE)
+images: image-quantize image-vllm image-aggregate ## build the three images (TAG, IMAGE_PREFIX, QUANTIZE_BASE, VLLM_BASE)
 BUILD_ARGS = --build-arg VERSION=$(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml 2>/dev/null) \
   --build-arg REVISION=$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 image-quantize: ## build IMAGE_PREFIX-quantize:TAG (llm-compressor on CUDA PyTorch)
 	docker build -f docker/quantize.Dockerfile -t $(IMG_QUANTIZE) $(BUILD_ARGS)$(if $(QUANTIZE_BASE), --build-arg BASE_IMAGE=$(QUANTIZE_BASE)) .
 image-vllm: ## build IMAGE_PREFIX-vllm:TAG (vllm/vllm-openai:v0.26.0 + jobs)
-	docker build -f docker/vllm.Dockerfile -t $(IMG_VLLM) $(BUILD_ARGS) .
+	docker build -f docker/vllm.Dockerfile -t $(IMG_VLLM) $(BUILD_ARGS)$(if $(VLLM_BASE), --build-arg BASE_IMAGE=$(VLLM_BASE)) .
 image-aggregate: ## build IMAGE_PREFIX-aggregate:TAG (python slim, no torch)
 	docker build -f docker/aggregate.Dockerfile -t $(IMG_AGGREGATE) $(BUILD_ARGS) .
 
