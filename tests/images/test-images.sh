@@ -245,7 +245,7 @@ fetch_torch() {
 [[ -n $(torch_wheel) ]] || step fetch-torch-wheel fetch_torch
 WHEEL=$(torch_wheel)
 TORCH_KEY=$( { echo "recipe $RECIPE"; docker image inspect --format '{{.Id}}' "$PYTHON_BASE"; sha256sum "$WHEEL";
-               sha256sum "$HERE/torch-cpu-base.Dockerfile"; } | sha256sum | cut -c1-16)
+               sha256sum < "$HERE/torch-cpu-base.Dockerfile"; } | sha256sum | cut -c1-16)
 build_torch_base() {
   local ctx=$WORK/torch-base
   mkdir -p "$ctx"
