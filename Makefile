@@ -80,6 +80,7 @@ TAG ?= latest
 ## IMAGE_PREFIX: image names: <prefix>-quantize, <prefix>-vllm, <prefix>-aggregate
 IMAGE_PREFIX ?= qscore
 ## QUANTIZE_BASE: `make images`: another CUDA PyTorch base for the quantize image (empty: the Dockerfile's)
+## VLLM_BASE: `make images`: another base for the vLLM image (empty: the Dockerfile's vllm/vllm-openai:v0.26.0)
 ## DOCKER_ARGS: extra `docker run` options (e.g. --shm-size 16g)
 ## DOCKER_USER: uid:gid the containers run as [default yours; the images' user 10001 when you are root]
 ## K8S_PVC: `make k8s`: the PersistentVolumeClaim holding models/, data/ and results/ [default qscore-workspace]
@@ -199,12 +200,12 @@ $(DEMO_BASE)/config.json: | $(SETUP_STAMP)
 $(DEMO_MODELOPT)/config.json: $(DEMO_BASE)/config.json | $(SETUP_STAMP)
 	HF_HUB_OFFLINE=1 $(FIXTURES) export-modelopt --model $(DEMO_BASE) --output $(DEMO_MODELOPT)$(if $(wildcard $@), --overwrite)
 
-images: image-quantize image-vllm image-aggregate ## build the three images (TAG, IMAGE_PREFIX, QUANTIZE_BASE)
+images: image-quantize image-vllm image-aggregate ## build the three images (TAG, IMAGE_PREFIX, QUANTIZE_BASE, VLLM_BASE)
 BUILD_ARGS = --build-arg VERSION=$(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml 2>/dev/null) --build-arg REVISION=$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 image-quantize: ## build IMAGE_PREFIX-quantize:TAG (llm-compressor on CUDA PyTorch)
 	docker build -f docker/quantize.Dockerfile -t $(IMAGE_PREFIX)-quantize:$(TAG) $(BUILD_ARGS)$(if $(QUANTIZE_BASE), --build-arg BASE_IMAGE=$(QUANTIZE_BASE)) .
 image-vllm: ## build IMAGE_PREFIX-vllm:TAG (vllm/vllm-openai:v0.26.0 + jobs)
-	docker build -f docker/vllm.Dockerfile -t $(IMAGE_PREFIX)-vllm:$(TAG) $(BUILD_ARGS) .
+	docker build -f docker/vllm.Dockerfile -t $(IMAGE_PREFIX)-vllm:$(TAG) $(BUILD_ARGS)$(if $(VLLM_BASE), --build-arg BASE_IMAGE=$(VLLM_BASE)) .
 image-aggregate: ## build IMAGE_PREFIX-aggregate:TAG (python slim, no torch)
 	docker build -f docker/aggregate.Dockerfile -t $(IMAGE_PREFIX)-aggregate:$(TAG) $(BUILD_ARGS) .
 

@@ -5,7 +5,11 @@
 # needs 0.19.0: that is why quantize has an image of its own). requirements/vllm.txt is installed
 # with every package of the base image held at its version, so vLLM's stack is left as it is;
 # /opt/qscore/pip-freeze.txt records what the image holds.
-FROM vllm/vllm-openai:v0.26.0
+# BASE_IMAGE (make's VLLM_BASE): another image with the same interface (python3 with pip and vllm==0.26.0,
+# `vllm` on PATH), e.g. a mirror of the official one. `make test-images` builds this file unchanged on a
+# CPU stand-in made from PyPI's vllm==0.26.0, since no registry can give it the official image.
+ARG BASE_IMAGE=vllm/vllm-openai:v0.26.0
+FROM ${BASE_IMAGE}
 
 # CACHE_DIR: every compile and JIT cache goes under /cache (jobs/core/caches.py); mount a host directory there
 # (make does) and the next container starts from them instead of a fresh HOME's nothing.
@@ -40,6 +44,7 @@ RUN groupadd --gid 10001 qscore \
 COPY jobs/ /opt/qscore/jobs/
 
 # Labels last: a new revision must not invalidate the cached layers above.
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.vendor="qscore" \
@@ -47,7 +52,7 @@ LABEL org.opencontainers.image.vendor="qscore" \
       org.opencontainers.image.description="qscore validate/score stages on vLLM 0.26.0; python3 -m jobs <stage>" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.base.name="vllm/vllm-openai:v0.26.0"
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 USER 10001:10001
 EXPOSE 8000

@@ -11,7 +11,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DATA, ROOT, cli
+from conftest import DATA, ROOT, cli, fixtures_subprocess
 from jobs.archive import logprobs
 from jobs.engines.base import SequenceScores
 
@@ -178,8 +178,9 @@ def test_export_modelopt_names_a_config_that_is_not_json(tiny_model, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model, bad)
     (bad / "config.json").write_text("{not json")
-    r = cli("export-modelopt", "--model", bad, "--output", tmp_path / "out")
-    one_line_error(r, f"{bad / 'config.json'}: unreadable JSON")
+    r = fixtures_subprocess("export-modelopt", "--model", bad, "--output", tmp_path / "out")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert f"{bad / 'config.json'}: unreadable JSON" in r.stderr.strip().splitlines()[-1], r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -178,3 +178,45 @@ def test_fixture_is_what_the_script_compares(tmp_path):
     names = lambda r: sorted(str(p.relative_to(r)) for p in r.rglob("*") if p.is_file())  # noqa: E731
     assert names(a) == names(b)
     shutil.rmtree(a)
+
+
+# --- the vLLM image's scoring: --labels, --vllm-image ---------------------------------------------------------
+
+def judge_scoring(local: Path, docker: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    rc = compare.main(["--local", str(local), "--docker", str(docker), "--results", "results/demo", *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _vllm_stack(root: Path):
+    """The part as the vLLM image writes it: vLLM's own torch and transformers, the same rows."""
+    _rewrite_part(root, meta={"runtime": {"torch": "2.11.0", "device": "cpu", "vllm": "0.26.0",
+                                          "transformers": "5.24.0"}})
+
+
+def test_vllm_image_scoring_compares_the_labels_rows_with_its_versions_left_out(runs, capsys):
+    local, docker = runs
+    _vllm_stack(docker)
+    # only what scoring bf16 wrote: the report and the checkpoint are not the vLLM image's outputs
+    (docker / "results/demo/report/score.png").unlink()
+    save_file({"w": np.arange(1, 5, dtype=np.float32)}, str(docker / "models/tiny-nvfp4/model.safetensors"))
+    rc, out, _ = judge_scoring(local, docker, capsys, "--labels", "bf16", "--vllm-image")
+    assert rc == 0, out
+    assert f"equal      {PART}  (3 rows equal, metadata equal but for:)" in out
+    assert "excluded runtime.torch: '2.13.0+cpu' (local) vs '2.11.0' (docker)" in out
+    assert "excluded runtime.vllm: '<absent>' (local) vs '0.26.0' (docker)" in out
+    assert "  parquet: runtime.torch: torch's release: vLLM's own pin in the vLLM image" in out
+    assert "report" not in out and "safetensors" not in out and "1 files: 0 identical bytes, 1 equal" in out
+    # without --vllm-image another torch is a difference
+    rc, out, _ = judge_scoring(local, docker, capsys, "--labels", "bf16")
+    assert rc == 1 and "metadata runtime.torch: '2.13.0+cpu' (local) vs '2.11.0' (docker)" in out
+
+
+def test_vllm_image_scoring_still_needs_the_same_rows_and_every_label(runs, capsys):
+    local, docker = runs
+    _vllm_stack(docker)
+    _rewrite_part(docker, logprobs=(-1.5, -0.25, -3.0001))
+    rc, out, _ = judge_scoring(local, docker, capsys, "--labels", "bf16", "--vllm-image")
+    assert rc == 1 and "rows differ in logprob" in out
+    rc, _, err = judge_scoring(local, docker, capsys, "--labels", "bf16,nvfp4", "--vllm-image")
+    assert rc == 1 and "no Parquet file of nvfp4 under" in err

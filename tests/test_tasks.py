@@ -236,9 +236,12 @@ def test_validate_task_gate(results, tiny_nvfp4):
     measures = {(m["task"], m["metric"]): m for m in gate["measures"]}
     assert measures[("qscore_cloze", "acc")]["verdict"] == "pass"
     assert measures[("qscore_cloze", "acc")]["recovery"]["n"] == int(LIMIT)  # the baseline's documents
+    # at 1.0 the model must match the baseline's accuracy beyond doubt: the interval cannot clear it
     bad = cli("validate", "--model", tiny_nvfp4, "--max-new-tokens", 4,
-              "--baseline-tasks", base / "task=qscore_cloze", "--recovery-min", 10)
-    one_line_error(bad, "quality gate: qscore_cloze acc (none) recovery", "< 10.0")
+              "--baseline-tasks", base / "task=qscore_cloze", "--recovery-min", 1.0)
+    one_line_error(bad, "quality gate: qscore_cloze acc (none) recovery", "1.0")
+    seven = cli("validate", "--model", tiny_nvfp4, "--baseline-tasks", base, "--recovery-min", 7)
+    assert seven.exit_code == 2 and "'--recovery-min'" in seven.output and "0<x<=1" in seven.output
     one_line_error(cli("validate", "--model", tiny_nvfp4, "--baseline-tasks", results / "nothing"),
                    "holds no task results")
 

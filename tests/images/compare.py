@@ -20,6 +20,13 @@ models/ and under the results directory must be in both runs and hold the same t
 EXCLUDED names, per kind of file, the fields that differ between two honest runs, and why. A difference
 in any other field fails the comparison; an excluded field that differs is still printed, so nothing
 is hidden (e.g. Debian's python 3.11.2 in the stand-in image against the venv's 3.11.x).
+
+    python tests/images/compare.py --local DIR --docker DIR --labels bf16,llmc-nvfp4 --vllm-image
+
+compares only what the scoring of those labels wrote (every file under <results>/logprobs/model=<label>/),
+as above; --vllm-image: the docker side was scored in the vLLM image, whose torch, transformers and
+compressed-tensors are the releases vLLM pins, not the venv's: those versions (EXCLUDED_VLLM_IMAGE) are
+left out and printed. The rows must still be the same.
 """
 from __future__ import annotations
 
@@ -67,6 +74,16 @@ EXCLUDED: dict[str, dict[str, str]] = {
         "seconds_quantize": "how long ModelOpt's calibration took",
         "seconds_export": "how long the export took",
     },
+}
+
+
+# the scoring stage's `runtime` provenance (jobs.backends.base.runtime_info, score's package versions)
+EXCLUDED_VLLM_IMAGE: dict[str, str] = {
+    f"runtime.{key}": f"{what}: vLLM's own pin in the vLLM image, requirements/dev.txt's in the venv"
+    for key, what in (("vllm", "the vLLM release (not installed in the venv)"), ("torch", "torch's release"),
+                      ("torch_version", "torch's release and build (CUDA in the vLLM image)"),
+                      ("transformers", "transformers' release"), ("backend_version", "transformers' release"),
+                      ("compressed-tensors", "compressed-tensors' release"))
 }
 
 
@@ -209,7 +226,7 @@ def compare_text(rel: str, a: Path, b: Path, runs) -> Result:
                                   f"{lb[first] if first < len(lb) else '<end>'!r} (docker)")
 
 
-def compare_parquet(rel: str, a: Path, b: Path, runs) -> Result:
+def compare_parquet(rel: str, a: Path, b: Path, runs, excluded: dict[str, str] | None = None) -> Result:
     import pyarrow.parquet as pq
 
     ta, tb = pq.read_table(a), pq.read_table(b)
@@ -230,7 +247,7 @@ def compare_parquet(rel: str, a: Path, b: Path, runs) -> Result:
             problems.append(f"rows differ in {', '.join(bad)}")
     if other_a != other_b:
         problems.append("other schema metadata differs")
-    diffs, notes = compare_json(meta_a, meta_b, EXCLUDED["parquet"], runs)
+    diffs, notes = compare_json(meta_a, meta_b, excluded or EXCLUDED["parquet"], runs)
     problems += [f"metadata {d}" for d in diffs]
     if problems:
         return Result(rel, "differs", "; ".join(problems), notes)
@@ -242,10 +259,10 @@ def _kind(rel: str) -> str:
     return "parquet" if name.endswith(".parquet") else name
 
 
-def compare_file(rel: str, a: Path, b: Path, runs) -> Result:
+def compare_file(rel: str, a: Path, b: Path, runs, parquet_excluded: dict[str, str] | None = None) -> Result:
     name = a.name
     if name.endswith(".parquet"):
-        return compare_parquet(rel, a, b, runs)
+        return compare_parquet(rel, a, b, runs, parquet_excluded)
     if name in EXCLUDED:
         return compare_json_file(rel, a, b, EXCLUDED[name], runs)
     if name.endswith(".json") or (name.endswith(".log") and "/validate/" in rel):  # validate's report is JSON
@@ -264,10 +281,13 @@ def files(root: Path, sub: str) -> dict[str, Path]:
             if p.is_file() and not p.name.endswith(".ok")}
 
 
-def compare_runs(local: Path, docker: Path, results: str, runs: tuple[Run, Run] | None = None) -> list[Result]:
+def compare_runs(local: Path, docker: Path, results: str, runs: tuple[Run, Run] | None = None,
+                 labels: list[str] | None = None, parquet_excluded: dict[str, str] | None = None) -> list[Result]:
+    """Every file of models/ and the results directory, or with ``labels`` only what scoring them wrote."""
     runs = runs or (Run.of(local, results), Run.of(docker, results))
+    subs = [f"{results}/logprobs/model={label}" for label in labels] if labels else ["models", results]
     out = []
-    for sub in ("models", results):
+    for sub in subs:
         fa, fb = files(local, sub), files(docker, sub)
         for rel in sorted(set(fa) | set(fb)):
             if rel not in fb:
@@ -275,7 +295,7 @@ def compare_runs(local: Path, docker: Path, results: str, runs: tuple[Run, Run] 
             elif rel not in fa:
                 out.append(Result(rel, "missing", "only in the docker run"))
             else:
-                out.append(compare_file(rel, fa[rel], fb[rel], runs))
+                out.append(compare_file(rel, fa[rel], fb[rel], runs, parquet_excluded))
     return out
 
 
@@ -284,27 +304,39 @@ def main(argv=None) -> int:
     ap.add_argument("--local", type=Path, required=True, help="project copy where `make demo` ran locally")
     ap.add_argument("--docker", type=Path, required=True, help="project copy where it ran with DEMO_RUNNER=docker")
     ap.add_argument("--results", default="results/demo", help="the demo's results directory (DEMO_RESULTS_DIR)")
+    ap.add_argument("--labels", help="comma-separated labels: compare only what scoring them wrote (their logprobs)")
+    ap.add_argument("--vllm-image", action="store_true",
+                    help="the docker side was scored in the vLLM image: its package versions are left out (printed)")
     args = ap.parse_args(argv)
+    labels = [x for x in (args.labels or "").split(",") if x]
+    parquet_excluded = {**EXCLUDED["parquet"], **EXCLUDED_VLLM_IMAGE} if args.vllm_image else EXCLUDED["parquet"]
     runs = (Run.of(args.local, args.results), Run.of(args.docker, args.results))
     for ckpt in sorted(set(runs[0].hashes.values()) | set(runs[1].hashes.values())):
         ha = [h[:12] for h, c in runs[0].hashes.items() if c == ckpt]
         hb = [h[:12] for h, c in runs[1].hashes.items() if c == ckpt]
         print(f"content hash of {ckpt}: {ha[0] if ha else '-'} (local), {hb[0] if hb else '-'} (docker)"
               + ("" if ha == hb else "; it covers qscore.json, whose provenance differs (below)"))
-    results = compare_runs(args.local, args.docker, args.results, runs)
-    if not any(r.path.endswith(".parquet") for r in results) or not any(r.path.endswith(".safetensors") for r in results):
+    results = compare_runs(args.local, args.docker, args.results, runs, labels, parquet_excluded)
+    if labels:
+        empty = [x for x in labels if not any(r.path.startswith(f"{args.results}/logprobs/model={x}/")
+                                              and r.path.endswith(".parquet") for r in results)]
+        if empty:
+            print(f"error: no Parquet file of {', '.join(empty)} under {args.local} and {args.docker}", file=sys.stderr)
+            return 1
+    elif not any(r.path.endswith(".parquet") for r in results) or not any(r.path.endswith(".safetensors") for r in results):
         print(f"error: no checkpoint or no Parquet file under {args.local} and {args.docker}", file=sys.stderr)
         return 1
     for r in results:
         print(f"{r.status:9s}  {r.path}" + (f"  ({r.detail})" if r.detail else ""))
         for n in r.notes:
             print(f"{'':11s}{n}")
-    seen = sorted({(kind, excluded_as(n.split()[1].rstrip(":"), EXCLUDED[kind])) for r in results
-                   for n in r.notes for kind in EXCLUDED if _kind(r.path) == kind})
+    why = {**EXCLUDED, "parquet": parquet_excluded}
+    seen = sorted({(kind, excluded_as(n.split()[1].rstrip(":"), why[kind])) for r in results
+                   for n in r.notes for kind in why if _kind(r.path) == kind})
     if seen:
         print("excluded fields that differ, and why two honest runs differ there:")
         for kind, key in seen:
-            print(f"  {kind}: {key}: {EXCLUDED[kind][key]}")
+            print(f"  {kind}: {key}: {why[kind][key]}")
     counts = {s: sum(r.status == s for r in results) for s in ("identical", "equal", "differs", "missing")}
     print(f"{len(results)} files: {counts['identical']} identical bytes, {counts['equal']} equal "
           f"(Parquet rows and metadata, or content once paths and content hashes are read in their run), "

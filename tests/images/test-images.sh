@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# make test-images: build the aggregate and quantize images for real and prove that the demo's pipeline run
-# in them gives the same bytes as the local demo. Made for CI (Debian, root, CPU, no container registry):
+# make test-images: build the three images for real and prove that the demo's pipeline run in them gives the
+# local demo's results. Made for CI (Debian, root, CPU, no container registry):
 #
 #  1. installs from Debian's archive what is missing (docker.io for dockerd, debootstrap), and starts dockerd
 #     if no Docker engine answers (and stops only that daemon, by its pid);
 #  2. makes stand-ins for the base images no registry can give here, cached in Docker's store (and the
 #     Debian root filesystem as a tarball in CACHE_DIR): the aggregate image's FROM (python:*-slim-<suite>)
-#     from debootstrap, tagged under that exact name only while the images build; and a CPU PyTorch base
-#     from the CPU wheel of requirements/torch-cpu.txt's torch, passed as QUANTIZE_BASE;
-#  3. builds the images with `make image-aggregate image-quantize`, the Dockerfiles unchanged;
+#     from debootstrap, tagged under that exact name only while the images build; a CPU PyTorch base from
+#     the CPU wheel of requirements/torch-cpu.txt's torch, passed as QUANTIZE_BASE; and for the vLLM image,
+#     the same Python with vllm==<its base's tag> from PyPI (vLLM's own CUDA torch, which runs on a CPU),
+#     installed with a pip cache in CACHE_DIR and passed as VLLM_BASE;
+#  3. builds the images with `make image-aggregate image-quantize image-vllm`, the Dockerfiles unchanged;
 #  4. runs `make demo` twice in two fresh copies of the project: locally, and with DEMO_RUNNER=docker
 #     (build-tiny, quantize, validate, score with the transformers backend in the quantize image, aggregate
 #     in the aggregate image; containers as a non-root uid, no --gpus, no network, models/ read-only while
 #     scoring);
-#  5. compares every output: tests/images/compare.py.
+#  5. compares every output: tests/images/compare.py;
+#  6. runs the vLLM image: `python3 -m jobs --help` and `validate --help` as its own user, `vllm --version`
+#     through the entrypoint `make serve` uses, and `make score` (RUNNER=docker) of each model of the demo
+#     with its settings (transformers backend, NVFP4 as declared) on the checkpoints the containers made,
+#     mounted read-only; its Parquet rows must be the local demo's (compare.py --labels).
 #
 # Settings (environment): TEST_IMAGES_TAG (image tag, default test-images), TEST_IMAGES_UID / TEST_IMAGES_GID
 # (the uid:gid the containers run as when this runs as root; default 1000), TEST_IMAGES_CACHE (default
@@ -38,6 +44,7 @@ RECIPE=1
 WORK=""
 DOCKERD_PID=""
 ALIASES=()
+CONTAINERS=()  # made by name (docker commit keeps a container's labels in the image it makes)
 STATUS=1
 declare -a TIMES=()
 
@@ -47,11 +54,13 @@ die() { printf 'test-images: error: %s\n' "$*" >&2; exit 1; }
 cleanup() {
   local rc=$?
   set +e
+  if [[ $STATUS -ne 0 && ${#TIMES[@]} -gt 0 ]]; then say "times:"; printf '  %s\n' "${TIMES[@]}"; fi  # a failed run's too
   if [[ -n $WORK ]] && docker info >/dev/null 2>&1; then
     local ids
     ids=$(docker ps -aq --filter "label=qscore.test-images=$RUN_ID")
     [[ -n $ids ]] && docker rm -f $ids >/dev/null
   fi
+  for ctr in "${CONTAINERS[@]}"; do docker rm -f "$ctr" >/dev/null 2>&1; done
   for alias in "${ALIASES[@]}"; do docker rmi "$alias" >/dev/null 2>&1; done  # the tag only: the stand-in stays
   if [[ -n $DOCKERD_PID ]]; then
     say "stopping the dockerd this script started (pid $DOCKERD_PID)"
@@ -245,7 +254,7 @@ fetch_torch() {
 [[ -n $(torch_wheel) ]] || step fetch-torch-wheel fetch_torch
 WHEEL=$(torch_wheel)
 TORCH_KEY=$( { echo "recipe $RECIPE"; docker image inspect --format '{{.Id}}' "$PYTHON_BASE"; sha256sum "$WHEEL";
-               sha256sum "$HERE/torch-cpu-base.Dockerfile"; } | sha256sum | cut -c1-16)
+               sha256sum < "$HERE/torch-cpu-base.Dockerfile"; } | sha256sum | cut -c1-16)
 build_torch_base() {
   local ctx=$WORK/torch-base
   mkdir -p "$ctx"
@@ -261,9 +270,75 @@ else
   step build-torch-base build_torch_base
 fi
 
+# The vLLM image's base: vllm/vllm-openai:vX.Y.Z is a CUDA image whose system Python has vLLM installed, with
+# python3, pip and the `vllm` command on PATH: all docker/vllm.Dockerfile relies on. The stand-in gives that:
+# the Python base plus `pip install vllm==X.Y.Z` from PyPI, which brings the torch (a CUDA build: it runs on a
+# CPU, and the transformers backend needs no GPU), transformers and compressed-tensors vLLM pins. It runs in a
+# container with a wheelhouse under CACHE mounted, and the container is committed as the image (a build on
+# the classic builder cannot mount a directory). pip's own cache would not do: behind this machine's proxy
+# the downloads come without the cache headers pip needs to keep them.
+VLLM_FROM=$(sed -n 's/^ARG BASE_IMAGE=//p' "$ROOT/docker/vllm.Dockerfile" | head -n 1)
+[[ $VLLM_FROM =~ ^vllm/vllm-openai:v([0-9]+\.[0-9]+\.[0-9]+)$ ]] \
+  || die "docker/vllm.Dockerfile: ARG BASE_IMAGE=$VLLM_FROM is not vllm/vllm-openai:vX.Y.Z"
+VLLM_VERSION=${BASH_REMATCH[1]}
+VLLM_BASE=qscore-stand-in/vllm-pypi:$VLLM_VERSION
+VLLM_WHEELS=$CACHE/vllm-wheels
+# What runs in the container. pip download resolves against PyPI and fetches only the wheels the wheelhouse
+# lacks; the install takes them from the wheelhouse alone; then the releases a newer resolution replaced
+# (vLLM's unpinned dependencies move) are deleted, so the wheelhouse does not grow with every run.
+VLLM_INSTALL="set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off PIP_NO_CACHE_DIR=1
+cd /tmp
+python3 -m pip download --dest /wheels vllm==$VLLM_VERSION
+python3 -m pip install --no-index --find-links /wheels vllm==$VLLM_VERSION
+python3 -m pip check || true
+command -v vllm
+python3 -m pip list --format=freeze
+python3 - <<'EOF'
+import importlib.metadata as m, pathlib, re
+norm = lambda s: re.sub(r'[-_.]+', '_', s).lower()
+have = {(norm(d.metadata['Name']), d.version) for d in m.distributions()}
+wheels = {}
+for f in pathlib.Path('/wheels').glob('*.whl'):
+    name, version = f.name.split('-')[:2]
+    wheels.setdefault(norm(name), []).append((version, f))
+for name, found in wheels.items():
+    if any((name, v) in have for v, _ in found):
+        for v, f in found:
+            if (name, v) not in have:
+                print('wheelhouse: replaced, deleted:', f.name)
+                f.unlink()
+print(*(p + '==' + m.version(p) for p in ('vllm', 'torch', 'transformers', 'compressed-tensors')))
+EOF
+rm -rf /tmp/* /root/.cache"
+VLLM_KEY=$( { echo "recipe $RECIPE"; docker image inspect --format '{{.Id}}' "$PYTHON_BASE"; echo "$VLLM_INSTALL"; } \
+             | sha256sum | cut -c1-16)
+VLLM_BASE_CTR=qscore-test-images-vllm-base-$RUN_ID
+build_vllm_base() {
+  local ctr=$VLLM_BASE_CTR
+  mkdir -p "$VLLM_WHEELS"
+  docker run --name "$ctr" -v "$VLLM_WHEELS:/wheels" "$PYTHON_BASE" bash -c "$VLLM_INSTALL"
+  docker commit \
+    --change 'ENTRYPOINT ["vllm", "serve"]' --change 'CMD []' \
+    --change "LABEL org.qscore.stand-in=$VLLM_KEY" \
+    --change "LABEL org.opencontainers.image.description=\"Debian $SUITE python3 with vllm==$VLLM_VERSION from PyPI: stand-in for $VLLM_FROM in make test-images\"" \
+    "$ctr" "$VLLM_BASE"
+  docker rm "$ctr" >/dev/null
+  echo "wheelhouse: $(find "$VLLM_WHEELS" -name '*.whl' | wc -l) wheels, $(du -sh "$VLLM_WHEELS" | cut -f1)"
+}
+if [[ $(label_of "$VLLM_BASE") = "$VLLM_KEY" ]]; then
+  say "$VLLM_BASE: cached in Docker's store"
+  TIMES+=("$(printf '%-22s %7s' build-vllm-base cached)")
+else
+  CONTAINERS+=("$VLLM_BASE_CTR")  # here: step runs the function in a subshell
+  step build-vllm-base build_vllm_base
+  say "$VLLM_BASE: $(grep -E '^vllm==\S+ torch==' "$WORK/logs/build-vllm-base.log" | tail -n 1); $(tail -n 1 "$WORK/logs/build-vllm-base.log")"
+fi
+
 # --- 3. the project's images, with its own targets ------------------------------------------------------------
 step image-aggregate clean_make "$WORK/build.home" "$ROOT" image-aggregate IMAGE_PREFIX=$PREFIX TAG="$TAG"
 step image-quantize clean_make "$WORK/build.home" "$ROOT" image-quantize IMAGE_PREFIX=$PREFIX TAG="$TAG" QUANTIZE_BASE="$TORCH_BASE"
+step image-vllm clean_make "$WORK/build.home" "$ROOT" image-vllm IMAGE_PREFIX=$PREFIX TAG="$TAG" VLLM_BASE="$VLLM_BASE"
 for alias in "${ALIASES[@]}"; do docker rmi "$alias" >/dev/null; done
 ALIASES=()
 # older builds of these images, left untagged by the new ones (only images with the project's labels)
@@ -305,11 +380,90 @@ if ! "$PY" "$HERE/compare.py" --local "$WORK/local" --docker "$WORK/docker" --re
   die "the containers' outputs differ from the local run's (see above)"
 fi
 
+# --- 6. the vLLM image: its command lines, and the demo's scoring in it -------------------------------------------
+IMG_VLLM=$PREFIX-vllm:$TAG
+[[ $(docker image inspect --format '{{.Config.User}}' "$IMG_VLLM") =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] \
+  || die "$IMG_VLLM does not run as a non-root uid"
+vllm_cli() {
+  local run=(docker run --rm --network none --label "qscore.test-images=$RUN_ID") got
+  # as the image's own user, then as the uid make passes
+  "${run[@]}" "$IMG_VLLM" --help | tee "$WORK/tmp/help.txt"
+  grep -q -E '^  score ' "$WORK/tmp/help.txt"
+  "${run[@]}" -u "$CTR_USER" "$IMG_VLLM" validate --help | tee "$WORK/tmp/help.txt"
+  grep -q -e '--backend' "$WORK/tmp/help.txt"
+  # `make serve`'s entrypoint, vLLM's CLI. `vllm --version` itself stops on a host without a GPU in this release
+  # (it builds serve's parser first, whose defaults need a device: "Failed to infer device type"); `vllm bench`
+  # switches to the CPU platform, then builds every subcommand's parser, serve's too. The version is the
+  # package's, which is what --version prints.
+  "${run[@]}" -u "$CTR_USER" --entrypoint vllm "$IMG_VLLM" bench --help | tee "$WORK/tmp/help.txt"
+  grep -q '^usage: vllm bench' "$WORK/tmp/help.txt"
+  got=$("${run[@]}" -u "$CTR_USER" --entrypoint python3 "$IMG_VLLM" -c \
+        'import importlib.metadata as m; print(m.version("vllm"))')
+  echo "vllm $got"
+  [[ $got = "$VLLM_VERSION" ]] || { echo "vllm $got in $IMG_VLLM, but its base is $VLLM_FROM"; return 1; }
+}
+step vllm-cli vllm_cli
+
+# A third copy of the project, with the checkpoints the containers made (hard links: the same files, mounted
+# read-only), and `make score` of each model of the demo with the demo's settings (make print-DEMO_VARS), in
+# the vLLM image
+copy_project "$WORK/vllm"
+cp -al "$WORK/docker/models" "$WORK/vllm/models"
+mkdir -p "$WORK/vllm/$RESULTS" "$WORK/vllm.home/.cache/huggingface" "$WORK/vllm.home/.cache/qscore"
+[[ $EUID -ne 0 ]] || chown -R "$CTR_USER" "$WORK/vllm/$RESULTS" "$WORK/vllm.home"
+eval "DEMO_SETTINGS=($(clean_make "$WORK/local.home" "$WORK/local" -s print-DEMO_VARS))"
+DEMO_MODELS=""
+for v in "${DEMO_SETTINGS[@]}"; do [[ $v != MODELS=* ]] || DEMO_MODELS=${v#MODELS=}; done
+[[ -n $DEMO_MODELS ]] || die "make print-DEMO_VARS names no MODELS: cannot tell which models the demo scores"
+SCORE_SETTINGS=()
+for v in "${DEMO_SETTINGS[@]}"; do [[ $v = RUNNER=* ]] || SCORE_SETTINGS+=("$v"); done
+serve_line=$(clean_make "$WORK/vllm.home" "$WORK/vllm" -n serve "${SCORE_SETTINGS[@]}" RUNNER=docker \
+             SERVE_MODEL=models/tiny-qwen3 IMAGE_PREFIX=$PREFIX TAG="$TAG" | grep -F -e '--entrypoint vllm' || true)
+[[ $serve_line =~ --entrypoint\ vllm\ (.*\ )?$PREFIX-vllm:$TAG\ serve\  ]] \
+  || die "make serve does not run vllm through --entrypoint vllm in $IMG_VLLM: ${serve_line:-no such command}"
+score_in_vllm_image() {
+  local m
+  for m in $DEMO_MODELS; do
+    clean_make "$WORK/vllm.home" "$WORK/vllm" score "${SCORE_SETTINGS[@]}" RUNNER=docker MODEL="${m#*=}" LABEL="${m%%=*}" \
+      NVFP4_COMPUTE=declared IMAGE_PREFIX=$PREFIX TAG="$TAG" DOCKER_USER="$CTR_USER" \
+      DOCKER_ARGS="--network none --label qscore.test-images=$RUN_ID"
+  done
+}
+step score-vllm-image score_in_vllm_image
+for m in $DEMO_MODELS; do
+  grep -q -E "docker run .* -u $CTR_USER .*-v $WORK/vllm/models:/models:ro .* $IMG_VLLM score --model \S+ --label ${m%%=*} " \
+    "$WORK/logs/score-vllm-image.log" \
+    || die "${m%%=*} was not scored in $IMG_VLLM as $CTR_USER with models/ read-only (see $WORK/logs/score-vllm-image.log)"
+done
+! grep -q -e '--gpus' "$WORK/logs/score-vllm-image.log" || die "the vLLM image's scoring asked for a GPU"
 say "images:"
 # docker trims the format's leading blanks, so the indent is added after the match
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
-  | grep -E "^($PREFIX-(aggregate|quantize):$TAG|$TORCH_BASE|${PYTHON_BASE})  " | sed 's/^/  /' || true
+  | grep -E "^($PREFIX-(aggregate|quantize|vllm):$TAG|$TORCH_BASE|$VLLM_BASE|${PYTHON_BASE})  " | sed 's/^/  /' || true
+LABELS=$(for m in $DEMO_MODELS; do printf '%s,' "${m%%=*}"; done)
+say "comparing the vLLM image's scoring ($WORK/vllm) with $WORK/local"
+if ! "$PY" "$HERE/compare.py" --local "$WORK/local" --docker "$WORK/vllm" --results "$RESULTS" \
+    --labels "${LABELS%,}" --vllm-image | tee "$WORK/logs/compare-vllm.log"; then
+  # rows that differ may be another arithmetic: NVFP4 scored weight-only where W4A4 was declared
+  for m in $DEMO_MODELS; do
+    [[ -d $WORK/local/$RESULTS/logprobs/model=${m%%=*}-w4a16 ]] || continue
+    mkdir -p "$WORK/w4a16/$RESULTS/logprobs" "$WORK/w4a16/models"
+    cp -al "$WORK/local/$RESULTS/logprobs/model=${m%%=*}-w4a16" "$WORK/w4a16/$RESULTS/logprobs/model=${m%%=*}"
+    if "$PY" - "$WORK/w4a16/$RESULTS/logprobs/model=${m%%=*}" "$WORK/vllm/$RESULTS/logprobs/model=${m%%=*}" <<'EOF'
+import sys, pathlib, pyarrow.parquet as pq
+a, b = map(pathlib.Path, sys.argv[1:])
+parts = sorted(p.relative_to(a) for p in a.rglob("*.parquet"))
+sys.exit(0 if parts and all((b / p).exists() and pq.read_table(a / p).select(["logprob", "topk_ids"]).equals(
+    pq.read_table(b / p).select(["logprob", "topk_ids"])) for p in parts) else 1)
+EOF
+    then
+      say "${m%%=*}: the vLLM image's rows, scored with NVFP4 as declared (W4A4), are the local demo's ${m%%=*}-w4a16 rows: its stack computed weight-only arithmetic"
+    fi
+  done
+  die "the vLLM image's scoring differs from the local run's (see above)"
+fi
+
 say "times:"
 printf '  %s\n' "${TIMES[@]}"
 STATUS=0
-say "OK: the aggregate and quantize images reproduce the local demo"
+say "OK: the aggregate and quantize images reproduce the local demo, and the vLLM image its scoring"
