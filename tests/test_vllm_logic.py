@@ -371,3 +371,27 @@ def test_vllm_is_imported_with_its_logs_on_stderr(monkeypatch):
     monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
     assert vb.gpu_capability() == 9.0
     assert seen["stream"] == "ext://sys.stderr"
+
+
+def test_w4a4_is_refused_when_transformers_drops_the_activation_quantization():
+    """transformers 5.24 loads an NVFP4 checkpoint without its input scales: W4A16 computed under a W4A4 label.
+    The transformers backend must refuse that model instead of scoring it."""
+    import types
+
+    import torch
+
+    from jobs.core.errors import CheckpointError
+    from jobs.engines.hf import check_activation_quantization
+
+    def layer(with_scale: bool):
+        m = torch.nn.Linear(4, 4)
+        m.quantization_scheme = types.SimpleNamespace(input_activations=types.SimpleNamespace(strategy="tensor_group"))
+        if with_scale:
+            m.input_global_scale = torch.nn.Parameter(torch.ones(1))
+        return m
+
+    check_activation_quantization(torch.nn.Sequential(layer(True), layer(True)), "ckpt")
+    with pytest.raises(CheckpointError, match="1 layers without their input scale.*W4A16"):
+        check_activation_quantization(torch.nn.Sequential(layer(True), layer(False)), "ckpt")
+    with pytest.raises(CheckpointError, match="no layer quantizes its input"):
+        check_activation_quantization(torch.nn.Sequential(torch.nn.Linear(4, 4)), "ckpt")

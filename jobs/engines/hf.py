@@ -85,8 +85,28 @@ def load_model(ckpt: Checkpoint, dtype, device: str, arithmetic: arith_mod.Arith
         raise CheckpointError(f"{ckpt.path}: cannot load the model ({first_line(exc)[:300]})") from None
     if q.method is not None and not arithmetic.quantize_activations:
         _drop_activation_quantization(model)
+    elif q.method is not None:
+        check_activation_quantization(model, ckpt.path)
     model.eval()
     return model
+
+
+def check_activation_quantization(model, path) -> None:
+    """W4A4 is computed only where compressed-tensors attached each layer's activation quantization with its
+    scale. transformers 5.24 loads NVFP4 checkpoints without it (``input_global_scale`` UNEXPECTED): the
+    forward then multiplies full-precision activations, W4A16, while the run would record W4A4."""
+    import transformers
+
+    declared = [m for m in model.modules()
+                if getattr(getattr(m, "quantization_scheme", None), "input_activations", None) is not None]
+    missing = [m for m in declared if getattr(m.quantization_scheme.input_activations, "strategy", None) == "tensor_group"
+               and not hasattr(m, "input_global_scale")]
+    if not declared or missing:
+        what = f"{len(missing)} layers without their input scale" if declared else "no layer quantizes its input"
+        raise CheckpointError(
+            f"{path}: transformers {transformers.__version__} did not attach the checkpoint's activation quantization "
+            f"({what}): it would compute W4A16, not the declared W4A4; use transformers 5.17.0, "
+            "or --nvfp4-compute weight-only")
 
 
 def _load_compressed_tensors(path: Path, dtype, device: str):
