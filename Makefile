@@ -160,7 +160,7 @@ $(SETUP_STAMP): requirements/dev.txt requirements/torch-cpu.txt requirements/qua
 setup-vllm: $(VLLM_SETUP_STAMP) ## create VLLM_VENV with vllm==0.26.0 + requirements/vllm.txt (RUNNER=local on a CUDA host)
 $(VLLM_SETUP_STAMP): requirements/vllm.txt
 	$(PYTHON3) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install vllm==$(VLLM_VERSION) -r requirements/vllm.txt
+	$(VLLM_VENV)/bin/pip install vllm==$(VLLM_VERSION) transformers==5.17.0 -r requirements/vllm.txt
 	touch $@
 
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
