@@ -242,3 +242,38 @@ def test_a_twin_scored_on_fewer_sets_is_left_out_not_narrowing_the_comparison(tm
     s = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert s["sets"] == ["a", "b"] and "q~bf16" not in s["models"]
     assert any("q~bf16 is left out" in w and "a missing" in w for w in s["warnings"])
+
+
+def test_kill_9_of_aggregate_mid_write_leaves_the_old_report_whole(tmp_path):
+    """SIGKILL while the new report directory is being staged: the old report stays byte for byte (or, if the
+    kill came too late, the new one is whole); the next run clears the stale staging and writes a whole report."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    _small(tmp_path)
+    args = ["aggregate", "--results-dir", str(tmp_path), "--baseline", "bf16", "--bootstrap", "100"]
+    assert cli(*args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", *args, "--seed", "1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = False
+    while proc.poll() is None and not staged:
+        staged = any(p.is_dir() and p.name.startswith(".report") for p in tmp_path.iterdir())
+        time.sleep(0.002)
+    if staged:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    after = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+    if staged:
+        assert after == before
+    else:  # finished before the staging directory could be seen: then it is the whole new report
+        assert set(after) == set(before) and proc.returncode == 0
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert set(p.name for p in (tmp_path / "report").iterdir()) == set(before)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report") and p.suffix != ".lock"]
