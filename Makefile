@@ -95,6 +95,7 @@ VLLM_VENV ?= .venv-vllm
 DEMO_RESULTS_DIR ?= results/demo
 ## DEMO_RUNNER: where `make demo` runs its stages: local, or docker (the images, on the CPU: `make test-images`)
 DEMO_RUNNER ?= local
+## NOISE_MODELS: `make noise-floor`: labels of MODELS scored again through another path as <label>~noise [default BASELINE]
 ## NOISE_LABEL: `make noise-floor`: label of the baseline scored a second time [default <BASELINE>~noise]
 ## NOISE_BACKEND: `make noise-floor`: backend of that second scoring [default transformers]
 ## NOISE_ARGS: `make noise-floor`: extra `jobs score` options for it (e.g. --dtype float32)
@@ -148,8 +149,7 @@ help: ## show this help (the default target)
 	  [ "$$name" = HF_TOKEN ] && val=$$([ -n "$${HF_TOKEN:-}" ] && echo set || echo empty); \
 	  printf '  %-24s %s\n  %-24s   [%s]\n' "$$name" "$$desc" "" "$$val"; done; rm -f /tmp/qscore-vars-$$$$
 	@printf '\nExamples:\n  make demo                               # the whole pipeline on a tiny model, CPU, offline\n'
-	@printf '  make images quantize validate eval report\n'
-	@printf '  make score MODEL=org/new-checkpoint LABEL=new && make compare BASE=bf16 LABEL=new\n'
+	@printf '  make images quantize validate eval report\n  make score MODEL=org/new-checkpoint LABEL=new && make compare BASE=bf16 LABEL=new\n'
 
 setup: $(SETUP_STAMP) ## create the local venv VENV from requirements/dev.txt (once)
 $(SETUP_STAMP): requirements/dev.txt requirements/torch-cpu.txt requirements/quantize.txt
@@ -191,7 +191,8 @@ DEMO_VARS = VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) S
 DEMO_DOCKER = $(if $(filter docker,$(DEMO_RUNNER)),RUNNER=docker VLLM_IMAGE=$(IMAGE_PREFIX)-quantize:$(TAG),RUNNER=local)
 
 demo: $(SETUP_STAMP) $(DEMO_BASE)/config.json $(DEMO_MODELOPT)/config.json ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), CPU, offline -> DEMO_RESULTS_DIR/report (DEMO_RUNNER)
-	$(MAKE) --no-print-directory $(DEMO_VARS) $(DEMO_DOCKER) validate eval $(if $(filter docker,$(DEMO_RUNNER)),,tasks )noise-floor
+	$(MAKE) --no-print-directory $(DEMO_VARS) $(DEMO_DOCKER) validate eval $(if $(filter docker,$(DEMO_RUNNER)),,tasks )noise-floor \
+	  && $(MAKE) --no-print-directory $(DEMO_VARS) $(DEMO_DOCKER) noise-floor NOISE_MODELS=llmc-nvfp4 NOISE_ARGS='--dtype float32'
 	$(if $(filter docker,$(DEMO_RUNNER)),$(MAKE) --no-print-directory $(DEMO_VARS) RUNNER=local tasks)
 	$(MAKE) --no-print-directory $(DEMO_VARS) $(DEMO_DOCKER) report
 
@@ -215,7 +216,7 @@ eval: $(QS_eval) ## score every model in MODELS on every set in DATASETS: one jo
 tasks: $(QS_tasks) ## task accuracy (lm-eval TASKS) of every model in MODELS: one job per model, per-sample Parquet
 score: $(QS_score) ## score one checkpoint: make score MODEL=path-or-id LABEL=name (one job, every set in DATASETS, nothing else)
 	$(if $(QS_score),@:,$(error make score needs MODEL=<hub id or local path> LABEL=<name>))
-noise-floor: $(QS_noise) ## score BASELINE again with NOISE_BACKEND and NOISE_ARGS as NOISE_LABEL: the report's noise-floor row
+noise-floor: $(QS_noise) ## score NOISE_MODELS again with NOISE_BACKEND and NOISE_ARGS: noise floor and path noise
 	$(if $(QS_noise),@:,$(error BASELINE is not a label of MODELS: no model to score again))
 report: $(QS_report) ## aggregate every result in RESULTS_DIR against BASELINE into REPORT_DIR (runs eval first)
 

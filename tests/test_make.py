@@ -202,3 +202,17 @@ def test_demo_builds_its_fixtures_locally_and_runs_the_plan(repo):
         assert ".venv/bin/python tests/fixtures/cli.py build-tiny --output models/tiny-qwen3" in lines[i[0]]
         assert "tests/fixtures/cli.py export-modelopt --model models/tiny-qwen3" in lines[i[1]]
         assert f"RUNNER={runner}" in lines[i[1] + 1] and "validate eval" in lines[i[1] + 1]
+
+
+def test_noise_floor_scores_any_model_of_models_again():
+    """NOISE_MODELS: the baseline's second scoring is the noise floor; any other model's is its own path noise
+    (`<label>~noise`, which the report pairs with `<label>`); a label not in MODELS stops the plan."""
+    env = {"HOME": "/tmp", "MODELS": "bf16=models/a q=models/q", "DATASETS": "wiki=data/wiki.txt"}
+    noise = {j.id.removeprefix("noise."): j for j in plan.build(env) if j.group == "noise"}
+    assert set(noise) == {"bf16~noise"}
+    noise = {j.id.removeprefix("noise."): j for j in plan.build({**env, "NOISE_MODELS": "bf16 q", "NOISE_ARGS": "--dtype bfloat16"})
+             if j.group == "noise"}
+    assert set(noise) == {"bf16~noise", "q~noise"}
+    assert "--model models/q" in noise["q~noise"].command and "--dtype bfloat16" in noise["q~noise"].command
+    with pytest.raises(plan.SettingsError, match="NOISE_MODELS: 'x' is not a label of MODELS"):
+        plan.build({**env, "NOISE_MODELS": "x"})

@@ -532,10 +532,14 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
             raise SettingsError("make score needs both MODEL=<hub id or local path> and LABEL=<name>")
         score(f"single.{g('LABEL')}", "score", g("LABEL"), g("MODEL"), g("TOKENIZER"), mode, "",
               shlex.split(g("SCORE_ARGS")), backend)
-    base_model = dict(v.models).get(v.baseline)
-    if base_model:
-        noise = g("NOISE_LABEL") or f"{v.baseline}~noise"
-        score(f"noise.{noise}", "noise", noise, base_model, v.tokenizer, "", "",
+    # each model of NOISE_MODELS (default the baseline) scored again through another path, as <label>~noise:
+    # the baseline's is the report's noise floor, any other model's is that model's own path noise
+    models = dict(v.models)
+    for label in g("NOISE_MODELS").split() or [m for m in [v.baseline] if m in models]:
+        if label not in models:
+            raise SettingsError(f"NOISE_MODELS: {label!r} is not a label of MODELS ({', '.join(models)})")
+        noise = (g("NOISE_LABEL") or f"{label}~noise") if label == v.baseline else f"{label}~noise"
+        score(f"noise.{noise}", "noise", noise, models[label], v.tokenizer, "", "",
               shlex.split(g("SCORE_ARGS")) + shlex.split(g("NOISE_ARGS")), ["--backend", g("NOISE_BACKEND") or "transformers"])
     if g("BASE"):
         labels = g("LABEL").split()
