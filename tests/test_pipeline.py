@@ -126,4 +126,5 @@ def test_quantize_manifest(tiny_nvfp4):
     m = json.loads((tiny_nvfp4 / "qscore.json").read_text())
     assert m["scheme"] == "NVFP4" and "QuantizationModifier" in m["recipe"]
     assert m["calibration"]["samples"] == 32 and m["calibration"]["max_sequence_length"] == 128
+    assert m["calibration"]["split"] is None  # a local file has no splits (not the hub default train_sft)
     assert m["versions"]["llmcompressor"] == "0.14.0.1" and m["wall_time_s"] > 0 and m["peak_rss_gib"] > 0

@@ -175,7 +175,9 @@ def _run(s: QuantizeSettings) -> Path:
             "recipe": recipe_yaml,
             "spinquant": s.spinquant,
             "ignore": list(s.ignore),
-            "calibration": {"dataset": s.calibration_dataset, "split": s.calibration_split, "samples": n_used,
+            # a local file has no splits: its rows are read whole
+            "calibration": {"dataset": s.calibration_dataset, "samples": n_used,
+                            "split": None if Path(s.calibration_dataset).expanduser().exists() else s.calibration_split,
                             "samples_requested": s.num_calibration_samples,
                             "max_sequence_length": s.max_sequence_length, "rendering": "chat template",
                             "pipeline": pipeline, "pipeline_reason": why, "batch_size": s.calibration_batch_size,
