@@ -133,7 +133,6 @@ def base_image(name: str) -> str:
 
 
 def test_images_keep_the_environments_apart():
-    vllm = instructions(DOCKER / "vllm.Dockerfile")
     assert base_image("vllm") == "vllm/vllm-openai:v0.26.0"
     agg = instructions(DOCKER / "aggregate.Dockerfile")
     assert re.match(r"^python:3\.11\.\d+-slim", [a for k, a in agg if k == "FROM"][0])
