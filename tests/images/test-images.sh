@@ -37,7 +37,7 @@ VENV_DIR=${VENV:-.venv}
 PY=$VENV_DIR/bin/python
 RUN_ID=$(date +%Y%m%d%H%M%S)-$$
 # bump when the way a stand-in is made changes, so cached ones are rebuilt
-RECIPE=2
+RECIPE=1
 
 WORK=""
 DOCKERD_PID=""
