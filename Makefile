@@ -166,7 +166,7 @@ $(VLLM_SETUP_STAMP): requirements/vllm.txt
 test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 	$(PY) -m pytest -m "not gpu"
 
-test-images: $(SETUP_STAMP) ## build the aggregate and quantize images on CPU stand-in bases, run the demo in them, compare with the local demo
+test-images: $(SETUP_STAMP) ## build the three images on CPU stand-in bases, run the demo and the vLLM image's scoring in them, compare with the local demo
 	bash tests/images/test-images.sh
 
 # The demo: a tiny BF16 Qwen3 and its ModelOpt-format NVFP4 copy (test fixtures, built locally with the

@@ -8,21 +8,21 @@
 #     Debian root filesystem as a tarball in CACHE_DIR): the aggregate image's FROM (python:*-slim-<suite>)
 #     from debootstrap, tagged under that exact name only while the images build; a CPU PyTorch base from
 #     the CPU wheel of requirements/torch-cpu.txt's torch, passed as QUANTIZE_BASE; and for the vLLM image,
-#     the same Python with vllm==<its base's tag> from PyPI (vLLM's own CUDA torch, which runs on a CPU),
-#     installed with a pip cache in CACHE_DIR and passed as VLLM_BASE;
+#     the same Python with vllm==<its base's tag> from PyPI (vLLM's own CUDA torch, which runs on a CPU) and
+#     requirements/quantize.txt's transformers, installed from a wheelhouse in CACHE_DIR, passed as VLLM_BASE;
 #  3. builds the images with `make image-aggregate image-quantize image-vllm`, the Dockerfiles unchanged;
 #  4. runs `make demo` twice in two fresh copies of the project: locally, and with DEMO_RUNNER=docker
-#     (build-tiny, quantize, validate, score with the transformers backend in the quantize image, aggregate
-#     in the aggregate image; containers as a non-root uid, no --gpus, no network, models/ read-only while
-#     scoring);
+#     (quantize, validate, score with the transformers backend in the quantize image, aggregate in the
+#     aggregate image; the fixtures and the tasks with the venv in both; containers as a non-root uid: the
+#     images' user 10001 when this runs as root, else the caller's; no --gpus, no network, models/ and the
+#     HF cache read-only while scoring);
 #  5. compares every output: tests/images/compare.py;
 #  6. runs the vLLM image: `python3 -m jobs --help` and `validate --help` as its own user, `vllm --version`
 #     through the entrypoint `make serve` uses, and `make score` (RUNNER=docker) of each model of the demo
-#     with its settings (transformers backend, NVFP4 as declared) on the checkpoints the containers made,
-#     mounted read-only; its Parquet rows must be the local demo's (compare.py --labels).
+#     with its settings (read from `make -n demo`: transformers backend, NVFP4 as declared) on the checkpoints
+#     the containers made, mounted read-only; its Parquet rows must be the local demo's (compare.py --labels).
 #
-# Settings (environment): TEST_IMAGES_TAG (image tag, default test-images), TEST_IMAGES_UID / TEST_IMAGES_GID
-# (the uid:gid the containers run as when this runs as root; default 1000), TEST_IMAGES_CACHE (default
+# Settings (environment): TEST_IMAGES_TAG (image tag, default test-images), TEST_IMAGES_CACHE (default
 # ~/.cache/qscore/test-images), TEST_IMAGES_KEEP=1 (keep the work directory). A failure prints one line
 # `test-images: error: ...` (after the tail of the failing step's log) and exits 1.
 set -euo pipefail
@@ -31,8 +31,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/tests/images
 TAG=${TEST_IMAGES_TAG:-test-images}
 PREFIX=qscore
-RUN_UID=${TEST_IMAGES_UID:-1000}
-RUN_GID=${TEST_IMAGES_GID:-$RUN_UID}
 CACHE=${TEST_IMAGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qscore/test-images}
 VENV_DIR=${VENV:-.venv}
 [[ $VENV_DIR = /* ]] || VENV_DIR=$ROOT/$VENV_DIR
@@ -97,13 +95,15 @@ step() {
 
 # clean_make HOME DIR ARGS...: make in DIR with a clean environment: nothing of the caller's make or shell
 # leaks in (the Makefile reads MODELS, HF_HOME, ... from the environment; `make test-images` exports them).
-# HOME holds the caches make mounts into the containers (HF_HOME, CACHE_DIR): one per run.
+# HOME holds the caches make mounts into the containers (HF_HOME, CACHE_DIR): one per run. The venv is
+# the caller's, made already (make test-images' own prerequisite): its setup stamp is taken as up to date
+# (-o), or the copies' requirement files, newer than it, would have make reinstall it.
 clean_make() {
   local home=$1 dir=$2; shift 2
   mkdir -p "$home"
   env -i PATH="$PATH" HOME="$home" USER="${USER:-qscore}" LANG=C.UTF-8 TMPDIR="$WORK/tmp" PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ${DOCKER_HOST:+DOCKER_HOST=$DOCKER_HOST} \
-    make --no-print-directory -C "$dir" "$@"
+    make --no-print-directory -C "$dir" -o "$VENV_DIR/.qscore-setup" "$@"
 }
 
 # --- 0. where we are -----------------------------------------------------------------------------------
@@ -146,14 +146,11 @@ if docker info >/dev/null 2>&1; then
 else
   start_dockerd
 fi
-# The containers run as a non-root uid: the caller's, or RUN_UID when this runs as root (make passes
-# DOCKER_USER to docker run -u; the directories they write are that uid's)
-if [[ $EUID -eq 0 ]]; then
-  [[ $RUN_UID -ne 0 ]] || die "TEST_IMAGES_UID must not be 0: the containers run as a non-root uid"
-  CTR_USER=$RUN_UID:$RUN_GID
-else
-  CTR_USER=$(id -u):$(id -g)
-fi
+# The containers run as a non-root uid, as make chooses it (no DOCKER_USER): when make runs as root, the
+# images' own user 10001, after a chown of what the stage writes; else the caller's uid, which make's
+# command line names as the shell expression it prints as is. CTR_USER: `docker run -u`'s word in make's log.
+if [[ $EUID -eq 0 ]]; then CTR_USER=10001:10001; else CTR_USER='"$(id -u):$(id -g)"'; fi
+CTR_USER_RE=$(printf '%s' "$CTR_USER" | sed 's/[][\\.*^$()|+?{}]/\\&/g')
 
 # --- 2. stand-in base images -------------------------------------------------------------------------------
 label_of() { docker image inspect --format '{{ index .Config.Labels "org.qscore.stand-in" }}' "$1" 2>/dev/null || true; }
@@ -277,11 +274,18 @@ fi
 # container with a wheelhouse under CACHE mounted, and the container is committed as the image (a build on
 # the classic builder cannot mount a directory). pip's own cache would not do: behind this machine's proxy
 # the downloads come without the cache headers pip needs to keep them.
+# transformers is pinned to requirements/quantize.txt's release (the venv's, and that of the GPU machine's vLLM
+# runtime): vLLM asks only for >=5.5.3, and PyPI's newest (5.24.0 on 2026-12-02) loads a compressed-tensors
+# checkpoint without its activation quantization, so NVFP4 W4A4 is scored as W4A16. Which transformers the
+# official vllm/vllm-openai image holds cannot be read here (no registry): a CUDA host checks it
+# (docs/cuda-host.md section 8).
 VLLM_FROM=$(sed -n 's/^ARG BASE_IMAGE=//p' "$ROOT/docker/vllm.Dockerfile" | head -n 1)
 [[ $VLLM_FROM =~ ^vllm/vllm-openai:v([0-9]+\.[0-9]+\.[0-9]+)$ ]] \
   || die "docker/vllm.Dockerfile: ARG BASE_IMAGE=$VLLM_FROM is not vllm/vllm-openai:vX.Y.Z"
 VLLM_VERSION=${BASH_REMATCH[1]}
 VLLM_BASE=qscore-stand-in/vllm-pypi:$VLLM_VERSION
+TRANSFORMERS_VERSION=$(sed -n 's/^transformers==\([^ #]*\).*/\1/p' "$ROOT/requirements/quantize.txt")
+[[ -n $TRANSFORMERS_VERSION ]] || die "requirements/quantize.txt pins no transformers==X"
 VLLM_WHEELS=$CACHE/vllm-wheels
 # What runs in the container. pip download resolves against PyPI and fetches only the wheels the wheelhouse
 # lacks; the install takes them from the wheelhouse alone; then the releases a newer resolution replaced
@@ -289,8 +293,8 @@ VLLM_WHEELS=$CACHE/vllm-wheels
 VLLM_INSTALL="set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off PIP_NO_CACHE_DIR=1
 cd /tmp
-python3 -m pip download --dest /wheels vllm==$VLLM_VERSION
-python3 -m pip install --no-index --find-links /wheels vllm==$VLLM_VERSION
+python3 -m pip download --dest /wheels vllm==$VLLM_VERSION transformers==$TRANSFORMERS_VERSION
+python3 -m pip install --no-index --find-links /wheels vllm==$VLLM_VERSION transformers==$TRANSFORMERS_VERSION
 python3 -m pip check || true
 command -v vllm
 python3 -m pip list --format=freeze
@@ -348,29 +352,38 @@ docker image prune -f --filter label=org.qscore.stand-in >/dev/null
 # --- 4. the demo, locally and in the containers -------------------------------------------------------------
 copy_project() {  # a fresh copy of what the pipeline reads (not .env: the user's settings stay out)
   mkdir -p "$1"
-  (cd "$ROOT" && tar -c --exclude=__pycache__ Makefile pyproject.toml .env.example jobs data requirements) | tar -x -C "$1"
+  (cd "$ROOT" && tar -c --exclude=__pycache__ Makefile pyproject.toml .env.example jobs data requirements \
+    tests/fixtures) | tar -x -C "$1"
 }
 copy_project "$WORK/local"
 copy_project "$WORK/docker"
-RESULTS=$(clean_make "$WORK/local.home" "$WORK/local" -s print-DEMO_RESULTS_DIR RUNNER=local)
-# what the containers write (models/, the results, the caches under HOME) belongs to their uid; make itself
-# (stamps, and the ModelOpt fixture from the venv) runs as the caller
-mkdir -p "$WORK/docker/models" "$WORK/docker/$RESULTS" "$WORK/docker.home/.cache/huggingface" \
-  "$WORK/docker.home/.cache/qscore"
-[[ $EUID -ne 0 ]] || chown -R "$CTR_USER" "$WORK/docker" "$WORK/docker.home"
+# The demo's settings, as its recipe passes them to the sub-makes: `make -n demo` prints that line with
+# DEMO_VARS expanded (make -n still runs a $(MAKE) line, whose own commands it only prints).
+demo_settings() {
+  local line words w
+  line=$(clean_make "$WORK/local.home" "$WORK/local" -n demo RUNNER=local VENV="$VENV_DIR" \
+         | grep -E '^\S*make .* MODELS=.* RUNNER=local ' | head -n 1)
+  [[ -n $line ]] || die "make -n demo prints no sub-make with MODELS=: cannot read the demo's settings"
+  eval "words=($line)"
+  for w in "${words[@]}"; do [[ ! $w =~ ^[A-Z][A-Z0-9_]*= ]] || printf '%s\0' "$w"; done
+}
+mapfile -d '' DEMO_SETTINGS < <(demo_settings)
+RESULTS=""
+for v in "${DEMO_SETTINGS[@]}"; do [[ $v != RESULTS_DIR=* ]] || RESULTS=${v#RESULTS_DIR=}; done
+[[ -n $RESULTS ]] || die "make -n demo names no RESULTS_DIR: cannot tell where the demo writes"
 
 step demo-local clean_make "$WORK/local.home" "$WORK/local" demo VENV="$VENV_DIR"
 step demo-docker clean_make "$WORK/docker.home" "$WORK/docker" demo DEMO_RUNNER=docker VENV="$VENV_DIR" IMAGE_PREFIX=$PREFIX TAG="$TAG" \
-  DOCKER_USER="$CTR_USER" DOCKER_ARGS="--network none --label qscore.test-images=$RUN_ID"
-# what ran where: make prints every command it runs
-for stage in build-tiny quantize validate score; do
+  DOCKER_ARGS="--network none --label qscore.test-images=$RUN_ID"
+# what ran where: make prints every command it runs (the fixtures are made by the venv, not in an image)
+for stage in quantize validate score; do
   grep -q "docker run .* $PREFIX-quantize:$TAG $stage " "$WORK/logs/demo-docker.log" \
     || die "the docker demo ran no $stage container (see $WORK/logs/demo-docker.log)"
 done
 grep -q "docker run .* $PREFIX-aggregate:$TAG aggregate " "$WORK/logs/demo-docker.log" \
   || die "the docker demo ran no aggregate container (see $WORK/logs/demo-docker.log)"
 ! grep -q -e '--gpus' "$WORK/logs/demo-docker.log" || die "the docker demo asked for a GPU (see $WORK/logs/demo-docker.log)"
-! grep 'docker run' "$WORK/logs/demo-docker.log" | grep -v -q -e "-u $CTR_USER " \
+! grep 'docker run' "$WORK/logs/demo-docker.log" | grep -v -q -F -e "-u $CTR_USER " \
   || die "a container of the docker demo did not run as $CTR_USER (see $WORK/logs/demo-docker.log)"
 
 # --- 5. the comparison -----------------------------------------------------------------------------------------
@@ -381,59 +394,57 @@ if ! "$PY" "$HERE/compare.py" --local "$WORK/local" --docker "$WORK/docker" --re
 fi
 
 # --- 6. the vLLM image: its command lines, and the demo's scoring in it -------------------------------------------
-IMG_VLLM=$PREFIX-vllm:$TAG
-[[ $(docker image inspect --format '{{.Config.User}}' "$IMG_VLLM") =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] \
-  || die "$IMG_VLLM does not run as a non-root uid"
+VLLM_IMAGE=$PREFIX-vllm:$TAG
+[[ $(docker image inspect --format '{{.Config.User}}' "$VLLM_IMAGE") =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] \
+  || die "$VLLM_IMAGE does not run as a non-root uid"
+UID_GID=$( [[ $EUID -eq 0 ]] && echo 1000:1000 || echo "$(id -u):$(id -g)")  # not the image's own user
 vllm_cli() {
   local run=(docker run --rm --network none --label "qscore.test-images=$RUN_ID") got
   # as the image's own user, then as the uid make passes
-  "${run[@]}" "$IMG_VLLM" --help | tee "$WORK/tmp/help.txt"
+  "${run[@]}" "$VLLM_IMAGE" --help | tee "$WORK/tmp/help.txt"
   grep -q -E '^  score ' "$WORK/tmp/help.txt"
-  "${run[@]}" -u "$CTR_USER" "$IMG_VLLM" validate --help | tee "$WORK/tmp/help.txt"
+  "${run[@]}" -u "$UID_GID" "$VLLM_IMAGE" validate --help | tee "$WORK/tmp/help.txt"
   grep -q -e '--backend' "$WORK/tmp/help.txt"
   # `make serve`'s entrypoint, vLLM's CLI. `vllm --version` itself stops on a host without a GPU in this release
   # (it builds serve's parser first, whose defaults need a device: "Failed to infer device type"); `vllm bench`
   # switches to the CPU platform, then builds every subcommand's parser, serve's too. The version is the
   # package's, which is what --version prints.
-  "${run[@]}" -u "$CTR_USER" --entrypoint vllm "$IMG_VLLM" bench --help | tee "$WORK/tmp/help.txt"
+  "${run[@]}" -u "$UID_GID" --entrypoint vllm "$VLLM_IMAGE" bench --help | tee "$WORK/tmp/help.txt"
   grep -q '^usage: vllm bench' "$WORK/tmp/help.txt"
-  got=$("${run[@]}" -u "$CTR_USER" --entrypoint python3 "$IMG_VLLM" -c \
+  got=$("${run[@]}" -u "$UID_GID" --entrypoint python3 "$VLLM_IMAGE" -c \
         'import importlib.metadata as m; print(m.version("vllm"))')
   echo "vllm $got"
-  [[ $got = "$VLLM_VERSION" ]] || { echo "vllm $got in $IMG_VLLM, but its base is $VLLM_FROM"; return 1; }
+  [[ $got = "$VLLM_VERSION" ]] || { echo "vllm $got in $VLLM_IMAGE, but its base is $VLLM_FROM"; return 1; }
 }
 step vllm-cli vllm_cli
 
 # A third copy of the project, with the checkpoints the containers made (hard links: the same files, mounted
-# read-only), and `make score` of each model of the demo with the demo's settings (make print-DEMO_VARS), in
-# the vLLM image
+# read-only), and `make score` of each model of the demo with the demo's settings (make -n demo), in the vLLM
+# image
 copy_project "$WORK/vllm"
 cp -al "$WORK/docker/models" "$WORK/vllm/models"
-mkdir -p "$WORK/vllm/$RESULTS" "$WORK/vllm.home/.cache/huggingface" "$WORK/vllm.home/.cache/qscore"
-[[ $EUID -ne 0 ]] || chown -R "$CTR_USER" "$WORK/vllm/$RESULTS" "$WORK/vllm.home"
-eval "DEMO_SETTINGS=($(clean_make "$WORK/local.home" "$WORK/local" -s print-DEMO_VARS))"
 DEMO_MODELS=""
 for v in "${DEMO_SETTINGS[@]}"; do [[ $v != MODELS=* ]] || DEMO_MODELS=${v#MODELS=}; done
-[[ -n $DEMO_MODELS ]] || die "make print-DEMO_VARS names no MODELS: cannot tell which models the demo scores"
-SCORE_SETTINGS=()
-for v in "${DEMO_SETTINGS[@]}"; do [[ $v = RUNNER=* ]] || SCORE_SETTINGS+=("$v"); done
+[[ -n $DEMO_MODELS ]] || die "make -n demo names no MODELS: cannot tell which models the demo scores"
+SCORE_SETTINGS=()  # the runner and its image are this step's own
+for v in "${DEMO_SETTINGS[@]}"; do [[ $v = RUNNER=* || $v = VLLM_IMAGE=* ]] || SCORE_SETTINGS+=("$v"); done
 serve_line=$(clean_make "$WORK/vllm.home" "$WORK/vllm" -n serve "${SCORE_SETTINGS[@]}" RUNNER=docker \
              SERVE_MODEL=models/tiny-qwen3 IMAGE_PREFIX=$PREFIX TAG="$TAG" | grep -F -e '--entrypoint vllm' || true)
 [[ $serve_line =~ --entrypoint\ vllm\ (.*\ )?$PREFIX-vllm:$TAG\ serve\  ]] \
-  || die "make serve does not run vllm through --entrypoint vllm in $IMG_VLLM: ${serve_line:-no such command}"
+  || die "make serve does not run vllm through --entrypoint vllm in $VLLM_IMAGE: ${serve_line:-no such command}"
 score_in_vllm_image() {
   local m
   for m in $DEMO_MODELS; do
     clean_make "$WORK/vllm.home" "$WORK/vllm" score "${SCORE_SETTINGS[@]}" RUNNER=docker MODEL="${m#*=}" LABEL="${m%%=*}" \
-      NVFP4_COMPUTE=declared IMAGE_PREFIX=$PREFIX TAG="$TAG" DOCKER_USER="$CTR_USER" \
+      NVFP4_COMPUTE=declared IMAGE_PREFIX=$PREFIX TAG="$TAG" \
       DOCKER_ARGS="--network none --label qscore.test-images=$RUN_ID"
   done
 }
 step score-vllm-image score_in_vllm_image
 for m in $DEMO_MODELS; do
-  grep -q -E "docker run .* -u $CTR_USER .*-v $WORK/vllm/models:/models:ro .* $IMG_VLLM score --model \S+ --label ${m%%=*} " \
+  grep -q -E "docker run .* -u $CTR_USER_RE .*-v \S+:/hf:ro .*-v $WORK/vllm/models:/models:ro .* $VLLM_IMAGE score --model \S+ --label ${m%%=*} " \
     "$WORK/logs/score-vllm-image.log" \
-    || die "${m%%=*} was not scored in $IMG_VLLM as $CTR_USER with models/ read-only (see $WORK/logs/score-vllm-image.log)"
+    || die "${m%%=*} was not scored in $VLLM_IMAGE as $CTR_USER with models/ and the HF cache read-only (see $WORK/logs/score-vllm-image.log)"
 done
 ! grep -q -e '--gpus' "$WORK/logs/score-vllm-image.log" || die "the vLLM image's scoring asked for a GPU"
 say "images:"
