@@ -63,6 +63,8 @@ def _run(root: Path, docker: bool, logprobs=(-1.5, -0.25, -3.0)) -> Path:
         "bf16": {"model": f"{prefix}models/tiny-nvfp4", "content_hash": content_hash[:12]}}}))
     (report / "report.md").write_text(f"| bf16 | {prefix}models/tiny-nvfp4 | {content_hash[:12]} | 4.3 |\n")
     (report / "score.png").write_bytes(b"\x89PNG-same")
+    # a stage's lock file names the process that held it: another pid and time in every run
+    (root / "results" / "demo" / ".report.lock").write_text(f"pid {100 + docker} on {'0f3c2a' if docker else 'vm'}\n")
     return root
 
 
@@ -90,7 +92,7 @@ def test_equal_runs_pass_and_excluded_differences_are_shown(runs, capsys):
     assert "excluded phases_s.load_model: 10.9 (local) vs 6.7 (docker)" in out and "phases_s.save" not in out
     assert "  qscore.json: phases_s.*: how long each phase" in out
     assert "excluded set_fingerprint: '29be2f4b6a4b58dc' (local) vs 'ca93a830adaccb4f' (docker)" in out
-    assert ".ok" not in out  # make's stamps are not outputs
+    assert ".ok" not in out and ".lock" not in out  # make's stamps and the stages' locks are not outputs
     assert "0 differ, 0 missing" in out
     # the checkpoints' content hashes differ (they cover qscore.json) and are shown, then read as what they name
     local_hash, docker_hash = (checkpoint.inspect(r / "models/tiny-nvfp4").content_hash[:12] for r in runs)

@@ -273,12 +273,13 @@ def compare_file(rel: str, a: Path, b: Path, runs, parquet_excluded: dict[str, s
 
 
 def files(root: Path, sub: str) -> dict[str, Path]:
-    """Relative path -> file, for every file under root/sub, except make's .ok stamps (empty files)."""
+    """Relative path -> file, for every file under root/sub, except make's .ok stamps (empty files) and the
+    stages' lock files (they name the process that held them: another pid and time in every run)."""
     base = root / sub
     if not base.is_dir():
         return {}
     return {str(p.relative_to(root)): p for p in sorted(base.rglob("*"))
-            if p.is_file() and not p.name.endswith(".ok")}
+            if p.is_file() and not p.name.endswith((".ok", ".lock"))}
 
 
 def compare_runs(local: Path, docker: Path, results: str, runs: tuple[Run, Run] | None = None,

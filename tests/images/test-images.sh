@@ -364,6 +364,7 @@ demo_settings() {
   line=$(clean_make "$WORK/local.home" "$WORK/local" -n demo RUNNER=local VENV="$VENV_DIR" \
          | grep -E '^\S*make .* MODELS=.* RUNNER=local ' | head -n 1)
   [[ -n $line ]] || die "make -n demo prints no sub-make with MODELS=: cannot read the demo's settings"
+  line=${line%\\}  # a recipe line continued with a backslash: the continuation is not this sub-make's
   eval "words=($line)"
   for w in "${words[@]}"; do [[ ! $w =~ ^[A-Z][A-Z0-9_]*= ]] || printf '%s\0' "$w"; done
 }
