@@ -66,3 +66,20 @@ def test_stale_temporaries_of_dead_runs_go_and_those_of_live_ones_stay(tmp_path)
     atomic.remove_stale_temporaries(final)
     assert not gone_dir.exists() and not gone_file.exists()
     assert live.is_dir() and other.is_dir()  # a live run's work, and another directory's temporaries
+
+
+def test_datasets_cache_moves_under_cache_dir_when_hf_home_is_read_only(tmp_path, monkeypatch):
+    """In a container whose HF cache is mounted read-only, datasets' Arrow cache (written even for a local
+    file) goes under CACHE_DIR; with a writable HF_HOME it stays where datasets keeps it."""
+    from jobs.core import caches
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for key in ("HF_DATASETS_CACHE", *caches.cache_env(tmp_path).keys()):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HOME", str(hf))
+    assert "HF_DATASETS_CACHE" not in caches.use(tmp_path / "c1")
+    monkeypatch.setattr(caches.os, "access", lambda path, mode: False)  # as on a read-only mount
+    for key in caches.cache_env(tmp_path).keys():
+        monkeypatch.delenv(key, raising=False)
+    assert caches.use(tmp_path / "c2")["HF_DATASETS_CACHE"] == str(tmp_path / "c2" / "datasets")

@@ -33,11 +33,23 @@ def cache_env(root: str | os.PathLike) -> dict[str, str]:
     }
 
 
+def _hf_home_writable() -> bool:
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    probe = home / "datasets"
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK)  # False on a read-only mount (EROFS) too
+
+
 def use(root: str | os.PathLike | None) -> dict[str, str]:
     """Point the caches at ``root`` (created if missing), leaving any variable the user set alone."""
     if not root:
         return {}
     env = cache_env(root)
+    if not _hf_home_writable():
+        # datasets writes its Arrow cache even for a local file, under HF_HOME by default: with the HF cache
+        # mounted read-only (a job that reads no hub model or set), that cache goes here instead
+        env["HF_DATASETS_CACHE"] = str(Path(root) / "datasets")
     Path(root).mkdir(parents=True, exist_ok=True)
     applied = {}
     for key, value in env.items():
