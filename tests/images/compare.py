@@ -265,7 +265,7 @@ def compare_file(rel: str, a: Path, b: Path, runs, parquet_excluded: dict[str, s
         return compare_parquet(rel, a, b, runs, parquet_excluded)
     if name in EXCLUDED:
         return compare_json_file(rel, a, b, EXCLUDED[name], runs)
-    if name.endswith(".json") or (name.endswith(".log") and "/validate/" in rel):  # validate's report is JSON
+    if name.endswith(".json") or (name.endswith(".log") and "validate" in name):  # validate's report is JSON
         return compare_json_file(rel, a, b, {}, runs)
     if name.endswith((".md", ".yaml", ".jinja", ".txt")):
         return compare_text(rel, a, b, runs)
