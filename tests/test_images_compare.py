@@ -222,3 +222,19 @@ def test_vllm_image_scoring_still_needs_the_same_rows_and_every_label(runs, caps
     assert rc == 1 and "rows differ in logprob" in out
     rc, _, err = judge_scoring(local, docker, capsys, "--labels", "bf16,nvfp4", "--vllm-image")
     assert rc == 1 and "no Parquet file of nvfp4 under" in err
+
+
+def test_vllm_image_w4a4_rows_may_move_within_the_w4a4_path_noise_and_no_further(runs, capsys):
+    """W4A4 computed by the vLLM image's torch and compressed-tensors is another path: its rows may move by
+    W4A4's path noise (0.08 nats per token on average), never more, and no other arithmetic may move."""
+    local, docker = runs
+    w4a4 = {"runtime": {"torch": "2.13.0+cpu", "device": "cpu", "arithmetic": "W4A4 (emulated)"}}
+    _rewrite_part(local, meta=w4a4)
+    _rewrite_part(docker, logprobs=(-1.5, -0.30, -3.05), meta={"runtime": {**w4a4["runtime"], "torch": "2.11.0"}})
+    rc, out, _ = judge_scoring(local, docker, capsys, "--labels", "bf16", "--vllm-image")
+    assert rc == 0 and "W4A4 within its path noise (mean |Δ logprob| 0.0333" in out, out
+    _rewrite_part(docker, logprobs=(-1.5, -0.25, -3.5))  # 0.167 per token on average: beyond it
+    rc, out, _ = judge_scoring(local, docker, capsys, "--labels", "bf16", "--vllm-image")
+    assert rc == 1 and "rows differ in logprob" in out
+    rc, out, _ = judge_scoring(local, docker, capsys, "--labels", "bf16")  # the images' own demo: exact rows
+    assert rc == 1 and "rows differ in logprob" in out
