@@ -290,11 +290,12 @@ VLLM_WHEELS=$CACHE/vllm-wheels
 # What runs in the container. pip download resolves against PyPI and fetches only the wheels the wheelhouse
 # lacks; the install takes them from the wheelhouse alone; then the releases a newer resolution replaced
 # (vLLM's unpinned dependencies move) are deleted, so the wheelhouse does not grow with every run.
-# g++: the official image has a C compiler (Triton builds its launchers with it at run time); on the CPU,
-# compressed-tensors 0.17's FP4 rounding goes through torch.compile, whose CPU backend needs one too.
+# g++ and Python's headers: the official image has both (Triton builds its launchers, Python extensions, at
+# run time); on the CPU, compressed-tensors 0.17's FP4 rounding goes through torch.compile, whose CPU backend
+# compiles C++ against Python.h too.
 VLLM_INSTALL="set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off PIP_NO_CACHE_DIR=1
-apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null
+apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ python3-dev >/dev/null
 rm -rf /var/lib/apt/lists/*
 cd /tmp
 python3 -m pip download --dest /wheels vllm==$VLLM_VERSION transformers==$TRANSFORMERS_VERSION
