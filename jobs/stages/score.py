@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.core import atomic, hub, locks, progress, provenance
+from jobs.core.phases import Phases
 from jobs import engines
 from jobs.texts import evalsets, sampling
 from jobs.engines import rolling
-from jobs.archive import logprobs
+from jobs.archive import logprobs, tokens
 from jobs.archive.fingerprint import fingerprint
 from jobs.checkpoints.checkpoint import Checkpoint, check_max_model_len, inspect, tokenizer_hash
 from jobs.core.errors import ScoreError, SettingsError
@@ -106,12 +107,30 @@ def load_tokenizer(ref: str):
     return tok, path
 
 
+def token_cache_dir(results_dir) -> Path:
+    return Path(results_dir) / ".cache" / "tokens"
+
+
+def encode(evalset: evalsets.EvalSet, tok, tok_hash: str, cache_dir: Path | None, *, document: bool) -> list:
+    """The set's texts as token ids, from the token cache when another job already tokenized them."""
+    if document:  # lm-eval's rolling inputs: no special tokens (a prefix token is added per document)
+        encoder = lambda t: tok(t, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    else:
+        encoder = sampling.hf_encoder(tok)
+    key = tokens.cache_key(evalset.source, tok_hash, "document" if document else "default")
+    ids, reused = tokens.token_lists(cache_dir, key, lambda: sampling.tokenize(evalset.texts, encoder))
+    log.info("%s: %d texts %s", evalset.name, len(ids), f"from the token cache ({key})" if reused else "tokenized")
+    return ids
+
+
 def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, common: dict) -> Plan:
     roll = None
+    cache = token_cache_dir(s.results_dir)
     if evalset.source.get("kind") == "document":
-        samples, roll = document_samples(evalset, tok, s.engine.max_model_len, s.doc_stride)
+        ids = encode(evalset, tok, common["tokenizer_hash"], cache, document=True)
+        samples, roll = document_samples(evalset, tok, ids, s.engine.max_model_len, s.doc_stride)
     else:
-        ids = sampling.tokenize(evalset.texts, sampling.hf_encoder(tok))
+        ids = encode(evalset, tok, common["tokenizer_hash"], cache, document=False)
         samples = sampling.select(ids, s.engine.max_model_len)
     if not samples:
         raise ScoreError(
@@ -204,14 +223,13 @@ def staged_parts(plan: Plan) -> set[int]:
     return done
 
 
-def document_samples(evalset, tok, max_model_len: int, doc_stride: int):
-    """lm-eval's rolling loglikelihood inputs: each document tokenized without special tokens, after one
-    prefix token (BOS, else EOS), cut into windows of max_model_len - 8 tokens."""
+def document_samples(evalset, tok, ids, max_model_len: int, doc_stride: int):
+    """lm-eval's rolling loglikelihood inputs: each document's ids (tokenized without special tokens; whole
+    documents are longer than the model, so no truncation warning) after one prefix token (BOS, else EOS),
+    cut into windows of max_model_len - 8 tokens."""
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if prefix is None:
         raise ScoreError(f"{evalset.name}: the tokenizer has neither a BOS nor an EOS token to start a document")
-    # whole documents are longer than the model: no truncation warning, they are scored in windows
-    ids = [tok(t, add_special_tokens=False, verbose=False)["input_ids"] for t in evalset.texts]
     window = sampling.max_tokens(max_model_len)
     sampling.rolling_windows(2, window, doc_stride)  # a bad stride fails here, before any model is loaded
     evalset.source["rolling"] = {"window": window, "stride": doc_stride or window - 1, "prefix_token": int(prefix)}
@@ -225,6 +243,7 @@ def finish(plan: Plan) -> None:
 
 
 def run(*, settings: ScoreSettings) -> list[Path]:
+    phases = Phases()
     s = settings
     logprobs.check_label("model label", s.label)
     specs = evalsets.parse_specs(s.datasets)
@@ -236,10 +255,14 @@ def run(*, settings: ScoreSettings) -> list[Path]:
             if s.shard is not None:  # shards of a set write side by side; an unsharded run of it excludes them
                 held.enter_context(locks.hold(final.parent, what="dataset", shared=True))
             held.enter_context(locks.hold(final, what="dataset"))
-        return _run(s, specs)
+        try:
+            return _run(s, specs, phases)
+        finally:
+            phases.log(log, s.label)
 
 
-def _run(s: ScoreSettings, specs) -> list[Path]:
+def _run(s: ScoreSettings, specs, phases: Phases) -> list[Path]:
+    t_read = time.perf_counter()  # reading the checkpoint's config, the sets and the tokenizer; tokenizing
     model_path = hub.resolve(s.model, "model")
     ckpt = inspect(model_path)
     check_max_model_len(ckpt, s.engine.max_model_len)
@@ -267,27 +290,31 @@ def _run(s: ScoreSettings, specs) -> list[Path]:
     for p in plans:
         if p.skip:
             log.info("%s: already scored with the same inputs, skipped (%s)", p.final, p.fingerprint)
+    phases.add("read", time.perf_counter() - t_read)
     if not todo:
         return [p.final for p in plans]
 
     expected = sum(len(x.token_ids) for p in todo for k in p.todo for x in p.part_samples(k))
     # Batches never straddle a part boundary, so a resumed or sharded run computes each part exactly
     # as an uninterrupted one would (same batch shapes, same floating-point results).
-    engine = engines.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk), arithmetic=arith,
-                          expected_tokens=expected)
+    with phases("engine_start"):
+        engine = engines.load(backend_name, ckpt, s.engine.replace(window=s.part_size, max_logprobs=s.topk),
+                              arithmetic=arith, expected_tokens=expected)
     try:
-        info = engine.describe()
+        with phases("engine_start"):
+            info = engine.describe()
         if info.get("arithmetic", arith.label) != arith.label:
             raise ScoreError(f"{s.model}: planned {arith.label} but the engine computes {info.get('arithmetic')}")
         for p in todo:
-            write_dataset(p, engine, info, ckpt, s, tok_path, common)
+            write_dataset(p, engine, info, ckpt, s, tok_path, common, phases)
     finally:
-        engine.close()
+        with phases("shutdown"):
+            engine.close()
     return [p.final for p in plans]
 
 
 def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSettings, tok_path: Path,
-                  common: dict) -> None:
+                  common: dict, phases: Phases) -> None:
     from tqdm import tqdm
 
     plan.staging.mkdir(parents=True, exist_ok=True)
@@ -324,12 +351,18 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
         log, f"{s.label}/{plan.name}", len(plan.parts), len(plan.done), n_tokens)
     buffer: list = []
     remaining = list(todo)
+    scores = _scores(plan, engine, todo, s.topk)
     try:
-        for (k, _), seq in zip(queue, _scores(plan, engine, todo, s.topk)):
+        for k, _ in queue:
+            with phases("score"):
+                seq = next(scores, None)
+            if seq is None:
+                break
             buffer.append(seq)
             bar.update(1)
             if len(buffer) == len(plan.part_samples(k)):
-                _write_part(plan, k, buffer, s.topk, base_meta)
+                with phases("write"):
+                    _write_part(plan, k, buffer, s.topk, {**base_meta, "phases": phases.snapshot()})
                 remaining.remove(k)
                 if lines:
                     lines.part(sum(len(x.token_ids) for x in buffer))
@@ -344,7 +377,8 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
     if remaining:
         raise ScoreError(f"{plan.name}: the backend returned no results for parts {remaining}")
     seconds = time.perf_counter() - t0
-    finish(plan)
+    with phases("write"):
+        finish(plan)
     log.info("wrote %s (%d parts, %d rows): %d tokens scored in %.1f s, %.0f tokens/s", plan.final, len(plan.parts),
              plan.rows_total, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.core import atomic, hub, locks, progress, provenance
+from jobs.core.phases import Phases
 from jobs import engines
 from jobs.archive import tasks as task_archive
 from jobs.archive.fingerprint import fingerprint
@@ -113,14 +115,19 @@ def plan_task(name, task, settings, common) -> Plan:
 
 
 def run(*, settings: TasksSettings) -> list[Path]:
+    phases = Phases()
     check(settings)
     names = lmeval.parse_tasks(settings.tasks)
     progress.quiet_third_party()
     with contextlib.ExitStack() as held:
-        return _run(settings, names, held)
+        try:
+            return _run(settings, names, held, phases)
+        finally:
+            phases.log(log, settings.label)
 
 
-def _run(settings: TasksSettings, names, held: contextlib.ExitStack) -> list[Path]:
+def _run(settings: TasksSettings, names, held: contextlib.ExitStack, phases: Phases) -> list[Path]:
+    t_read = time.perf_counter()  # the checkpoint's config, lm-eval's task configs and their documents
     model_path = hub.resolve(settings.model, "model")
     ckpt = inspect(model_path)
     tok_hash = tokenizer_hash(model_path)
@@ -135,30 +142,37 @@ def _run(settings: TasksSettings, names, held: contextlib.ExitStack) -> list[Pat
         if p.skip:
             log.info("%s: already evaluated with the same inputs, skipped (%s)", p.final, p.fingerprint)
     todo = [p for p in plans if not p.skip]
+    phases.add("read", time.perf_counter() - t_read)
     if not todo:
         return [p.final for p in plans]
-    lm, engine = lmeval.load_lm(backend, ckpt, settings.engine, arith, batch_size=settings.batch_size,
-                                add_bos_token=settings.add_bos_token, engine_kwargs=settings.engine_kwargs)
+    with phases("engine_start"):
+        lm, engine = lmeval.load_lm(backend, ckpt, settings.engine, arith, batch_size=settings.batch_size,
+                                    add_bos_token=settings.add_bos_token, engine_kwargs=settings.engine_kwargs)
     try:
-        runtime = {**engine.describe(), **provenance.versions("vllm", "transformers", "torch", "compressed-tensors",
-                                                              "lm_eval")}
+        with phases("engine_start"):
+            runtime = {**engine.describe(), **provenance.versions("vllm", "transformers", "torch",
+                                                                  "compressed-tensors", "lm_eval")}
         for i, p in enumerate(todo):
             log.info("%s: task %d/%d", p.name, i + 1, len(todo))  # a batch log's progress: lm-eval's bars are off
             try:
-                records, entry = lmeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot,
-                                                 limit=settings.limit, chat_template=settings.chat_template,
-                                                 fewshot_as_multiturn=settings.fewshot_as_multiturn)
+                with phases("score"):
+                    records, entry = lmeval.evaluate(lm, tm, p.task, num_fewshot=settings.num_fewshot,
+                                                     limit=settings.limit, chat_template=settings.chat_template,
+                                                     fewshot_as_multiturn=settings.fewshot_as_multiturn)
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler
                 log.warning("interrupted — %d of %d tasks kept, run the same command again to resume",
                             len(plans) - len(todo) + i, len(plans))
                 raise
-            write(p, records, entry, settings, ckpt, model_path, tok_hash, runtime)
+            with phases("write"):
+                write(p, records, entry, settings, ckpt, model_path, tok_hash, runtime, phases.snapshot())
     finally:
-        engine.close()
+        with phases("shutdown"):
+            engine.close()
     return [p.final for p in plans]
 
 
-def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path, tok_hash, runtime) -> None:
+def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path, tok_hash, runtime,
+          phases: dict) -> None:
     metrics = lmeval.per_sample_metrics(records, plan.info["metrics"])
     names = [m["name"] for m in metrics]
     table = task_archive.rows_to_table(lmeval.sample_rows(plan.task, records, names), names)
@@ -184,6 +198,7 @@ def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path,
         "results": {"lm_eval": entry.get("results"), "n_samples": entry.get("n-samples"),
                     "higher_is_better": entry.get("higher_is_better")},
         "runtime": runtime,
+        "phases": phases,
         "counts": {"docs": len({r.as_py() for r in table.column("doc_id")}), "rows_total": table.num_rows},
         "command": provenance.command_line(),
         "created": provenance.now(),

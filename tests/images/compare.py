@@ -55,6 +55,7 @@ FINGERPRINT = ("a hash of the job's inputs as the stage saw them, which include 
 EXCLUDED: dict[str, dict[str, str]] = {
     "parquet": {
         "created": "when the part was written",
+        "phases.*": "how long each phase of the job took",
         "fingerprint": FINGERPRINT,
         "set_fingerprint": FINGERPRINT,
     },
@@ -299,13 +300,15 @@ def compare_file(rel: str, a: Path, b: Path, runs, parquet_excluded: dict[str, s
 
 
 def files(root: Path, sub: str) -> dict[str, Path]:
-    """Relative path -> file, for every file under root/sub, except make's .ok stamps (empty files) and the
-    stages' lock files (they name the process that held them: another pid and time in every run)."""
+    """Relative path -> file, for every file under root/sub, except make's .ok stamps (empty files), the
+    stages' lock files (they name the process that held them: another pid and time in every run) and the
+    token cache under .cache/ (named by the tokenizers release of the image that filled it; the ids it
+    holds are compared as the Parquet parts' token_id column)."""
     base = root / sub
     if not base.is_dir():
         return {}
     return {str(p.relative_to(root)): p for p in sorted(base.rglob("*"))
-            if p.is_file() and not p.name.endswith((".ok", ".lock"))}
+            if p.is_file() and not p.name.endswith((".ok", ".lock")) and ".cache" not in p.relative_to(base).parts}
 
 
 def compare_runs(local: Path, docker: Path, results: str, runs: tuple[Run, Run] | None = None,
