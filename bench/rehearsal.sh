@@ -51,6 +51,9 @@ for part in sorted(glob.glob(f"{results}/logprobs/model=*/dataset=*/part-00000.p
                       "compile": rt.get("compile_reason"), "engine_start": rt.get("engine_start"),
                       "rows": m["counts"]["rows_total"]}))
 PY
+  # each job's phases (jobs.core.phases: its last log line), as one record per job
+  grep -ho "phases [A-Za-z0-9._+~-]* {.*}" "$OUT"/eval-*"$2"*.log 2>/dev/null | while read -r _ label json; do
+    record "{\"step\": \"phases-$2\", \"model\": \"$label\", \"phases\": $json}"; done || true
   grep -ho "dataset=[a-z0-9_]* ([0-9]* parts, [0-9]* rows): [0-9]* tokens scored in [0-9.]* s, [0-9]* tokens/s" \
     "$OUT"/eval-*"$2"*.log 2>/dev/null | sed 's/^/SPEED /' || true
 }
@@ -84,6 +87,18 @@ case $step in
         --results-dir "$W/results-restart"
     done
     starts "$W/results-restart" restart;;
-  table) cat "$OUT/rehearsal.jsonl";;
+  table)  # every record, then each job's phases as a table: where the wall time went, fixed cost = wall - score
+    cat "$OUT/rehearsal.jsonl"
+    python3 - "$OUT/rehearsal.jsonl" <<'PY'
+import json, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if r.get("step", "").startswith("phases-")]
+cols = ["startup", "read", "engine_start", "score", "write", "shutdown", "other", "wall"]
+print(f"{'run':<12}{'job':<22}" + "".join(f"{c:>13}" for c in cols) + f"{'fixed':>9}")
+for r in rows:
+    p = r["phases"]
+    print(f"{r['step'][7:]:<12}{r['model']:<22}" + "".join(f"{p.get(c, 0):>13.1f}" for c in cols)
+          + f"{p['wall'] - p.get('score', 0):>9.1f}")
+PY
+    ;;
   *) echo "unknown step $step"; exit 2;;
 esac

@@ -272,8 +272,10 @@ class VllmBackend:
         self.arithmetic = arithmetic
         spec = engine_spec(self.path, options, arithmetic, scoring=True, expected_tokens=expected_tokens)
         spec.apply_env()
-        from vllm import LLM
+        t_import = time.perf_counter()
+        from vllm import LLM  # timed: the first import of vLLM is a large part of a job's fixed cost
 
+        import_s = round(time.perf_counter() - t_import, 2)
         self.kwargs = kwargs = spec.kwargs
         self.compile_reason = spec.compile_reason
         capture = _Capture()
@@ -293,7 +295,8 @@ class VllmBackend:
         finally:
             vllm_logger.removeHandler(capture)
             vllm_logger.setLevel(level)
-        self.start = {"engine_start_s": round(time.perf_counter() - t0, 2), **parse_start_log(capture.lines)}
+        self.start = {"engine_start_s": round(time.perf_counter() - t0, 2), "import_s": import_s,
+                      **parse_start_log(capture.lines)}
         self._kernels: dict[str, int] | None = None
         problem = arith_mod.kernel_problem(self.arithmetic, self.kernels())
         if problem:
