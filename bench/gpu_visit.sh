@@ -3,10 +3,13 @@
 # that follow each other within the machine's 30 s of grace:
 #   bash bench/gpu_visit.sh start      unpack what has arrived; in the background (setsid, it outlives the
 #                                      call): the reference sets, a 14B checkpoint and its quantization on
-#                                      GPU 0, 1.7B and 8B checkpoints on GPU 1
+#                                      GPU 0, 1.7B and 8B checkpoints on the test GPU (with two GPUs)
 #   bash bench/gpu_visit.sh status     what the background has done
-#   bash bench/gpu_visit.sh tests      the gpu-marked tests on GPU 1 (GPU 0 may still be quantizing)
-#   bash bench/gpu_visit.sh rehearsal  14B eval cold and warm (GPU 0), then the 1.7B restart
+#   bash bench/gpu_visit.sh tests      the gpu-marked tests on the test GPU (ARGS: pytest's, e.g. -k ...)
+#   bash bench/gpu_visit.sh tasks      the tasks stage's gpu tests on the test GPU
+#   bash bench/gpu_visit.sh rehearsal  14B eval cold and warm (GPU 0), then the 1.7B restart (two GPUs)
+# The test GPU is GPU 1 where there are two (GPU 0 may still be quantizing), else GPU 0, shared with the
+# background's quantize: the tests' tiny models need little of it, but its timings are then not alone.
 #   bash bench/gpu_visit.sh multigpu   bench/multi_gpu.sh 8B on both GPUs, then the 8B emulation bench
 # Results under $OUT (the device tool's output folder) and /tmp/rehearsal/out.
 set -uo pipefail
@@ -23,24 +26,34 @@ printf '#!/bin/sh\nPYTHONPATH=%s:%s:%s VLLM_LOGGING_STREAM=ext://sys.stderr exec
 chmod +x /tmp/pyq /tmp/pyv
 export PY_QUANT=/tmp/pyq PY_VLLM=/tmp/pyv PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TOKENIZER_DIR=$PWD/.gpu-fixtures/tiny-bf16
+ngpu=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)
+TEST_GPU=$(( ngpu > 1 ? 1 : 0 ))
 copy_out() { cp "$W/out/"*.jsonl "$OUT/" 2>/dev/null; cp "$W/bg.log" "$OUT/" 2>/dev/null; true; }
 case ${1:-status} in
   start)
     nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$OUT/gpus.txt"
     [ -n "$q" ] || { echo "quantize runtime missing"; exit 3; }
-    setsid nohup bash -c "GPU=0 bash bench/rehearsal.sh prep 14B && { (GPU=1 bash bench/rehearsal.sh prep 1.7B; \
-      GPU=1 bash bench/rehearsal.sh prep 8B) & GPU=0 bash bench/rehearsal.sh quantize 14B; wait; }; echo BACKGROUND-DONE" \
-      > "$W/bg.log" 2>&1 < /dev/null &
+    small="(GPU=1 OUT=$W/out bash bench/rehearsal.sh prep 1.7B; GPU=1 OUT=$W/out bash bench/rehearsal.sh prep 8B) &"
+    [ "$ngpu" -gt 1 ] || small=
+    setsid nohup bash -c "GPU=0 OUT=$W/out bash bench/rehearsal.sh prep 14B && { $small GPU=0 OUT=$W/out bash bench/rehearsal.sh quantize 14B; \
+      wait; }; echo BACKGROUND-DONE" > "$W/bg.log" 2>&1 < /dev/null &
     sleep 5; tail -3 "$W/bg.log";;
   status) tail -5 "$W/bg.log"; copy_out;;
   tests)
     [ -n "$v" ] || { echo "vLLM runtime missing"; exit 3; }
-    CUDA_VISIBLE_DEVICES=1 QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 bash tests/gpu_session.sh tests
+    CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
+      bash tests/gpu_session.sh tests "${@:2}"
+    tail -3 "$W/bg.log"; copy_out;;
+  tasks)
+    CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
+      bash tests/gpu_session.sh tasks
     tail -3 "$W/bg.log"; copy_out;;
   rehearsal)
     until grep -q "BACKGROUND-DONE\|FAILED" "$W/bg.log"; do sleep 5; done; grep FAILED -A 20 "$W/bg.log" && exit 1
-    GPU=0 bash bench/rehearsal.sh eval 14B cold && GPU=0 bash bench/rehearsal.sh eval 14B warm
-    GPU=1 bash bench/rehearsal.sh restart 1.7B; copy_out; cp "$W/out/summary-"* "$OUT/" 2>/dev/null;;
+    GPU=0 OUT=$W/out bash bench/rehearsal.sh eval 14B cold && GPU=0 OUT=$W/out bash bench/rehearsal.sh eval 14B warm
+    [ "$ngpu" -lt 2 ] || GPU=1 OUT=$W/out bash bench/rehearsal.sh restart 1.7B
+    OUT=$W/out bash bench/rehearsal.sh table > "$OUT/rehearsal-table.txt"; cat "$OUT/rehearsal-table.txt" | tail -12
+    copy_out; cp "$W/out/summary-"* "$OUT/" 2>/dev/null;;
   multigpu)
     bash bench/multi_gpu.sh 8B; copy_out
     CUDA_VISIBLE_DEVICES=0 /tmp/pyv bench/bench_score.py --shape 8B --formats nvfp4-w4a4 --no-hf --no-enforce-eager \
