@@ -171,6 +171,7 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
     from jobs.texts.evalsets import EvalSet
     from jobs.core.settings import ScoreSettings
     from jobs.stages import score as stage
+    from jobs.core.phases import Phases
 
     tokens = sum(len(s.token_ids) for s in samples)
     topk = options.max_logprobs or 1
@@ -188,14 +189,14 @@ def run_vllm(path: Path, samples, options, results: Path) -> dict:
         shutil.rmtree(results, ignore_errors=True)
         final = results / "dataset=random"
         part_size = 32
-        plan = stage.Plan("random", list(samples), EvalSet("random", [], {"dataset": "random tokens"}),
-                          list(range(stage.n_parts(len(samples), part_size))), part_size, final,
-                          stage.staging_dir(final), "bench", "bench")
+        setrun = stage.SetRun("random", list(samples), EvalSet("random", [], {"dataset": "random tokens"}),
+                              list(range(stage.n_parts(len(samples), part_size))), part_size, final,
+                              stage.staging_dir(final), "bench", "bench")
         ckpt = SimpleNamespace(content_hash="bench", architecture="Qwen3ForCausalLM", path=path,
                                quant=SimpleNamespace(method=None, format=None, scheme=None, group_size=None, ignore=[]))
         settings = ScoreSettings(model=str(path), label="bench", engine=options, part_size=part_size, topk=topk)
         t = time.perf_counter()
-        stage.write_dataset(plan, eng, {"backend": "vllm"}, ckpt, settings, path, {"tokenizer_hash": "-"})
+        stage.write_dataset(setrun, eng, {"backend": "vllm"}, ckpt, settings, path, {"tokenizer_hash": "-"}, Phases())
         staged = time.perf_counter() - t
         info = eng.describe()
         eng.close()

@@ -17,7 +17,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from jobs.core import atomic
@@ -155,6 +154,8 @@ def hive_dirs(root: Path, key: str) -> dict[str, dict[str, Path]]:
     lock files, temporaries) and opens no file."""
     if not root.is_dir():
         return {}
+    import pyarrow.dataset as ds  # readers only: it imports pandas, seconds of every scoring job's start-up
+
     strings = pa.schema([("model", pa.string()), (key, pa.string()), ("shard", pa.string())])
     found: dict[str, dict[str, Path]] = {}
     for frag in ds.dataset(root, format="parquet", partitioning=ds.partitioning(strings, flavor="hive")
@@ -206,6 +207,8 @@ def read_parts(directory: Path, columns: Sequence[str] | None = None, *, require
             raise ArchiveError(f"{p}: written by a different run than {parts[0].name} (settings differ)")
     # One scan of every part (pyarrow reads several at once, in the parts' order), without the partition
     # columns: the rows are the parts' own.
+    import pyarrow.dataset as ds
+
     try:
         table = ds.dataset([str(p) for p in parts], schema=schema0, format="parquet").to_table(
             columns=list(columns) if columns else None)

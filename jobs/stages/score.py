@@ -41,7 +41,7 @@ PROGRESS = "_progress.json"
 
 
 @dataclass
-class Plan:
+class SetRun:
     name: str
     samples: list[sampling.Sample]  # every scored text of the set, in order
     evalset: evalsets.EvalSet
@@ -123,7 +123,7 @@ def encode(evalset: evalsets.EvalSet, tok, tok_hash: str, cache_dir: Path | None
     return ids
 
 
-def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, common: dict) -> Plan:
+def prepare_set(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, common: dict) -> SetRun:
     roll = None
     cache = token_cache_dir(s.results_dir)
     if evalset.source.get("kind") == "document":
@@ -142,9 +142,9 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
     fp = set_fp if s.shard is None else fingerprint({"set": set_fp, "shard": str(s.shard)})
     final = output_dir(s.results_dir, s.label, name, s.shard)
     total = n_parts(len(samples), s.part_size)
-    plan = Plan(name, samples, evalset, shard_parts(total, s.shard), s.part_size, final, staging_dir(final), fp, set_fp,
+    setrun = SetRun(name, samples, evalset, shard_parts(total, s.shard), s.part_size, final, staging_dir(final), fp, set_fp,
                 rolling=roll)
-    if not plan.parts:
+    if not setrun.parts:
         raise ScoreError(f"{name}: shard {s.shard} is empty: the set has only {total} parts of {s.part_size} texts "
                          "(use fewer shards or a smaller --part-size)")
     if s.shard is not None and logprobs.part_files(final.parent) and not s.overwrite:
@@ -154,28 +154,28 @@ def plan_dataset(name: str, evalset: evalsets.EvalSet, tok, s: ScoreSettings, co
         parts = logprobs.part_files(final)
         old = logprobs.read_metadata(parts[0]).get("fingerprint") if parts else None
         if old == fp and not s.overwrite:
-            plan.skip = True
-            return plan
+            setrun.skip = True
+            return setrun
         if not s.overwrite:
             raise ScoreError(
                 f"{final} already holds a run with other settings (fingerprint {old} != {fp}); "
                 "pass --overwrite to replace it, or use another --label"
             )
-    if plan.staging.exists():
-        old = read_progress(plan.staging).get("fingerprint")
+    if setrun.staging.exists():
+        old = read_progress(setrun.staging).get("fingerprint")
         if old != fp:  # an interrupted run of the same inputs is always resumed, --overwrite or not
             if not s.overwrite:
                 raise ScoreError(
-                    f"{plan.staging} holds an interrupted run with other settings; pass --overwrite "
+                    f"{setrun.staging} holds an interrupted run with other settings; pass --overwrite "
                     "to discard it"
                 )
-            shutil.rmtree(plan.staging)
-    if plan.staging.exists():
-        for name in [PROGRESS, *(part_name(k) for k in plan.parts)]:
-            atomic.remove_stale_temporaries(plan.staging / name)  # a killed run's: never renamed, never complete
-        plan.digests = read_progress(plan.staging).get("parts", {})
-        plan.done = staged_parts(plan)
-    return plan
+            shutil.rmtree(setrun.staging)
+    if setrun.staging.exists():
+        for name in [PROGRESS, *(part_name(k) for k in setrun.parts)]:
+            atomic.remove_stale_temporaries(setrun.staging / name)  # a killed run's: never renamed, never complete
+        setrun.digests = read_progress(setrun.staging).get("parts", {})
+        setrun.done = staged_parts(setrun)
+    return setrun
 
 
 def part_name(k: int) -> str:
@@ -201,19 +201,19 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def staged_parts(plan: Plan) -> set[int]:
+def staged_parts(setrun: SetRun) -> set[int]:
     """The staged parts a resumed run keeps: parts of this run whose bytes are those its writer recorded
     (the digest goes into the progress file before the part is renamed into place). Any other file there,
     damaged or made by hand, is removed and its part scored again: it never reaches the archive."""
     done = set()
-    for p in logprobs.part_files(plan.staging):
+    for p in logprobs.part_files(setrun.staging):
         m = re.fullmatch(r"part-(\d{5})\.parquet", p.name)
         k = int(m.group(1)) if m else None
-        if k not in plan.parts:
+        if k not in setrun.parts:
             why = "not a part of this run"
-        elif plan.digests.get(p.name) is None:
+        elif setrun.digests.get(p.name) is None:
             why = "no digest was recorded for it"
-        elif file_digest(p) != plan.digests[p.name]:
+        elif file_digest(p) != setrun.digests[p.name]:
             why = "its bytes differ from those written"
         else:
             done.add(k)
@@ -236,10 +236,10 @@ def document_samples(evalset, tok, ids, max_model_len: int, doc_stride: int):
     return sampling.documents(ids, prefix), (window, doc_stride or window - 1)
 
 
-def finish(plan: Plan) -> None:
+def finish(setrun: SetRun) -> None:
     """Move the completed staging directory into place; an older dataset goes only after that."""
-    (plan.staging / PROGRESS).unlink(missing_ok=True)
-    atomic.replace_dir(plan.staging, plan.final)
+    (setrun.staging / PROGRESS).unlink(missing_ok=True)
+    atomic.replace_dir(setrun.staging, setrun.final)
 
 
 def run(*, settings: ScoreSettings) -> list[Path]:
@@ -278,21 +278,21 @@ def _run(s: ScoreSettings, specs, phases: Phases) -> list[Path]:
         "backend": backend_name, "dtype": s.engine.dtype, "arithmetic": arith.label, **arith.fingerprint_fields(),
     }
     limits = dict(s.limits)
-    plans = [plan_dataset(name, evalsets.load_set(name, path, limits), tok, s, common) for name, path in specs]
-    for p in plans:
+    setruns = [prepare_set(name, evalsets.load_set(name, path, limits), tok, s, common) for name, path in specs]
+    for p in setruns:
         top = max(max(x.token_ids) for x in p.samples)
         if vocab and top >= vocab:
             raise ScoreError(
                 f"tokenizer {s.tokenizer or s.model!r} produces id {top} but the model's vocabulary has "
                 f"{vocab}: score every model of a comparison with a tokenizer it shares"
             )
-    todo = [p for p in plans if not p.skip]
-    for p in plans:
+    todo = [p for p in setruns if not p.skip]
+    for p in setruns:
         if p.skip:
             log.info("%s: already scored with the same inputs, skipped (%s)", p.final, p.fingerprint)
     phases.add("read", time.perf_counter() - t_read)
     if not todo:
-        return [p.final for p in plans]
+        return [p.final for p in setruns]
 
     expected = sum(len(x.token_ids) for p in todo for k in p.todo for x in p.part_samples(k))
     # Batches never straddle a part boundary, so a resumed or sharded run computes each part exactly
@@ -310,48 +310,48 @@ def _run(s: ScoreSettings, specs, phases: Phases) -> list[Path]:
     finally:
         with phases("shutdown"):
             engine.close()
-    return [p.final for p in plans]
+    return [p.final for p in setruns]
 
 
-def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSettings, tok_path: Path,
+def write_dataset(setrun: SetRun, engine, info: dict, ckpt: Checkpoint, s: ScoreSettings, tok_path: Path,
                   common: dict, phases: Phases) -> None:
     from tqdm import tqdm
 
-    plan.staging.mkdir(parents=True, exist_ok=True)
-    _record(plan)
-    if plan.done:
-        log.info("%s: resuming, %d of %d parts already written", plan.name, len(plan.done), len(plan.parts))
+    setrun.staging.mkdir(parents=True, exist_ok=True)
+    _record(setrun)
+    if setrun.done:
+        log.info("%s: resuming, %d of %d parts already written", setrun.name, len(setrun.done), len(setrun.parts))
     q = ckpt.quant
     base_meta = {
         "schema_version": logprobs.SCHEMA_VERSION,
-        "fingerprint": plan.fingerprint,
-        "set_fingerprint": plan.set_fingerprint,
+        "fingerprint": setrun.fingerprint,
+        "set_fingerprint": setrun.set_fingerprint,
         "shard": None if s.shard is None else {"index": s.shard.index, "count": s.shard.count},
         "model": {"label": s.label, "ref": s.model, "path": str(ckpt.path), "content_hash": ckpt.content_hash,
                   "architecture": ckpt.architecture},
         "quantization": {"method": q.method, "format": q.format, "scheme": q.scheme,
                          "group_size": q.group_size, "ignore": q.ignore},
         "tokenizer": {"name": s.tokenizer or s.model, "path": str(tok_path), "hash": common["tokenizer_hash"]},
-        "dataset": {"name": plan.name, **plan.evalset.source},
+        "dataset": {"name": setrun.name, **setrun.evalset.source},
         "sampling": {"max_model_len": s.engine.max_model_len, "max_tokens": sampling.max_tokens(s.engine.max_model_len),
                      "min_tokens": sampling.MIN_TOKENS, "topk": s.topk, "part_size": s.part_size,
-                     "truncated_texts": sum(x.truncated for x in plan.samples)},
+                     "truncated_texts": sum(x.truncated for x in setrun.samples)},
         "runtime": {**info, **provenance.versions("vllm", "transformers", "torch", "compressed-tensors")},
-        "counts": {"rows_total": plan.rows_total, "texts_total": sum(len(plan.part_samples(k)) for k in plan.parts),
-                   "texts_in_set": len(plan.evalset.texts), "texts_scored_in_set": len(plan.samples),
-                   "parts_total": len(plan.parts), "parts_in_set": n_parts(len(plan.samples), plan.part_size)},
+        "counts": {"rows_total": setrun.rows_total, "texts_total": sum(len(setrun.part_samples(k)) for k in setrun.parts),
+                   "texts_in_set": len(setrun.evalset.texts), "texts_scored_in_set": len(setrun.samples),
+                   "parts_total": len(setrun.parts), "parts_in_set": n_parts(len(setrun.samples), setrun.part_size)},
         "command": provenance.command_line(),
     }
-    todo = plan.todo
-    queue = [(k, x) for k in todo for x in plan.part_samples(k)]
+    todo = setrun.todo
+    queue = [(k, x) for k in todo for x in setrun.part_samples(k)]
     t0, n_tokens = time.perf_counter(), sum(len(x.token_ids) for _, x in queue)
     # a bar on a terminal (tqdm draws nothing elsewhere), a line per part in a batch log
-    bar = tqdm(total=len(queue), desc=f"{s.label}/{plan.name}", unit="text", file=sys.stderr, disable=None)
+    bar = tqdm(total=len(queue), desc=f"{s.label}/{setrun.name}", unit="text", file=sys.stderr, disable=None)
     lines = None if progress.on_terminal() else progress.PartProgress(
-        log, f"{s.label}/{plan.name}", len(plan.parts), len(plan.done), n_tokens)
+        log, f"{s.label}/{setrun.name}", len(setrun.parts), len(setrun.done), n_tokens)
     buffer: list = []
     remaining = list(todo)
-    scores = _scores(plan, engine, todo, s.topk)
+    scores = _scores(setrun, engine, todo, s.topk)
     try:
         for k, _ in queue:
             with phases("score"):
@@ -360,52 +360,52 @@ def write_dataset(plan: Plan, engine, info: dict, ckpt: Checkpoint, s: ScoreSett
                 break
             buffer.append(seq)
             bar.update(1)
-            if len(buffer) == len(plan.part_samples(k)):
+            if len(buffer) == len(setrun.part_samples(k)):
                 with phases("write"):
-                    _write_part(plan, k, buffer, s.topk, {**base_meta, "phases": phases.snapshot()})
+                    _write_part(setrun, k, buffer, s.topk, {**base_meta, "phases": phases.snapshot()})
                 remaining.remove(k)
                 if lines:
                     lines.part(sum(len(x.token_ids) for x in buffer))
                 buffer = []
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler
         bar.close()
-        kept = len(plan.parts) - len(remaining)
+        kept = len(setrun.parts) - len(remaining)
         log.warning("%s: interrupted — %d of %d parts kept in %s, run the same command again to resume",
-                    plan.name, kept, len(plan.parts), plan.staging)
+                    setrun.name, kept, len(setrun.parts), setrun.staging)
         raise
     bar.close()
     if remaining:
-        raise ScoreError(f"{plan.name}: the backend returned no results for parts {remaining}")
+        raise ScoreError(f"{setrun.name}: the backend returned no results for parts {remaining}")
     seconds = time.perf_counter() - t0
     with phases("write"):
-        finish(plan)
-    log.info("wrote %s (%d parts, %d rows): %d tokens scored in %.1f s, %.0f tokens/s", plan.final, len(plan.parts),
-             plan.rows_total, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
+        finish(setrun)
+    log.info("wrote %s (%d parts, %d rows): %d tokens scored in %.1f s, %.0f tokens/s", setrun.final, len(setrun.parts),
+             setrun.rows_total, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
 
 
-def _scores(plan: Plan, engine, parts: list[int], topk: int):
+def _scores(setrun: SetRun, engine, parts: list[int], topk: int):
     """The parts' sequences, in order: plain texts submitted at once; documents one part at a time, in
     rolling windows (a resumed or sharded run batches them alike)."""
-    if plan.rolling is None:
-        yield from engine.score([x for k in parts for x in plan.part_samples(k)], topk=topk)
+    if setrun.rolling is None:
+        yield from engine.score([x for k in parts for x in setrun.part_samples(k)], topk=topk)
         return
-    window, stride = plan.rolling
+    window, stride = setrun.rolling
     for k in parts:
-        yield from rolling.score_documents(engine, plan.part_samples(k), topk, window, stride)
+        yield from rolling.score_documents(engine, setrun.part_samples(k), topk, window, stride)
 
 
-def _record(plan: Plan) -> None:
-    atomic.write_text(plan.staging / PROGRESS, json.dumps({"fingerprint": plan.fingerprint, "parts": plan.digests}))
+def _record(setrun: SetRun) -> None:
+    atomic.write_text(setrun.staging / PROGRESS, json.dumps({"fingerprint": setrun.fingerprint, "parts": setrun.digests}))
 
 
-def _write_part(plan: Plan, k: int, seqs, topk: int, base_meta: dict) -> None:
+def _write_part(setrun: SetRun, k: int, seqs, topk: int, base_meta: dict) -> None:
     table = logprobs.sequences_to_table(seqs, topk)
     meta = {**base_meta, "created": provenance.now(),
             "part": {"index": k, "rows": table.num_rows, "texts": len(seqs),
                      "first_sample_id": seqs[0].sample_id, "last_sample_id": seqs[-1].sample_id}}
 
     def record(tmp: Path) -> None:  # the digest is on disk before the part is: every part there has one
-        plan.digests[part_name(k)] = file_digest(tmp)
-        _record(plan)
+        setrun.digests[part_name(k)] = file_digest(tmp)
+        _record(setrun)
 
-    logprobs.atomic_write_table(table, plan.staging / part_name(k), meta, before_rename=record)
+    logprobs.atomic_write_table(table, setrun.staging / part_name(k), meta, before_rename=record)

@@ -62,7 +62,7 @@ class TasksSettings:
 
 
 @dataclass
-class Plan:
+class TaskRun:
     name: str
     task: object
     info: dict
@@ -95,23 +95,23 @@ def _common(settings: TasksSettings, ckpt, tok_hash: str, backend: str, arith) -
             "batch_size": settings.batch_size if backend == "transformers" else "auto", "seeds": lmeval.SEEDS}
 
 
-def plan_task(name, task, settings, common) -> Plan:
+def prepare_task(name, task, settings, common) -> TaskRun:
     info = lmeval.describe_task(task, num_fewshot=settings.num_fewshot, limit=settings.limit)
     fp = fingerprint({**common, "task": name, "task_version": info["version"], "config_hash": info["config_hash"],
                       "docs_digest": info["docs_digest"], "num_fewshot": info["num_fewshot"],
                       "limit": settings.limit})
     final = task_archive.task_dir(settings.results_dir, settings.label, name)
     atomic.remove_stale_temporaries(final)
-    plan = Plan(name, task, info, final, fp)
+    taskrun = TaskRun(name, task, info, final, fp)
     if final.exists():
         old = task_archive.read_fingerprint(final)
         if old == fp and not settings.overwrite:
-            plan.skip = True
+            taskrun.skip = True
         elif not settings.overwrite:
             raise SettingsError(
                 f"{final} already holds a run with other settings (fingerprint {old} != {fp}); "
                 "pass --overwrite to replace it, or use another --label")
-    return plan
+    return taskrun
 
 
 def run(*, settings: TasksSettings) -> list[Path]:
@@ -137,14 +137,14 @@ def _run(settings: TasksSettings, names, held: contextlib.ExitStack, phases: Pha
     common = _common(settings, ckpt, tok_hash, backend, arith)
     for name in tasks:  # before anything already there is looked at
         held.enter_context(locks.hold(task_archive.task_dir(settings.results_dir, settings.label, name), what="task"))
-    plans = [plan_task(name, task, settings, common) for name, task in tasks.items()]
-    for p in plans:
+    taskruns = [prepare_task(name, task, settings, common) for name, task in tasks.items()]
+    for p in taskruns:
         if p.skip:
             log.info("%s: already evaluated with the same inputs, skipped (%s)", p.final, p.fingerprint)
-    todo = [p for p in plans if not p.skip]
+    todo = [p for p in taskruns if not p.skip]
     phases.add("read", time.perf_counter() - t_read)
     if not todo:
-        return [p.final for p in plans]
+        return [p.final for p in taskruns]
     with phases("engine_start"):
         lm, engine = lmeval.load_lm(backend, ckpt, settings.engine, arith, batch_size=settings.batch_size,
                                     add_bos_token=settings.add_bos_token, engine_kwargs=settings.engine_kwargs)
@@ -161,33 +161,33 @@ def _run(settings: TasksSettings, names, held: contextlib.ExitStack, phases: Pha
                                                      fewshot_as_multiturn=settings.fewshot_as_multiturn)
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler
                 log.warning("interrupted — %d of %d tasks kept, run the same command again to resume",
-                            len(plans) - len(todo) + i, len(plans))
+                            len(taskruns) - len(todo) + i, len(taskruns))
                 raise
             with phases("write"):
                 write(p, records, entry, settings, ckpt, model_path, tok_hash, runtime, phases.snapshot())
     finally:
         with phases("shutdown"):
             engine.close()
-    return [p.final for p in plans]
+    return [p.final for p in taskruns]
 
 
-def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path, tok_hash, runtime,
+def write(taskrun: TaskRun, records, entry, settings: TasksSettings, ckpt, model_path, tok_hash, runtime,
           phases: dict) -> None:
-    metrics = lmeval.per_sample_metrics(records, plan.info["metrics"])
+    metrics = lmeval.per_sample_metrics(records, taskrun.info["metrics"])
     names = [m["name"] for m in metrics]
-    table = task_archive.rows_to_table(lmeval.sample_rows(plan.task, records, names), names)
-    if entry.get("n-shot") is not None and entry["n-shot"] != plan.info["num_fewshot"]:
-        log.warning("%s: lm-eval used %s shots, planned %s", plan.name, entry["n-shot"], plan.info["num_fewshot"])
+    table = task_archive.rows_to_table(lmeval.sample_rows(taskrun.task, records, names), names)
+    if entry.get("n-shot") is not None and entry["n-shot"] != taskrun.info["num_fewshot"]:
+        log.warning("%s: lm-eval used %s shots, planned %s", taskrun.name, entry["n-shot"], taskrun.info["num_fewshot"])
     q = ckpt.quant
     meta = {
         "schema_version": task_archive.SCHEMA_VERSION,
-        "fingerprint": plan.fingerprint,
+        "fingerprint": taskrun.fingerprint,
         "model": {"label": settings.label, "ref": settings.model, "path": str(model_path),
                   "content_hash": ckpt.content_hash, "architecture": ckpt.architecture},
         "quantization": {"method": q.method, "format": q.format, "scheme": q.scheme, "group_size": q.group_size,
                          "ignore": q.ignore},
         "tokenizer": {"path": str(model_path), "hash": tok_hash},
-        "task": {**{k: v for k, v in plan.info.items() if k != "metrics"}, "num_fewshot_used": entry.get("n-shot")},
+        "task": {**{k: v for k, v in taskrun.info.items() if k != "metrics"}, "num_fewshot_used": entry.get("n-shot")},
         "metrics": metrics,
         "lm_eval": {"version": runtime.get("lm_eval"), "chat_template": settings.chat_template,
                     "chat_template_sha256": entry.get("chat_template_sha256"),
@@ -203,10 +203,10 @@ def write(plan: Plan, records, entry, settings: TasksSettings, ckpt, model_path,
         "command": provenance.command_line(),
         "created": provenance.now(),
     }
-    task_archive.write_task(plan.final, table, meta)
+    task_archive.write_task(taskrun.final, table, meta)
     acc = ", ".join(f"{k}={v:.4f}" for k, v in (entry.get("results") or {}).items()
                     if isinstance(v, float) and "_stderr" not in k)
-    log.info("wrote %s (%d documents; %s)", plan.final, meta["counts"]["docs"], acc)
+    log.info("wrote %s (%d documents; %s)", taskrun.final, meta["counts"]["docs"], acc)
 
 
 # -- validate's quality gate ------------------------------------------------------------------------------
