@@ -225,7 +225,7 @@ def test_a_job_whose_profile_met_a_neighbours_change_starts_again(tmp_path):
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
-ENV = {"MODELS": "a=models/a b=org/b", "MAX_MODEL_LEN": "1024", "HF_HOME": "/hf-home", "GPUS": "all"}
+ENV = {"MODELS": "a=models/a b=org/b", "MAX_MODEL_LEN": "1024", "GPUS": "all"}
 
 
 def _slot_args(job: plan.Job, runner: str = "local") -> list[str]:
@@ -237,9 +237,8 @@ def _slot_args(job: plan.Job, runner: str = "local") -> list[str]:
 
 def test_the_plan_gives_slots_what_the_estimate_needs():
     jobs = {j.id: j for j in plan.build({**ENV, "NVFP4_COMPUTE": "weight-only", "MAX_NUM_BATCHED_TOKENS": "8192"})}
-    assert _slot_args(jobs["score.a"]) == ["--gpus", "all", "--per-job", "1", "--model", "models/a", "--hf-home",
-                                           "/hf-home", "--max-model-len", "1024", "--max-num-batched-tokens", "8192",
-                                           "--weight-only"]
+    assert _slot_args(jobs["score.a"]) == ["--gpus", "all", "--per-job", "1", "--model", "models/a", "--max-model-len",
+                                           "1024", "--max-num-batched-tokens", "8192", "--weight-only"]
     assert _slot_args(jobs["score.a"], "docker")[4:6] == ["--model", "models/a"]  # the host's path, not /models/a
     assert _slot_args(jobs["score.b"], "docker")[4:6] == ["--model", "org/b"]
     assert "-e GPU_MEMORY_UTILIZATION" in jobs["score.b"].commands["docker"]
@@ -254,3 +253,40 @@ def test_the_plan_gives_slots_what_the_estimate_needs():
 def test_jobs_the_estimate_does_not_cover_take_whole_gpus(env):
     job = next(j for j in plan.build({**ENV, **env}) if j.id == "score.a")
     assert "--model" not in _slot_args(job) and "-e GPU_MEMORY_UTILIZATION" not in job.commands["docker"]
+
+
+# -- make ---------------------------------------------------------------------------------------------------
+def test_make_eval_runs_its_jobs_together_on_a_shared_gpu(tmp_path):
+    """`make eval`, no -j typed, one GPU (a stand-in nvidia-smi of 80 GiB): the two scoring jobs' shares,
+    estimated by slots from their checkpoints, fit together, and the stand-in stages saw each other run."""
+    import shutil
+
+    from test_make import Repo
+
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    repo = Repo(tmp_path / "repo")
+    for label in ("a", "b"):
+        _checkpoint(repo.path / "models" / label, weights=GIB // 4)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 81920\n")  # MiB
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".qscore-setup").touch()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    stage = _job(marks, "$label", "$other")
+    (venv / "bin" / "python").write_text(
+        '#!/bin/bash\nargs=("$@"); for ((i=0;i<$#;i++)); do\n  [ "${args[i]}" = --label ] && label=${args[i+1]}\n'
+        '  [ "${args[i]}" = --results-dir ] && r=${args[i+1]}\ndone\nother=$([ "$label" = a ] && echo b || echo a)\n'
+        f'{stage}\nmkdir -p "$r/logprobs/model=$label/dataset=mini"\n')
+    for f in (fake / "nvidia-smi", venv / "bin" / "python"):
+        f.chmod(0o755)
+    repo.make(f"VENV={venv}", "GPUS=0", "MODELS=a=models/a b=models/b", "DATASETS=mini=data/mini.txt", "eval",
+              env={"PATH": f"{fake}:{repo.env['PATH']}", "XDG_RUNTIME_DIR": str(tmp_path)})
+    outs = [(marks / f"{label}.out").read_text().split() for label in ("a", "b")]
+    need = slots.memory_need(GIB // 2, QWEN3_14B, max_model_len=slots.DEFAULT_MAX_MODEL_LEN)
+    first, second = slots.shares(need, 80 * GIB)[0], slots.shares(need, 80 * GIB, slack=need.extra)[0]
+    assert [o[0] for o in outs] == ["seen", "seen"]
+    assert sorted(o[1] for o in outs) == [f"{first:.2f}", f"{second:.2f}"]  # the second allows for the first's logprobs

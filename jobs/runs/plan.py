@@ -339,7 +339,7 @@ class Commands:
         if stage not in ("score", "validate") or self.v.tp > 1 or "--gpu-memory-utilization" in args \
                 or opts.get("--backend") == "transformers":
             return []
-        out = ["--model", opts["--model"], "--hf-home", self.hf_home]
+        out = ["--model", opts["--model"]]  # a hub id's snapshot: slots looks in HF_HOME (make exports it)
         for flag, name in (("--max-model-len", "MAX_MODEL_LEN"), ("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS")):
             if opts.get(flag) or self.v.get(name):
                 out += [flag, opts.get(flag) or self.v.get(name)]

@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        f"qscore-gpu-locks-{os.getuid()}"))
     ap.add_argument("--model", help="the checkpoint (local path or hub id) of a prompt-scoring job that may share "
                                     "a GPU; without it the job takes whole GPUs")
-    ap.add_argument("--hf-home", help="where a hub id's snapshot is cached [default ~/.cache/huggingface]")
+    ap.add_argument("--hf-home", default=os.environ.get("HF_HOME"),
+                    help="where a hub id's snapshot is cached [default HF_HOME, else ~/.cache/huggingface]")
     ap.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
