@@ -48,7 +48,8 @@ def test_the_kv_cache_holds_every_step_of_a_scoring_run():
 def test_the_estimate_grows_with_what_the_engine_holds():
     base = slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048)
     assert slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=4096).kv > base.kv
-    assert slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, batched_tokens=32768).activations > base.activations
+    bigger_steps = slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, batched_tokens=32768)
+    assert bigger_steps.activations > base.activations
     assert slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, batched_tokens=4096).budget < base.budget
     emulated = slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, w4a4_emulated=True)
     assert emulated.activations > base.activations and emulated.kv == base.kv
@@ -197,7 +198,8 @@ def test_the_estimate_from_a_checkpoint_reaches_the_job(tmp_path):
 def test_a_killed_holder_frees_its_share(tmp_path):
     d = tmp_path / "marks"
     d.mkdir()
-    holder = _slots(tmp_path, "--gpus", "0", "--share", "0.6", cmd=f"echo $$ > {d}/pid; echo '{READY}' >&2; exec sleep 60")
+    holder = _slots(tmp_path, "--gpus", "0", "--share", "0.6",
+                    cmd=f"echo $$ > {d}/pid; echo '{READY}' >&2; exec sleep 60")
     while not (d / "pid").exists():
         time.sleep(0.02)
     ledger = json.loads((tmp_path / "locks" / "gpu0.json").read_text())

@@ -340,7 +340,8 @@ class Commands:
                 or opts.get("--backend") == "transformers":
             return []
         out = ["--model", opts["--model"]]  # a hub id's snapshot: slots looks in HF_HOME (make exports it)
-        for flag, name in (("--max-model-len", "MAX_MODEL_LEN"), ("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS")):
+        for flag, name in (("--max-model-len", "MAX_MODEL_LEN"),
+                           ("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS")):
             if opts.get(flag) or self.v.get(name):
                 out += [flag, opts.get(flag) or self.v.get(name)]
         return out + (["--weight-only"] if opts.get("--nvfp4-compute") == "weight-only" else [])
@@ -349,7 +350,8 @@ class Commands:
         if stage == "serve":
             return shlex.join([f"{self.vllm_venv}/bin/vllm", "serve", *args])
         s = STAGES[stage]
-        return shlex.join([*(self.slot(stage, args) if s.slot else []), self.python[s.python], "-m", "jobs", stage, *args])
+        slot = self.slot(stage, args) if s.slot else []
+        return shlex.join([*slot, self.python[s.python], "-m", "jobs", stage, *args])
 
     def docker(self, stage: str, args: list[str], reads_hub: bool) -> str:
         """``docker run`` of a stage: models, data and the HF cache read-only unless the stage writes them

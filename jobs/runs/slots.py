@@ -326,7 +326,8 @@ def estimate(a) -> Need | None:
         return None
 
 
-def run_once(cmd: list[str], ids: list[str], env: dict, ledger: Ledger | None, need_tokens: int | None) -> tuple[int, bool]:
+def run_once(cmd: list[str], ids: list[str], env: dict, ledger: Ledger | None,
+             need_tokens: int | None) -> tuple[int, bool]:
     """Run the command; while it starts, pass its stderr through and watch for vLLM's lines. Returns (exit
     status, whether vLLM's profile met another process's change of memory)."""
     proc = subprocess.Popen([c.replace("{gpus}", docker_value(ids)) for c in cmd], env=env,
