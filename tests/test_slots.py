@@ -292,3 +292,17 @@ def test_make_eval_runs_its_jobs_together_on_a_shared_gpu(tmp_path):
     first, second = slots.shares(need, 80 * GIB)[0], slots.shares(need, 80 * GIB, slack=need.extra)[0]
     assert [o[0] for o in outs] == ["seen", "seen"]
     assert sorted(o[1] for o in outs) == [f"{first:.2f}", f"{second:.2f}"]  # the second allows for the first's logprobs
+
+
+def test_quantize_waits_for_every_gpu_of_gpus(tmp_path):
+    """It runs beside nothing: llm-compressor spreads a model over the GPUs it sees, and make runs it
+    together with the scoring jobs that do not need its checkpoint."""
+    job = next(j for j in plan.build({**ENV, "GPUS": "0,1"}) if j.id == "quantize")
+    assert _slot_args(job) == ["--gpus", "0,1", "--per-job", "all"]
+    assert "--gpus '{gpus}'" in job.commands["docker"]
+    d = tmp_path / "marks"
+    d.mkdir()
+    r = subprocess.run([sys.executable, "-m", "jobs.runs.slots", "--lock-dir", str(tmp_path / "locks"), "--gpus", "0,1",
+                        "--per-job", "all", "--", "sh", "-c", f"echo $CUDA_VISIBLE_DEVICES > {d}/seen"], cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 0 and (d / "seen").read_text().strip() == "0,1"

@@ -262,7 +262,7 @@ class Stage:
 
 
 STAGES = {
-    "quantize": Stage("quantize", "VENV", gpu=True, models_rw=True),
+    "quantize": Stage("quantize", "VENV", gpu=True, slot=True, models_rw=True),  # every GPU of GPUS, alone
     "validate": Stage("vllm", "VLLM", gpu=True, slot=True),
     "score": Stage("vllm", "VLLM", gpu=True, slot=True),
     "tasks": Stage("vllm", "VLLM", gpu=True, slot=True),
@@ -327,7 +327,8 @@ class Commands:
     def slot(self, stage: str, args: list[str]) -> list[str]:
         if not self.gpus:
             return []
-        return [self.python3, "-m", "jobs", "slots", "--gpus", self.gpus, "--per-job", str(self.v.tp),
+        per_job = "all" if stage == "quantize" else str(self.v.tp)  # llm-compressor spreads over what it sees
+        return [self.python3, "-m", "jobs", "slots", "--gpus", self.gpus, "--per-job", per_job,
                 *self.share(stage, args), "--"]
 
     def share(self, stage: str, args: list[str]) -> list[str]:

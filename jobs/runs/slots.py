@@ -367,7 +367,7 @@ def run_once(cmd: list[str], ids: list[str], env: dict, ledger: Ledger | None,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs slots", description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", required=True)
-    ap.add_argument("--per-job", type=int, default=1, help="GPUs per job (more than 1: whole GPUs)")
+    ap.add_argument("--per-job", default="1", help="GPUs per job, or all of --gpus (more than 1: whole GPUs)")
     ap.add_argument("--lock-dir", default=os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
                                                        f"qscore-gpu-locks-{os.getuid()}"))
     ap.add_argument("--model", help="the checkpoint (local path or hub id) of a prompt-scoring job that may share "
@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = parse_gpus(a.gpus, nvidia_smi_gpus() if a.gpus.strip().strip("'\"") == "all" else None)
     if not gpus:  # all, but nvidia-smi lists none: let the command find its GPUs itself
         return subprocess.call([c.replace("{gpus}", "all") for c in cmd])
+    a.per_job = len(gpus) if a.per_job == "all" else int(a.per_job)
     if a.per_job > len(gpus):
         print(f"error: a job needs {a.per_job} GPUs but GPUS lists {len(gpus)} ({','.join(gpus)})", file=sys.stderr)
         return 1
