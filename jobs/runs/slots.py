@@ -359,8 +359,8 @@ def run_once(cmd: list[str], ids: list[str], env: dict, ledger: Ledger | None,
     if reader:
         reader.start()
     code = proc.wait()
-    if reader:
-        reader.join()
+    if reader:  # a process the command left behind may hold its stderr open: not waited for long
+        reader.join(timeout=30)
     return code, race[0]
 
 
