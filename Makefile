@@ -14,15 +14,12 @@
 # which lives in one place: the stage's option (`python -m jobs <stage> --help`), the plan for what the
 # pipeline derives (MODELS, QUANT_OUTPUT, ...), or below for make's own. RUNNER: docs/cuda-host.md.
 #
-# Stamps: every job's target is a file, so `make quantize eval report` redoes only what is missing or
-# stale, and `make -j` never has two recipes write the same file. quantize: <QUANT_OUTPUT>/qscore.json,
-# written by the stage last, never redone while it exists (hours of GPU): use another QUANT_OUTPUT, or
-# delete it; the others: $(RESULTS_DIR)/.stamps/<job id>.<sum>.ok (validate: .log, what it printed).
-# <sum> is a checksum of the job's arguments: changing one names a new stamp, so the job runs again. A
-# stamp is written only after its job succeeded and is ignored when an output it vouches for is gone. A
-# job redone because an input changed (a new checkpoint, an edited data file) replaces its old output
-# (--overwrite); otherwise the stage itself skips work already done with the same inputs, resumes an
-# interrupted run, and refuses to replace results made with other settings unless OVERWRITE=1.
+# Stamps: every job's target is a file, so `make quantize eval report` redoes only what is missing or stale,
+# and parallel jobs (up to JOBS at once; GPU jobs wait for their share of a GPU: jobs.runs.slots) never write
+# one file twice. quantize: <QUANT_OUTPUT>/qscore.json, written last, never redone while it exists; others:
+# $(RESULTS_DIR)/.stamps/<job id>.<checksum of its arguments>.ok (validate: .log), written once it succeeded,
+# ignored when an output it vouches for is gone. A job redone because an input changed replaces its output
+# (--overwrite); else the stage skips work done, resumes, and keeps other settings' results unless OVERWRITE=1.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -68,8 +65,10 @@ export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/
 ## RESULTS_DIR: per-token logprobs (Parquet), task results, stamps [default results]
 ## REPORT_DIR: summary.json, summary.csv, report.md, plots [default RESULTS_DIR/report]
 ## RUNNER: local | docker: where stages run [default local; set it in .env to keep it]
-## GPUS: GPUs the jobs may use: all, device=0, '"device=0,1"' or 0,1; one per scoring job under make -j; empty: none
+## GPUS: GPUs the jobs may use: all, device=0, '"device=0,1"' or 0,1; scoring jobs share one where they fit; empty: none
 GPUS ?= all
+## JOBS: jobs make runs at once (make -jN wins); GPU jobs also wait for their GPU share [default 8 with GPUS, 1 without]
+JOBS ?= $(if $(GPUS),8,1)
 ## HF_HOME: Hugging Face cache on the host (mounted at /hf in containers)
 HF_HOME ?= $(HOME)/.cache/huggingface
 ## HF_TOKEN: Hugging Face token for gated models (passed to containers by name, never printed)
@@ -120,6 +119,7 @@ STALE = $(if $(and $(wildcard $@),$(filter-out FORCE,$?)), --overwrite)
 # GNU make 4.3's $(shell) sees only the environment make started with: the variables go by name (the
 # documented ones, .env's, and a few more), and HF_TOKEN never (the plan passes it to containers by name).
 NO_PLAN := help setup setup-vllm test test-images images image-quantize image-vllm image-aggregate demo
+MAKEFLAGS += $(if $(filter 0,$(MAKELEVEL)),$(if $(filter-out $(NO_PLAN),$(MAKECMDGOALS)),-j$(JOBS)))
 PLAN_VARS := $(filter-out HF_TOKEN,$(sort $(shell sed -n 's/^## \([A-Z0-9_]*\): .*/\1/p' $(firstword $(MAKEFILE_LIST))) \
   $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env 2>/dev/null) \
   PYTHON3 VLLM_IMAGE QUANTIZE_IMAGE AGGREGATE_IMAGE HF_HUB_OFFLINE K8S_NAME K8S_PARALLELISM SLURM_SBATCH \
@@ -212,7 +212,7 @@ image-aggregate: ## build IMAGE_PREFIX-aggregate:TAG (python slim, no torch)
 
 quantize: $(QS_quantize) ## quantize MODEL_ID with SCHEME into QUANT_OUTPUT (once: the stage writes QUANT_OUTPUT/qscore.json last)
 validate: $(QS_validate) ## check that QUANT_OUTPUT loads (BACKEND), is quantized as SCHEME says, and generates text
-eval: $(QS_eval) ## score every model in MODELS on every set in DATASETS: one job per model (GPUS: one per GPU under make -j)
+eval: $(QS_eval) ## score every model in MODELS on every set in DATASETS: one job per model, JOBS at once, sharing GPUs where they fit
 tasks: $(QS_tasks) ## task accuracy (lm-eval TASKS) of every model in MODELS: one job per model, per-sample Parquet
 score: $(QS_score) ## score one checkpoint: make score MODEL=path-or-id LABEL=name (one job, every set in DATASETS, nothing else)
 	$(if $(QS_score),@:,$(error make score needs MODEL=<hub id or local path> LABEL=<name>))

@@ -273,3 +273,41 @@ def test_validate_with_vllm(gpu_checkpoints, results):
     REPORT["validate vllm"] = {"probe_nll": out["probe_nll"], "gate": out["quality_gate"]["delta_nll"]}
 
 
+
+
+@needs_vllm
+def test_two_jobs_sharing_a_gpu_score_as_they_do_alone(gpu_checkpoints, tmp_path):
+    """Two scoring jobs on one GPU at once through jobs.runs.slots, each with the share it estimated from its
+    checkpoint as vLLM's gpu_memory_utilization: their Parquet rows equal those of each job run alone on
+    the GPU (vLLM's default budget). Their KV caches hold every step, so they batch as they do alone."""
+    import subprocess
+    import sys
+
+    bf16, nvfp4 = gpu_checkpoints / "tiny-bf16", gpu_checkpoints / "tiny-nvfp4"
+    runs = {"bf16": [bf16, "--dtype", "bfloat16"], "w4a4": [nvfp4, "--tokenizer", bf16, "--nvfp4-compute", "declared"]}
+    opts = ["--enforce-eager", "--max-model-len", "2048", "--datasets", SETS, "--backend", "vllm"]
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    for label, (model, *extra) in runs.items():
+        r = cli_subprocess("score", "--model", model, "--label", label, "--results-dir", alone, *extra, *opts)
+        assert r.returncode == 0, r.stderr[-3000:]
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "GPU_MEMORY_UTILIZATION"}
+    locks = str(tmp_path / "locks")
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs", "slots", "--gpus", "0", "--lock-dir", locks,
+                               "--model", str(model), "--max-model-len", "2048", "--", sys.executable, "-m", "jobs",
+                               "score", "--model", str(model), "--label", label, "--results-dir", str(shared),
+                               *map(str, extra), *opts], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+             for label, (model, *extra) in runs.items()]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+        assert "gpu_memory_utilization 0." in err and "fewer than the" not in err, err[-3000:]
+    REPORT["shared gpu"] = [next(ln for ln in err.splitlines() if "gpu_memory_utilization" in ln) for err in errs]
+    for label in runs:
+        for name in ("wiki", "chat"):
+            a, _ = logprobs.read_dataset(logprobs.dataset_dir(alone, label, name))
+            b, _ = logprobs.read_dataset(logprobs.dataset_dir(shared, label, name))
+            order = [("sample_id", "ascending"), ("position", "ascending")]
+            assert a.num_rows == b.num_rows > 0 and set(COLUMNS) <= set(a.column_names), (label, name)
+            # every column, the top-k candidates too, bit for bit (the schema's metadata holds timings)
+            assert a.sort_by(order).equals(b.sort_by(order)), f"{label} {name}: rows differ when sharing the GPU"

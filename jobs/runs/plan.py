@@ -256,16 +256,16 @@ class Stage:
     image: str  # quantize | vllm | aggregate
     python: str  # VENV | VLLM: which local venv
     gpu: bool  # asks for GPUs (GPUS)
-    slot: bool = False  # waits for GPUs of its own (jobs.runs.slots): one job per GPU under make -j
+    slot: bool = False  # waits for its share of a GPU, or whole GPUs (jobs.runs.slots), under make -j
     models_rw: bool = False  # writes under models/ (quantize)
     caches: bool = True  # a model stage: the HF and compile caches, models/ and data/
 
 
 STAGES = {
-    "quantize": Stage("quantize", "VENV", gpu=True, models_rw=True),
-    "validate": Stage("vllm", "VLLM", gpu=True),
+    "quantize": Stage("quantize", "VENV", gpu=True, slot=True, models_rw=True),  # every GPU of GPUS, alone
+    "validate": Stage("vllm", "VLLM", gpu=True, slot=True),
     "score": Stage("vllm", "VLLM", gpu=True, slot=True),
-    "tasks": Stage("vllm", "VLLM", gpu=True),
+    "tasks": Stage("vllm", "VLLM", gpu=True, slot=True),
     "aggregate": Stage("aggregate", "VENV", gpu=False, caches=False),
     "serve": Stage("vllm", "VLLM", gpu=True),
 }
@@ -324,16 +324,35 @@ class Commands:
         self.images = {s: g(f"{s.upper()}_IMAGE") or f"{prefix}-{s}:{tag}" for s in ("quantize", "vllm", "aggregate")}
         self.python3 = g("PYTHON3") or "python3"
 
-    def slot(self) -> list[str]:
+    def slot(self, stage: str, args: list[str]) -> list[str]:
         if not self.gpus:
             return []
-        return [self.python3, "-m", "jobs", "slots", "--gpus", self.gpus, "--per-job", str(self.v.tp), "--"]
+        per_job = "all" if stage == "quantize" else str(self.v.tp)  # llm-compressor spreads over what it sees
+        return [self.python3, "-m", "jobs", "slots", "--gpus", self.gpus, "--per-job", per_job,
+                *self.share(stage, args), "--"]
+
+    def share(self, stage: str, args: list[str]) -> list[str]:
+        """What slots estimates a prompt-scoring job's share of one GPU from (its checkpoint, read when the
+        job starts, and the engine's sizes). None, so whole GPUs, for lm-eval's tasks (they generate: their
+        KV cache grows with every sequence batched), tensor parallelism, the transformers backend (no vLLM
+        budget) and a GPU_MEMORY_UTILIZATION the user set."""
+        opts = dict(zip(args, args[1:]))  # a flag's value is the word after it; the last one wins, as in click
+        if stage not in ("score", "validate") or self.v.tp > 1 or "--gpu-memory-utilization" in args \
+                or opts.get("--backend") == "transformers":
+            return []
+        out = ["--model", opts["--model"]]  # a hub id's snapshot: slots looks in HF_HOME (make exports it)
+        for flag, name in (("--max-model-len", "MAX_MODEL_LEN"),
+                           ("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS")):
+            if opts.get(flag) or self.v.get(name):
+                out += [flag, opts.get(flag) or self.v.get(name)]
+        return out + (["--weight-only"] if opts.get("--nvfp4-compute") == "weight-only" else [])
 
     def local(self, stage: str, args: list[str]) -> str:
         if stage == "serve":
             return shlex.join([f"{self.vllm_venv}/bin/vllm", "serve", *args])
         s = STAGES[stage]
-        return shlex.join([*(self.slot() if s.slot else []), self.python[s.python], "-m", "jobs", stage, *args])
+        slot = self.slot(stage, args) if s.slot else []
+        return shlex.join([*slot, self.python[s.python], "-m", "jobs", stage, *args])
 
     def docker(self, stage: str, args: list[str], reads_hub: bool) -> str:
         """``docker run`` of a stage: models, data and the HF cache read-only unless the stage writes them
@@ -369,6 +388,8 @@ class Commands:
             cmd += ["--env-file", ".env"]
         if s.caches:
             cmd += ["-e", "HF_TOKEN", "-e", "HF_HUB_OFFLINE", "-e", "HF_DATASETS_OFFLINE", "-e", "TRANSFORMERS_OFFLINE"]
+        if s.slot and self.gpus and self.share(stage, raw):  # the share slots gives it (a variable it sets)
+            cmd += ["-e", "GPU_MEMORY_UTILIZATION"]
         cmd += ["-u", user]
         ro = lambda write: "" if write else ":ro"  # noqa: E731
         if s.caches:
@@ -390,7 +411,7 @@ class Commands:
                 cmd += ["--tasks-include-path", "/data/tasks"]
         line = shlex.join(cmd).replace(f"'{user}'", f'"{user}"')
         if s.slot and self.gpus:
-            line = shlex.join(self.slot()) + " " + line
+            line = shlex.join(self.slot(stage, raw)) + " " + line
         pre = shlex.join(["mkdir", "-p", *made])
         if root:  # the images' user writes there
             pre += " && " + shlex.join(["chown", "-R", IMAGE_UID, *writable])
