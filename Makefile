@@ -43,6 +43,7 @@ export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/
 ## CALIBRATION_SPLIT: split of a hub calibration dataset (not passed for a local file)
 ## NUM_CALIBRATION_SAMPLES: calibration samples
 ## MAX_SEQUENCE_LENGTH: calibration sequence length (tokens)
+## CALIBRATION_BATCH_SIZE: calibration samples per forward pass (same scales as 1, docs/quantize.md) [default 16]
 ## QUANTIZE_ARGS: extra options for `jobs quantize` (e.g. --spinquant, --ignore lm_head)
 ## MODELS: label=path pairs to score [default bf16=MODEL_ID llmc-<scheme>=QUANT_OUTPUT nvidia-<scheme>=NVIDIA_MODEL]
 ## DATASETS: evaluation sets: wikitext2, ultrachat, NAME=PATH or PATH (.txt/.jsonl/.parquet) [default wikitext2 ultrachat]

@@ -126,3 +126,13 @@ def test_calibration_batches_use_every_sample_once():
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert [len(g) for g in groups] == [3, 3, 1]
     assert [[lengths[i] for i in g] for g in groups] == [[9, 9, 9], [7, 5, 3], [1]]
+
+
+def test_calibration_batch_size_reaches_the_planned_quantize_job():
+    from jobs.core.errors import SettingsError
+    from jobs.runs import plan
+
+    job = next(j for j in plan.build({"CALIBRATION_BATCH_SIZE": "4"}, uid=1000) if j.stage == "quantize")
+    assert job.args[job.args.index("--calibration-batch-size") + 1] == "4"
+    with pytest.raises(SettingsError, match="CALIBRATION_BATCH_SIZE"):
+        plan.build({"CALIBRATION_BATCH_SIZE": "0"}, uid=1000)
