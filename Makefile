@@ -43,7 +43,6 @@ export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/
 ## CALIBRATION_SPLIT: split of a hub calibration dataset (not passed for a local file)
 ## NUM_CALIBRATION_SAMPLES: calibration samples
 ## MAX_SEQUENCE_LENGTH: calibration sequence length (tokens)
-## CALIBRATION_BATCH_SIZE: calibration samples per forward pass (same scales as 1, docs/quantize.md) [default 16]
 ## QUANTIZE_ARGS: extra options for `jobs quantize` (e.g. --spinquant, --ignore lm_head)
 ## MODELS: label=path pairs to score [default bf16=MODEL_ID llmc-<scheme>=QUANT_OUTPUT nvidia-<scheme>=NVIDIA_MODEL]
 ## DATASETS: evaluation sets: wikitext2, ultrachat, NAME=PATH or PATH (.txt/.jsonl/.parquet) [default wikitext2 ultrachat]
@@ -124,7 +123,7 @@ NO_PLAN := help setup setup-vllm test test-images images image-quantize image-vl
 PLAN_VARS := $(filter-out HF_TOKEN,$(sort $(shell sed -n 's/^## \([A-Z0-9_]*\): .*/\1/p' $(firstword $(MAKEFILE_LIST))) \
   $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env 2>/dev/null) \
   PYTHON3 VLLM_IMAGE QUANTIZE_IMAGE AGGREGATE_IMAGE HF_HUB_OFFLINE K8S_NAME K8S_PARALLELISM SLURM_SBATCH \
-  SLURM_PYTHON SLURM_AGGREGATE_PYTHON))
+  SLURM_PYTHON SLURM_AGGREGATE_PYTHON CALIBRATION_BATCH_SIZE))
 shq = '$(subst ','\'',$(1))'
 PLAN_ENV = $(foreach v,$(PLAN_VARS),$(if $(filter undefined,$(origin $(v))),,$(v)=$(call shq,$($(v)))))
 PLAN := env $(PLAN_ENV) $(PYTHON3) -m jobs plan
