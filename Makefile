@@ -123,7 +123,7 @@ MAKEFLAGS += $(if $(filter 0,$(MAKELEVEL)),$(if $(filter-out $(NO_PLAN),$(MAKECM
 PLAN_VARS := $(filter-out HF_TOKEN,$(sort $(shell sed -n 's/^## \([A-Z0-9_]*\): .*/\1/p' $(firstword $(MAKEFILE_LIST))) \
   $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env 2>/dev/null) \
   PYTHON3 VLLM_IMAGE QUANTIZE_IMAGE AGGREGATE_IMAGE HF_HUB_OFFLINE K8S_NAME K8S_PARALLELISM SLURM_SBATCH \
-  SLURM_PYTHON SLURM_AGGREGATE_PYTHON))
+  SLURM_PYTHON SLURM_AGGREGATE_PYTHON CALIBRATION_BATCH_SIZE))
 shq = '$(subst ','\'',$(1))'
 PLAN_ENV = $(foreach v,$(PLAN_VARS),$(if $(filter undefined,$(origin $(v))),,$(v)=$(call shq,$($(v)))))
 PLAN := env $(PLAN_ENV) $(PYTHON3) -m jobs plan

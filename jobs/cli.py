@@ -147,8 +147,9 @@ def _engine(kw: dict, **more) -> EngineOptions:
 @opt("--calibration-pipeline", "--pipeline", "pipeline", env="CALIBRATION_PIPELINE", default="auto", type=click.Choice(["auto", "basic", "sequential"]),
      help="llm-compressor calibration pipeline; auto: basic (one pass) when the model fits on the GPU, "
           "else sequential (layer by layer).")
-@opt("--calibration-batch-size", env="CALIBRATION_BATCH_SIZE", type=int, default=1,
-     help="Calibration samples per forward pass (llm-compressor's batch_size).")
+@opt("--calibration-batch-size", "--batch-size", "calibration_batch_size", env="CALIBRATION_BATCH_SIZE", type=int,
+     default=16, help="Calibration samples per forward pass (llm-compressor's batch_size); padding never reaches "
+                      "the observers, so the scales are batch size 1's (docs/quantize.md).")
 @opt("--calibration-offload", "--offload", "offload", env="CALIBRATION_OFFLOAD", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
      help="Sequential pipeline: where layer inputs wait between layers; auto: the GPU when they fit.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")

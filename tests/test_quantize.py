@@ -79,3 +79,60 @@ def test_existing_output_needs_overwrite(tiny_model, tmp_path):
 def test_unknown_scheme(tiny_model, tmp_path):
     r = cli("quantize", "--model-id", tiny_model, "--output", tmp_path / "x", "--scheme", "NVFP8")
     assert r.exit_code == 1 and "unknown scheme 'NVFP8'" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def spiked_pad_model(tiny_model, tmp_path_factory):
+    """The tiny model whose padding token (never in the calibration chats) embeds as one large spike: had
+    padded positions reached llm-compressor's observers, the input scales would grow."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("spiked") / "m"
+    shutil.copytree(tiny_model, out)
+    pad = AutoTokenizer.from_pretrained(out).pad_token_id
+    w = load_file(out / "model.safetensors")
+    name = next(k for k in w if k.endswith("embed_tokens.weight"))
+    w[name][pad] = 0
+    w[name][pad, 0] = 100.0
+    save_file(w, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("pipeline", ["basic", "sequential"])
+def test_batched_calibration_writes_the_batch_size_1_checkpoint(spiked_pad_model, tmp_path, pipeline):
+    from jobs.checkpoints import batching
+
+    outs = {}
+    for bs in (1, 8):
+        outs[bs] = tmp_path / f"bs{bs}"
+        r = cli("quantize", "--model-id", spiked_pad_model, "--output", outs[bs], "--scheme", "NVFP4",
+                "--calibration-dataset", DATA / "calib_mini.jsonl", "--num-calibration-samples", 32,
+                "--max-sequence-length", 128, "--pipeline", pipeline, "--calibration-batch-size", bs)
+        assert r.exit_code == 0, r.output
+    calib = json.loads((outs[8] / "qscore.json").read_text())["calibration"]
+    assert calib["batch_size"] == 8 and calib["batches"] == 4 and calib["padding_tokens"] > 0
+    assert set(batching.drift(outs[1], outs[8]).values()) == {0.0}
+    assert (outs[1] / "model.safetensors").read_bytes() == (outs[8] / "model.safetensors").read_bytes()
+
+
+def test_calibration_batches_use_every_sample_once():
+    from jobs.checkpoints import batching
+
+    lengths = [5, 9, 9, 1, 7, 3, 9]
+    groups = batching.batches(lengths, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [len(g) for g in groups] == [3, 3, 1]
+    assert [[lengths[i] for i in g] for g in groups] == [[9, 9, 9], [7, 5, 3], [1]]
+
+
+def test_calibration_batch_size_reaches_the_planned_quantize_job():
+    from jobs.core.errors import SettingsError
+    from jobs.runs import plan
+
+    job = next(j for j in plan.build({"CALIBRATION_BATCH_SIZE": "4"}, uid=1000) if j.stage == "quantize")
+    assert job.args[job.args.index("--calibration-batch-size") + 1] == "4"
+    with pytest.raises(SettingsError, match="CALIBRATION_BATCH_SIZE"):
+        plan.build({"CALIBRATION_BATCH_SIZE": "0"}, uid=1000)

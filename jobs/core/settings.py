@@ -110,7 +110,7 @@ class QuantizeSettings:
     ignore: tuple[str, ...] = ("lm_head",)
     overwrite: bool = False
     pipeline: str = "auto"  # llm-compressor calibration pipeline: auto | basic | sequential
-    calibration_batch_size: int = 1
+    calibration_batch_size: int = 16
     offload: str = "auto"  # where the sequential pipeline keeps activations between layers: auto | cpu | cuda
 
 

@@ -149,8 +149,8 @@ def resolve(env: dict[str, str]) -> Variables:
     g = lambda name: (env.get(name) or "").strip()  # noqa: E731
     for name in ("N_WIKITEXT", "N_ULTRACHAT", "NUM_FEWSHOT"):
         _int(env, name, 0)
-    for name in ("MAX_MODEL_LEN", "TOPK", "NUM_CALIBRATION_SAMPLES", "MAX_SEQUENCE_LENGTH", "SHARDS",
-                 "TENSOR_PARALLEL_SIZE", "PORT", "LIMIT"):
+    for name in ("MAX_MODEL_LEN", "TOPK", "NUM_CALIBRATION_SAMPLES", "MAX_SEQUENCE_LENGTH", "CALIBRATION_BATCH_SIZE",
+                 "SHARDS", "TENSOR_PARALLEL_SIZE", "PORT", "LIMIT"):
         _int(env, name, 1)
     for name in ("GPU_MEMORY_UTILIZATION", "RECOVERY_MIN"):
         _fraction(env, name)
@@ -460,7 +460,8 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
     if g("CALIBRATION_SPLIT") and not (calib and is_local(calib)):
         qargs += ["--calibration-split", g("CALIBRATION_SPLIT")]
     for flag, name in (("--num-calibration-samples", "NUM_CALIBRATION_SAMPLES"),
-                       ("--max-sequence-length", "MAX_SEQUENCE_LENGTH")):
+                       ("--max-sequence-length", "MAX_SEQUENCE_LENGTH"),
+                       ("--calibration-batch-size", "CALIBRATION_BATCH_SIZE")):
         if g(name):
             qargs += [flag, g(name)]
     quant_stamp = os.path.normpath(f"{v.quant_output}/qscore.json")

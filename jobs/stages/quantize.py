@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jobs.core import atomic, hub, locks, progress, provenance
 from jobs.texts import evalsets
-from jobs.checkpoints import recipes
+from jobs.checkpoints import batching, recipes
 from jobs.core.errors import QuantizeError
 from jobs.core.settings import QuantizeSettings
 
@@ -142,20 +142,22 @@ def _run(s: QuantizeSettings) -> Path:
         dataset, n_used = calibration_set(s.calibration_dataset, s.calibration_split, s.num_calibration_samples,
                                           s.max_sequence_length, tokenizer, rows=rows)
     recipe = recipes.build(scheme, list(s.ignore), s.spinquant)
-    kwargs = {}
+    kwargs, lengths = {}, []
     if calibrate:
         # SpinQuant's rotations are data-free: llm-compressor's "independent" pipeline runs them apart
         # from the sequential calibration, which an explicit "sequential" would merge.
         arg = "independent" if s.spinquant and pipeline == "sequential" else pipeline
-        kwargs = {"dataset": dataset, "num_calibration_samples": n_used, "max_seq_length": s.max_sequence_length,
-                  "pipeline": arg, "batch_size": s.calibration_batch_size}
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        loader, lengths = batching.loader(dataset, s.calibration_batch_size, pad_id)
+        kwargs = {"dataset": loader, "pipeline": arg}
         if pipeline == "sequential":
             kwargs.update(sequential_offload_device=offload, propagate_error=False)
         log.info("calibration: %s pipeline (%s), activations offloaded to %s, batch size %d", pipeline, why,
                  offload if pipeline == "sequential" else "-", s.calibration_batch_size)
     t_data = time.time()
     try:
-        oneshot(model=model, recipe=recipe, **kwargs)
+        with batching.padding_hidden(model, lengths):
+            oneshot(model=model, recipe=recipe, **kwargs)
     except ValueError as exc:  # llm-compressor's own checks of the model against the scheme
         # The whole message in the log (a group-size error lists the layers after its first line), the
         # first line as the stage's one-line error.
@@ -181,6 +183,7 @@ def _run(s: QuantizeSettings) -> Path:
                             "samples_requested": s.num_calibration_samples,
                             "max_sequence_length": s.max_sequence_length, "rendering": "chat template",
                             "pipeline": pipeline, "pipeline_reason": why, "batch_size": s.calibration_batch_size,
+                            "batches": len(lengths), "padding_tokens": sum(max(b) - x for b in lengths for x in b),
                             "sequential_offload_device": offload if pipeline == "sequential" else None}
             if calibrate else None,
             "versions": provenance.versions("llmcompressor", "compressed-tensors", "transformers", "torch"),
