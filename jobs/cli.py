@@ -111,6 +111,8 @@ def engine_options(f):
                  "for compiling to pay off."),
         opt("--max-num-batched-tokens", env="MAX_NUM_BATCHED_TOKENS", type=int, default=None,
             help="vLLM: tokens per engine step (default: vLLM's choice)."),
+        opt("--kv-cache-memory-bytes", env="KV_CACHE_MEMORY_BYTES", type=int, default=None,
+            help="vLLM: a KV cache of this size instead of one sized by profiling (set by slots on a shared GPU)."),
         opt("--quantization", env="QUANTIZATION", default=None,
             help="vLLM: quantization method (default: detected from the checkpoint)."),
     ]):
@@ -119,7 +121,7 @@ def engine_options(f):
 
 
 ENGINE_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
-               "max_num_batched_tokens", "quantization")
+               "max_num_batched_tokens", "kv_cache_memory_bytes", "quantization")
 
 
 def _engine(kw: dict, **more) -> EngineOptions:

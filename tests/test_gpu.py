@@ -278,8 +278,8 @@ def test_validate_with_vllm(gpu_checkpoints, results):
 @needs_vllm
 def test_two_jobs_sharing_a_gpu_score_as_they_do_alone(gpu_checkpoints, tmp_path):
     """Two scoring jobs on one GPU at once through jobs.runs.slots, each with the share it estimated from its
-    checkpoint as vLLM's gpu_memory_utilization: their Parquet rows equal those of each job run alone on
-    the GPU (vLLM's default budget). Their KV caches hold every step, so they batch as they do alone."""
+    checkpoint and a KV cache of fixed size: their Parquet rows equal those of each job run alone on the GPU
+    (vLLM's default budget, KV cache sized by its profile). Both caches hold every step: they batch alike."""
     import subprocess
     import sys
 
@@ -301,8 +301,8 @@ def test_two_jobs_sharing_a_gpu_score_as_they_do_alone(gpu_checkpoints, tmp_path
     errs = [p.communicate(timeout=900)[1] for p in procs]
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-3000:]
-        assert "gpu_memory_utilization 0." in err and "fewer than the" not in err, err[-3000:]
-    REPORT["shared gpu"] = [next(ln for ln in err.splitlines() if "gpu_memory_utilization" in ln) for err in errs]
+        assert "slots: GPU 0, share 0." in err and "KV cache" in err, err[-3000:]
+    REPORT["shared gpu"] = [next(ln for ln in err.splitlines() if "slots: GPU" in ln) for err in errs]
     for label in runs:
         for name in ("wiki", "chat"):
             a, _ = logprobs.read_dataset(logprobs.dataset_dir(alone, label, name))

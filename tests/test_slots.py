@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 QWEN3_14B = {"hidden_size": 5120, "intermediate_size": 17408, "num_attention_heads": 40, "num_key_value_heads": 8,
              "head_dim": 128, "num_hidden_layers": 40, "vocab_size": 151936, "torch_dtype": "bfloat16"}
-READY = "init engine (profile, create kv cache, warmup model) took 0.01 seconds"
 
 
 # -- the estimate -------------------------------------------------------------------------------------------
@@ -41,8 +40,8 @@ def test_the_kv_cache_holds_every_step_of_a_scoring_run():
     need = slots.memory_need(28 * GIB, QWEN3_14B, max_model_len=2048)
     assert need.kv_tokens >= slots.DEFAULT_BATCHED_TOKENS + 2048
     assert need.kv == need.kv_tokens * slots.kv_bytes_per_token(QWEN3_14B)
-    assert need.budget == need.weights + slots.OVERHEAD + need.activations + need.kv
-    assert need.extra == 2048 * 151936 * slots.LOGPROB_BYTES  # prompt logprobs of one request, beside the budget
+    assert need.footprint == need.weights + slots.OVERHEAD + need.activations + need.kv + need.extra
+    assert need.extra == 2048 * 151936 * slots.LOGPROB_BYTES  # prompt logprobs of one request
 
 
 def test_the_estimate_grows_with_what_the_engine_holds():
@@ -50,17 +49,15 @@ def test_the_estimate_grows_with_what_the_engine_holds():
     assert slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=4096).kv > base.kv
     bigger_steps = slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, batched_tokens=32768)
     assert bigger_steps.activations > base.activations
-    assert slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, batched_tokens=4096).budget < base.budget
+    assert slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, batched_tokens=4096).footprint < base.footprint
     emulated = slots.memory_need(9 * GIB, QWEN3_14B, max_model_len=2048, w4a4_emulated=True)
     assert emulated.activations > base.activations and emulated.kv == base.kv
 
 
 def test_shares_are_fractions_of_the_gpu_rounded_up():
     need = slots.Need(weights=30 * GIB, activations=5 * GIB, kv=5 * GIB, kv_tokens=1, extra=4 * GIB)
-    util, share = slots.shares(need, 100 * GIB)
-    assert util == 0.42 and share == 0.46  # (30+2+5+5)/100, then + 4/100
-    assert slots.shares(need, 100 * GIB, slack=int(0.5 * GIB)) == (0.43, 0.47)
-    assert slots.shares(slots.Need(1, 0, 0, 0, 0), 3 * GIB)[0] == pytest.approx(0.67)  # 2 GiB + 1 byte of 3
+    assert slots.share_of(need, 100 * GIB) == 0.46  # (30+2+5+5+4)/100
+    assert slots.share_of(slots.Need(1, 0, 0, 0, 0), 3 * GIB) == pytest.approx(0.67)  # 2 GiB + 1 byte of 3
 
 
 def test_the_three_14b_models_fit_one_h200_together():
@@ -69,12 +66,11 @@ def test_the_three_14b_models_fit_one_h200_together():
     needs = [slots.memory_need(28 * 10**9, QWEN3_14B, max_model_len=2048),
              slots.memory_need(int(9.5e9), QWEN3_14B, max_model_len=2048, w4a4_emulated=True),
              slots.memory_need(int(9.5e9), QWEN3_14B, max_model_len=2048)]
-    entries, slack = {}, 0
+    entries = {}
     for i, need in enumerate(needs):
-        util, share = slots.shares(need, total, slack)
+        share = slots.share_of(need, total)
         assert slots.fits(entries, share, False)
-        entries[str(i)] = {"share": share, "exclusive": False, "starting": False}
-        slack += need.extra
+        entries[str(i)] = {"share": share, "exclusive": False}
 
 
 # -- the checkpoint -----------------------------------------------------------------------------------------
@@ -110,10 +106,9 @@ def test_which_checkpoints_declare_w4a4(tmp_path):
 
 # -- the ledger ---------------------------------------------------------------------------------------------
 def test_who_may_join_a_gpu():
-    run = lambda share, **kw: {"share": share, "exclusive": False, "starting": False, **kw}  # noqa: E731
+    run = lambda share, **kw: {"share": share, "exclusive": False, **kw}  # noqa: E731
     assert slots.fits({}, 0.9, False) and slots.fits({}, 1.0, True)
     assert slots.fits({"1": run(0.5)}, 0.47, False) and not slots.fits({"1": run(0.5)}, 0.48, False)
-    assert not slots.fits({"1": run(0.2, starting=True)}, 0.2, False)  # nobody joins a GPU while a job starts
     assert not slots.fits({"1": run(1.0, exclusive=True)}, 0.01, False)
     assert not slots.fits({"1": run(0.1)}, 1.0, True)  # a whole-GPU job waits for an empty GPU
 
@@ -128,13 +123,13 @@ def test_a_dead_or_reused_pid_holds_nothing():
 
 
 # -- scheduling on fake GPUs --------------------------------------------------------------------------------
-def _job(d: Path, me: str, other: str, ready: bool = True) -> str:
-    """Mark that ``me`` runs, wait up to 3 s for ``other``'s mark, record whether it came and the share given;
-    having seen it, keep the mark until ``other`` has recorded too (or 3 s passed)."""
-    say = f'echo "{READY}" >&2; ' if ready else ""
+def _job(d: Path, me: str, other: str) -> str:
+    """Mark that ``me`` runs, wait up to 3 s for ``other``'s mark, record whether it came, the share and the KV
+    cache given; having seen it, keep the mark until ``other`` has recorded too (or 3 s passed)."""
     wait = lambda path: f"i=0; while [ ! -e {path} ] && [ $i -lt 60 ]; do sleep 0.05; i=$((i+1)); done; "  # noqa: E731
-    return (f'touch {d}/run-{me}; {say}{wait(f"{d}/run-{other}")}if [ -e {d}/run-{other} ]; then w=seen; '
-            f'else w=alone; fi; echo "$w ${{GPU_MEMORY_UTILIZATION:-none}} $CUDA_VISIBLE_DEVICES" > {d}/{me}.tmp; '
+    return (f'touch {d}/run-{me}; {wait(f"{d}/run-{other}")}if [ -e {d}/run-{other} ]; then w=seen; '
+            f'else w=alone; fi; echo "$w ${{GPU_MEMORY_UTILIZATION:-none}} $CUDA_VISIBLE_DEVICES '
+            f'${{KV_CACHE_MEMORY_BYTES:-none}}" > {d}/{me}.tmp; '
             f'mv {d}/{me}.tmp {d}/{me}.out; [ $w = alone ] || {{ {wait(f"{d}/{other}.out")}}}; rm {d}/run-{me}')
 
 
@@ -143,10 +138,10 @@ def _slots(tmp_path: Path, *args: str, cmd: str) -> subprocess.Popen:
                              "--poll", "0.05", "--gpu-memory", "80", *args, "--", "sh", "-c", cmd], cwd=ROOT)
 
 
-def _run_two(tmp_path, a_args, b_args, a_ready=True):
+def _run_two(tmp_path, a_args, b_args):
     d = tmp_path / "marks"
     d.mkdir()
-    a = _slots(tmp_path, *a_args, cmd=_job(d, "a", "b", a_ready))
+    a = _slots(tmp_path, *a_args, cmd=_job(d, "a", "b"))
     while not (d / "run-a").exists():  # b is asked for once a holds its share
         assert a.poll() is None
         time.sleep(0.02)
@@ -157,7 +152,7 @@ def _run_two(tmp_path, a_args, b_args, a_ready=True):
 
 def test_two_jobs_share_a_gpu_when_their_shares_fit(tmp_path):
     a, b = _run_two(tmp_path, ["--gpus", "0", "--share", "0.45"], ["--gpus", "0", "--share", "0.5"])
-    assert a == ["seen", "0.45", "0"] and b == ["seen", "0.50", "0"]
+    assert a == ["seen", "0.45", "0", "none"] and b == ["seen", "0.50", "0", "none"]
 
 
 def test_two_jobs_run_one_after_the_other_when_their_shares_do_not_fit(tmp_path):
@@ -165,15 +160,9 @@ def test_two_jobs_run_one_after_the_other_when_their_shares_do_not_fit(tmp_path)
     assert a[0] == "alone" and b[0] == "alone"
 
 
-def test_no_job_joins_one_that_is_still_starting(tmp_path):
-    """Shares that fit, but the first never says its engine is up: vLLM's profile must not see the other."""
-    a, b = _run_two(tmp_path, ["--gpus", "0", "--share", "0.2"], ["--gpus", "0", "--share", "0.2"], a_ready=False)
-    assert a[0] == "alone" and b[0] == "alone"
-
-
 def test_a_job_without_a_share_takes_the_whole_gpu(tmp_path):
     a, b = _run_two(tmp_path, ["--gpus", "0", "--share", "0.1"], ["--gpus", "0"])
-    assert a[0] == "alone" and b == ["alone", "none", "0"]  # no share given: vLLM's own default
+    assert a[0] == "alone" and b == ["alone", "none", "0", "none"]  # no share given: vLLM's own defaults
 
 
 def test_shares_on_two_gpus_and_whole_gpus_side_by_side(tmp_path):
@@ -190,16 +179,16 @@ def test_the_estimate_from_a_checkpoint_reaches_the_job(tmp_path):
                         "sh", "-c", _job(d, "a", "nobody")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     need = slots.memory_need(2 * GIB, QWEN3_14B, max_model_len=2048)
-    util = slots.shares(need, 141 * GIB)[0]
-    assert (d / "a.out").read_text().split() == ["alone", f"{util:.2f}", "0"]
-    assert f"gpu_memory_utilization {util:.2f}" in r.stderr
+    share = slots.share_of(need, 141 * GIB)
+    assert (d / "a.out").read_text().split() == ["alone", f"{share:.2f}", "0", str(need.kv)]
+    assert f"share {share:.2f}, KV cache" in r.stderr
 
 
 def test_a_killed_holder_frees_its_share(tmp_path):
     d = tmp_path / "marks"
     d.mkdir()
     holder = _slots(tmp_path, "--gpus", "0", "--share", "0.6",
-                    cmd=f"echo $$ > {d}/pid; echo '{READY}' >&2; exec sleep 60")
+                    cmd=f"echo $$ > {d}/pid; exec sleep 60")
     while not (d / "pid").exists():
         time.sleep(0.02)
     ledger = json.loads((tmp_path / "locks" / "gpu0.json").read_text())
@@ -210,20 +199,6 @@ def test_a_killed_holder_frees_its_share(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jobs.runs.slots", "--lock-dir", str(tmp_path / "locks"), "--poll",
                         "0.05", "--gpus", "0", "--share", "0.6", "--", "true"], cwd=ROOT, timeout=30)
     assert r.returncode == 0
-
-
-def test_a_job_whose_profile_met_a_neighbours_change_starts_again(tmp_path):
-    count = tmp_path / "count"
-    cmd = (f'echo x >> {count}; if [ $(wc -l < {count}) -lt 2 ]; then '
-           f'echo "AssertionError: Error in memory profiling. Initial free memory" >&2; exit 1; fi')
-    r = subprocess.run([sys.executable, "-m", "jobs.runs.slots", "--lock-dir", str(tmp_path / "locks"), "--gpus", "0",
-                        "--share", "0.3", "--gpu-memory", "80", "--", "sh", "-c", cmd], cwd=ROOT, timeout=60,
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and count.read_text().count("x") == 2 and "starting this job again" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jobs.runs.slots", "--lock-dir", str(tmp_path / "locks"), "--gpus", "0",
-                        "--share", "0.3", "--gpu-memory", "80", "--", "sh", "-c", "echo other >&2; exit 3"], cwd=ROOT,
-                       timeout=60, capture_output=True, text=True)
-    assert r.returncode == 3 and "again" not in r.stderr  # any other failure is the job's own
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
@@ -243,7 +218,7 @@ def test_the_plan_gives_slots_what_the_estimate_needs():
                                            "1024", "--max-num-batched-tokens", "8192", "--weight-only"]
     assert _slot_args(jobs["score.a"], "docker")[4:6] == ["--model", "models/a"]  # the host's path, not /models/a
     assert _slot_args(jobs["score.b"], "docker")[4:6] == ["--model", "org/b"]
-    assert "-e GPU_MEMORY_UTILIZATION" in jobs["score.b"].commands["docker"]
+    assert "-e GPU_MEMORY_UTILIZATION -e KV_CACHE_MEMORY_BYTES" in jobs["score.b"].commands["docker"]
     assert _slot_args(jobs["validate"])[4:6] == ["--model", "models/Qwen3-14B-NVFP4"]
     for jid in ("tasks.a", "noise.a~noise"):  # lm-eval generates; the transformers backend has no vLLM budget
         assert _slot_args(jobs[jid]) == ["--gpus", "all", "--per-job", "1"]
@@ -289,9 +264,8 @@ def test_make_eval_runs_its_jobs_together_on_a_shared_gpu(tmp_path):
               env={"PATH": f"{fake}:{repo.env['PATH']}", "XDG_RUNTIME_DIR": str(tmp_path)})
     outs = [(marks / f"{label}.out").read_text().split() for label in ("a", "b")]
     need = slots.memory_need(GIB // 2, QWEN3_14B, max_model_len=slots.DEFAULT_MAX_MODEL_LEN)
-    first, second = slots.shares(need, 80 * GIB)[0], slots.shares(need, 80 * GIB, slack=need.extra)[0]
     assert [o[0] for o in outs] == ["seen", "seen"]
-    assert sorted(o[1] for o in outs) == [f"{first:.2f}", f"{second:.2f}"]  # the second allows for the first's logprobs
+    assert [o[1:] for o in outs] == [[f"{slots.share_of(need, 80 * GIB):.2f}", "0", str(need.kv)]] * 2
 
 
 def test_quantize_waits_for_every_gpu_of_gpus(tmp_path):

@@ -220,13 +220,14 @@ def test_one_builder_for_scoring_and_tasks(tmp_path):
     from jobs.engines.vllm import ENGINE_ENV, SCORING_ENV, engine_spec
 
     opts = EngineOptions(dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.5, tensor_parallel_size=2,
-                         max_num_batched_tokens=4096, quantization="modelopt_fp4", nvfp4_compute="weight-only")
+                         max_num_batched_tokens=4096, quantization="modelopt_fp4", nvfp4_compute="weight-only",
+                         kv_cache_memory_bytes=3 << 30)
     wo = resolve(NVFP4, opts.nvfp4_compute, backend="vllm", capability=9.0)
     score = engine_spec(tmp_path, opts, wo, scoring=True, expected_tokens=10)
     tasks = engine_spec(tmp_path, opts, wo, scoring=False, extra={"max_num_seqs": 8})
     shared = {"model": str(tmp_path), "dtype": "bfloat16", "max_model_len": 1024, "gpu_memory_utilization": 0.5,
               "tensor_parallel_size": 2, "enable_prefix_caching": False, "max_num_batched_tokens": 4096,
-              "quantization": "modelopt_fp4", "linear_backend": "marlin"}
+              "quantization": "modelopt_fp4", "linear_backend": "marlin", "kv_cache_memory_bytes": 3 << 30}
     assert score.kwargs == {**shared, "enforce_eager": True, "skip_tokenizer_init": True}
     # generation is decode-bound: compiled, with CUDA graphs; the user's --engine-kwargs pass through
     assert tasks.kwargs == {**shared, "enforce_eager": False, "max_num_seqs": 8}

@@ -42,6 +42,7 @@ class EngineOptions:
     tensor_parallel_size: int = 1
     enforce_eager: bool | None = None  # None: decided by the workload's size (see jobs/engines/vllm.py)
     max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None  # a fixed KV cache (jobs.runs.slots sets it for a shared GPU)
     quantization: str | None = None
     max_logprobs: int | None = None  # the score stage sets it to --topk
     load_format: str | None = None  # "dummy": random weights (bench/ only, never for results)

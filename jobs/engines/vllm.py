@@ -235,6 +235,8 @@ def engine_spec(path: Path, options: EngineOptions, arith: arith_mod.Arithmetic,
         kwargs["skip_tokenizer_init"] = True  # scoring takes token ids; a bare checkpoint needs no tokenizer
     if options.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
+    if options.kv_cache_memory_bytes:  # sized by slots: no profile that a neighbour on the GPU could disturb
+        kwargs["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
     if options.quantization:
         kwargs["quantization"] = options.quantization
     if options.max_logprobs and options.max_logprobs > 20:  # vLLM refuses more prompt logprobs than max_logprobs (20)

@@ -389,7 +389,7 @@ class Commands:
         if s.caches:
             cmd += ["-e", "HF_TOKEN", "-e", "HF_HUB_OFFLINE", "-e", "HF_DATASETS_OFFLINE", "-e", "TRANSFORMERS_OFFLINE"]
         if s.slot and self.gpus and self.share(stage, raw):  # the share slots gives it (a variable it sets)
-            cmd += ["-e", "GPU_MEMORY_UTILIZATION"]
+            cmd += ["-e", "GPU_MEMORY_UTILIZATION", "-e", "KV_CACHE_MEMORY_BYTES"]
         cmd += ["-u", user]
         ro = lambda write: "" if write else ":ro"  # noqa: E731
         if s.caches:

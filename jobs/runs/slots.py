@@ -4,17 +4,18 @@
 
 A scoring job whose model fits beside others gets a *share* of one GPU: the memory vLLM needs for it,
 estimated from the checkpoint on disk and the engine's settings (``memory_need``), as a fraction of the
-GPU's memory. The share reaches the job as ``GPU_MEMORY_UTILIZATION`` (vLLM's budget, a fraction of the
-GPU's total memory), so several jobs run on one GPU while their shares sum to at most 1 - ``RESERVE``.
+GPU's memory. The job gets its KV cache as ``KV_CACHE_MEMORY_BYTES`` (vLLM's ``kv_cache_memory_bytes``:
+enough for every step, fixed, so it batches exactly as alone) and its share as ``GPU_MEMORY_UTILIZATION``
+(the free memory vLLM checks for at start), so several jobs run on one GPU while their shares sum to at
+most 1 - ``RESERVE``.
 A job without ``--model`` (tensor parallelism, lm-eval's tasks, the transformers backend, a
 GPU_MEMORY_UTILIZATION the user set), or whose checkpoint is not found, takes whole GPUs, alone.
 
 Each GPU's holders are a ledger, ``gpu<N>.json`` in the lock directory (pid -> share), read and written
 under one ``flock``; an entry whose process is gone is dropped, so a killed job never keeps its share.
-vLLM sizes its KV cache by profiling at start-up and assumes no other process changes the GPU's memory
-meanwhile: a job is *starting* until vLLM logs that its engine is up (or it exits), and no other job
-on that GPU is launched while one is starting. So one job's start-up overlaps the others' scoring, never
-their start-ups. The command gets its GPUs as ``CUDA_VISIBLE_DEVICES`` and, for docker, in place of
+A KV cache sized by vLLM's own profile would count a neighbour's memory changes as its own (and vLLM
+stops when a neighbour frees memory during that profile); with its size given, vLLM skips that
+measurement, so jobs start side by side and one job's start-up overlaps another's scoring. The command gets its GPUs as ``CUDA_VISIBLE_DEVICES`` and, for docker, in place of
 ``{gpus}`` (``device=0`` or ``"device=0,1"``). ``--gpus`` takes the Makefile's GPUS: ``all`` (every GPU
 nvidia-smi lists), ``device=0``, ``"device=0,1"`` or ``0,1``. Standard library only: the Makefile runs it
 with the host's python3.
@@ -33,7 +34,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,15 +53,8 @@ BLOCK_TOKENS = 16  # vLLM's KV block on CUDA
 DEFAULT_BATCHED_TOKENS, DEFAULT_MAX_SEQS = 16384, 1024
 # Prompt logprobs: per position of one request's chunk, the vocabulary-wide bf16 logits, their float32
 # copy and float32 log-softmax (10 bytes), plus 2 for top-k and the allocator. vLLM computes them request by
-# request after the forward pass, outside the profiled peak, so this is memory beside vLLM's budget.
+# request after the forward pass, outside the profiled peak.
 LOGPROB_BYTES = 12
-# vLLM's line once an engine has profiled, allocated its KV cache and warmed up (vLLM 0.26, the same line
-# jobs/engines/vllm.py times), and its KV cache size; its assertion when another process changed the
-# GPU's memory during that profile (a neighbour that finished: the job is launched again).
-READY = re.compile(r"init engine \(profile, create kv cache")
-KV_LINE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
-PROFILE_RACE = "Error in memory profiling"
-RETRIES = 2
 DEFAULT_MAX_MODEL_LEN = next(f.default for f in fields(EngineOptions) if f.name == "max_model_len")
 
 
@@ -100,15 +93,14 @@ class Need:
     """What one prompt-scoring engine needs, in bytes."""
 
     weights: int
-    activations: int  # peak of one step, which vLLM profiles and keeps out of its KV cache
-    kv: int
+    activations: int  # peak of one step
+    kv: int  # the KV cache the job is given (KV_CACHE_MEMORY_BYTES)
     kv_tokens: int
-    extra: int  # prompt logprobs: used beside vLLM's budget (not profiled)
+    extra: int  # prompt logprobs, beside the forward pass's peak
 
     @property
-    def budget(self) -> int:
-        """vLLM's budget: what gpu_memory_utilization must cover for the KV cache to hold ``kv_tokens``."""
-        return self.weights + OVERHEAD + self.activations + self.kv
+    def footprint(self) -> int:
+        return self.weights + OVERHEAD + self.activations + self.kv + self.extra
 
 
 def memory_need(weights: int, config: dict, *, max_model_len: int, batched_tokens: int | None = None,
@@ -118,7 +110,7 @@ def memory_need(weights: int, config: dict, *, max_model_len: int, batched_token
     stream), twice for the kernels' temporaries, and the sampler's float32 logits of ``max_seqs`` rows.
     W4A4 emulated (vLLM's ``emulation`` linear backend off Blackwell) dequantizes each layer's weight to
     bf16 and rounds its input through float32 inside every forward: the largest layer's weight in bf16,
-    twice, and three float32 copies of the widest input; this is profiled by vLLM, so it is in the budget."""
+    twice, and three float32 copies of the widest input."""
     c = text_config(config)
     batched = batched_tokens or DEFAULT_BATCHED_TOKENS
     seqs = max_seqs or DEFAULT_MAX_SEQS
@@ -140,12 +132,9 @@ def _up(x: float) -> float:
     return math.ceil(round(x * 100, 6)) / 100
 
 
-def shares(need: Need, total: int, slack: int = 0) -> tuple[float, float]:
-    """(gpu_memory_utilization, footprint) as fractions of ``total``, rounded up to 0.01 (pure). ``slack``:
-    memory that neighbours may still take while this engine profiles (their prompt-logprob buffers), which
-    vLLM would count as its own and take from the KV cache: the budget grows by it."""
-    util = _up((need.budget + slack) / total)
-    return util, _up(util + need.extra / total)
+def share_of(need: Need, total: int) -> float:
+    """The job's footprint as a fraction of ``total``, rounded up to 0.01 (pure)."""
+    return _up(need.footprint / total)
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------------
@@ -234,11 +223,11 @@ def alive(entries: dict) -> dict:
 
 
 def fits(entries: dict, share: float, exclusive: bool) -> bool:
-    """Whether a job of ``share`` may join ``entries`` (pure): nobody alone there, nobody starting, and the
-    footprints sum to at most 1 - RESERVE; a job wanting the whole GPU waits until it is empty."""
+    """Whether a job of ``share`` may join ``entries`` (pure): nobody alone there, and the footprints sum to
+    at most 1 - RESERVE; a job wanting the whole GPU waits until it is empty."""
     if exclusive:
         return not entries
-    if any(e["exclusive"] or e["starting"] for e in entries.values()):
+    if any(e["exclusive"] for e in entries.values()):
         return False
     return sum(e["share"] for e in entries.values()) + share <= 1 - RESERVE + 1e-9
 
@@ -269,34 +258,16 @@ class Ledger:
             fcntl.flock(fh, fcntl.LOCK_EX)
             return fn()
 
-    def take(self, gpus: list[str], n: int, entry_for) -> tuple[list[str], dict] | None:
-        """Record this process on ``n`` of ``gpus`` where ``entry_for(holders)`` fits; None if none fit now.
-        ``entry_for`` returns this job's entry given the holders of a GPU (its share may depend on them)."""
+    def take(self, gpus: list[str], n: int, entry: dict) -> list[str] | None:
+        """Record this process's ``entry`` on ``n`` of ``gpus`` where it fits; None if none fit now."""
         def go():
-            chosen, entry = [], None
-            for g in gpus:
-                holders = self._read(g)
-                e = entry_for(holders)
-                if fits(holders, e["share"], e["exclusive"]):
-                    chosen.append((g, holders, e))
-                if len(chosen) == n:
-                    break
+            chosen = [(g, h) for g in gpus for h in [self._read(g)] if fits(h, entry["share"], entry["exclusive"])]
             if len(chosen) < n:
                 return None
-            for g, holders, e in chosen:
-                self._write(g, {**holders, str(os.getpid()): e})
-                entry = e
-            return [g for g, _, _ in chosen], entry
+            for g, holders in chosen[:n]:
+                self._write(g, {**holders, str(os.getpid()): entry})
+            return [g for g, _ in chosen[:n]]
         return self._locked(go)
-
-    def update(self, gpus: list[str], **changes) -> None:
-        def go():
-            for g in gpus:
-                holders = self._read(g)
-                if str(os.getpid()) in holders:
-                    holders[str(os.getpid())].update(changes)
-                    self._write(g, holders)
-        self._locked(go)
 
     def release(self, gpus: list[str]) -> None:
         def go():
@@ -326,42 +297,11 @@ def estimate(a) -> Need | None:
         return None
 
 
-def run_once(cmd: list[str], ids: list[str], env: dict, ledger: Ledger | None,
-             need_tokens: int | None) -> tuple[int, bool]:
-    """Run the command; while it starts, pass its stderr through and watch for vLLM's lines. Returns (exit
-    status, whether vLLM's profile met another process's change of memory)."""
-    proc = subprocess.Popen([c.replace("{gpus}", docker_value(ids)) for c in cmd], env=env,
-                            stderr=subprocess.PIPE if ledger else None)
+def run(cmd: list[str], ids: list[str], env: dict) -> int:
+    proc = subprocess.Popen([c.replace("{gpus}", docker_value(ids)) for c in cmd], env=env)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: proc.send_signal(s))
-    race = [False]
-
-    def watch():  # passed through as it comes (progress bars end lines with \r), matched line by line
-        rest = b""
-        while chunk := os.read(proc.stderr.fileno(), 65536):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            *lines, rest = (rest + chunk).split(b"\n")
-            rest = rest[-65536:]
-            for raw in lines:
-                seen(raw.decode("utf-8", "replace"))
-
-    def seen(line: str) -> None:
-        m = KV_LINE.search(line)
-        if m and need_tokens and int(m.group(1).replace(",", "")) < need_tokens:
-            print(f"slots: warning: the KV cache holds {m.group(1)} tokens, fewer than the {need_tokens:,} a "
-                  "step may need: this job may batch otherwise than alone", file=sys.stderr, flush=True)
-        if READY.search(line):
-            ledger.update(ids, starting=False)
-        race[0] = race[0] or PROFILE_RACE in line
-
-    reader = threading.Thread(target=watch, daemon=True) if ledger else None
-    if reader:
-        reader.start()
-    code = proc.wait()
-    if reader:  # a process the command left behind may hold its stderr open: not waited for long
-        reader.join(timeout=30)
-    return code, race[0]
+    return proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,48 +335,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     need = estimate(a) if a.per_job == 1 and a.share is None else None
     total = int(a.gpu_memory * GIB) if a.gpu_memory else (gpu_total_bytes(gpus[0]) if need else None)
-    shared = a.per_job == 1 and (a.share is not None or (need is not None and total is not None))
-    if need and total and shares(need, total)[1] > 1 - RESERVE:
-        shared = False  # it needs the whole GPU anyway
-
-    def entry_for(holders: dict) -> dict:
-        if not shared:
-            return {"share": 1.0, "extra": 0.0, "exclusive": True, "starting": False, "started": _started(os.getpid())}
-        if a.share is not None:
-            util, share, extra = a.share, a.share, 0.0
-        else:
-            slack = int(sum(e["extra"] for e in holders.values()) * total)
-            util, share = shares(need, total, slack)
-            extra = need.extra / total
-        return {"share": share, "util": util, "extra": extra, "exclusive": False, "starting": True,
-                "started": _started(os.getpid())}
-
+    share = a.share if a.share is not None else (share_of(need, total) if need and total else None)
+    shared = a.per_job == 1 and share is not None and share <= 1 - RESERVE  # else: it needs whole GPUs anyway
+    entry = {"share": share if shared else 1.0, "exclusive": not shared, "started": _started(os.getpid())}
     ledger = Ledger(Path(a.lock_dir))
-    for attempt in range(RETRIES + 1):
-        announced = False
-        while (got := ledger.take(gpus, a.per_job, entry_for)) is None:
-            if not announced:
-                what = "a share of a GPU" if shared else f"{a.per_job} free GPU(s)"
-                print(f"slots: waiting for {what} of {','.join(gpus)}", file=sys.stderr, flush=True)
-                announced = True
-            time.sleep(a.poll)
-        ids, entry = got
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids)}
-        if shared:
-            env["GPU_MEMORY_UTILIZATION"] = f"{entry['util']:.2f}"
-            print(f"slots: GPU {ids[0]}, gpu_memory_utilization {entry['util']:.2f} (share {entry['share']:.2f})",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"slots: GPU {','.join(ids)}", file=sys.stderr, flush=True)
-        try:
-            code, race = run_once(cmd, ids, env, ledger if shared else None, need.kv_tokens if need else None)
-        finally:
-            ledger.release(ids)
-        if not (code and race and attempt < RETRIES):
-            return code
-        print("slots: another job's memory changed during vLLM's profile; starting this job again",
-              file=sys.stderr, flush=True)
-    return code
+    announced = False
+    while (ids := ledger.take(gpus, a.per_job, entry)) is None:
+        if not announced:
+            what = "a share of a GPU" if shared else f"{a.per_job} free GPU(s)"
+            print(f"slots: waiting for {what} of {','.join(gpus)}", file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(a.poll)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids)}
+    if shared:
+        env["GPU_MEMORY_UTILIZATION"] = f"{share:.2f}"
+        if need:
+            env["KV_CACHE_MEMORY_BYTES"] = str(need.kv)
+        print(f"slots: GPU {ids[0]}, share {share:.2f}" + (f", KV cache {need.kv / GIB:.1f} GiB "
+              f"({need.kv_tokens:,} tokens)" if need else ""), file=sys.stderr, flush=True)
+    else:
+        print(f"slots: GPU {','.join(ids)}", file=sys.stderr, flush=True)
+    try:
+        return run(cmd, ids, env)
+    finally:
+        ledger.release(ids)
 
 
 if __name__ == "__main__":
