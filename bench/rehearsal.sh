@@ -33,7 +33,7 @@ MK=(make --no-print-directory -C "$root" RUNNER=local VENV="$W/venv-q" VLLM_VENV
     NUM_CALIBRATION_SAMPLES=1024 MAX_SEQUENCE_LENGTH=2048 QUANTIZE_ARGS=
     MODELS="bf16=$base llmc-nvfp4=$quant" WEIGHT_ONLY=llmc-nvfp4 BASELINE=bf16 TOKENIZER="$base"
     DATASETS="wikitext2=$W/sets/wikitext2.txt ultrachat=$W/sets/ultrachat.jsonl" MAX_MODEL_LEN=2048
-    BACKEND=vllm TOPK=${TOPK:-20} GPU_MEMORY_UTILIZATION=0.85 SCORE_ARGS= SHARDS=1)
+    BACKEND=vllm TOPK=${TOPK:-20} GPU_MEMORY_UTILIZATION= SCORE_ARGS= SHARDS=1)
 timed() {  # timed NAME CMD...: wall seconds of one command, recorded
   local name=$1; shift; local t0; t0=$(date +%s.%N)
   "$@" > "$OUT/$name.log" 2>&1 || { echo "FAILED $name (tail of $OUT/$name.log):"; tail -25 "$OUT/$name.log"; return 1; }
