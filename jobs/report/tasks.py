@@ -8,10 +8,6 @@ task under one lm-eval filter (gsm8k: ``exact_match`` under ``strict-match`` and
 """
 from __future__ import annotations
 
-import csv
-import io
-from pathlib import Path
-
 import numpy as np
 
 from jobs.archive import tasks as task_archive
@@ -114,10 +110,6 @@ def summarize(data: dict[str, dict[str, tuple]], baseline: str, recovery_min: fl
             "rows": rows, "runs": runs, "notes": notes}
 
 
-def _f(x, digits=4) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
-
-
 def _ci(value, lo, hi, digits=3) -> str:
     return "—" if value is None else fmt.ci(value, lo, hi, digits)
 
@@ -165,19 +157,8 @@ def markdown(summary: dict) -> list[str]:
 
 
 def render_csv(summary: dict) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in summary["rows"]:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
-    return buf.getvalue()
+    return fmt.csv_text(summary["rows"], CSV_FIELDS)
 
 
 def has_results(results_dir) -> bool:
     return bool(task_archive.discover(results_dir))
-
-
-def write_csv(summary: dict, out_dir: Path) -> Path:
-    from jobs.core import atomic
-
-    return atomic.write_text(Path(out_dir) / "tasks.csv", render_csv(summary))

@@ -24,37 +24,30 @@ class EvalSet:
     source: dict = field(default_factory=dict)  # provenance: dataset id, config, split, revision, n, file hash
 
 
-def render_wikitext(rows: Iterable[str], n: int) -> list[str]:
-    """Strip each row, drop empty rows, keep the first n."""
+def _first(texts: Iterable[str], n: int) -> list[str]:
+    """The first n non-empty texts (reading no further)."""
     out = []
-    for row in rows:
-        text = (row or "").strip()
+    for text in texts:
         if text:
             out.append(text)
             if len(out) >= n:
                 break
     return out
+
+
+def render_wikitext(rows: Iterable[str], n: int) -> list[str]:
+    """Strip each row, drop empty rows, keep the first n."""
+    return _first(((row or "").strip() for row in rows), n)
 
 
 def render_messages(messages: list[dict]) -> str:
     """``{role}: {content}`` lines (both stripped), empty contents skipped, joined by newlines."""
-    lines = []
-    for m in messages or []:
-        content = (m.get("content") or "").strip()
-        if content:
-            lines.append(f"{(m.get('role') or '').strip()}: {content}")
-    return "\n".join(lines)
+    return "\n".join(f"{(m.get('role') or '').strip()}: {(m.get('content') or '').strip()}"
+                     for m in messages or [] if (m.get("content") or "").strip())
 
 
 def render_chats(rows: Iterable[list[dict]], n: int) -> list[str]:
-    out = []
-    for messages in rows:
-        text = render_messages(messages)
-        if text:
-            out.append(text)
-            if len(out) >= n:
-                break
-    return out
+    return _first((render_messages(messages) for messages in rows), n)
 
 
 @dataclass(frozen=True)
@@ -72,9 +65,7 @@ REGISTRY: dict[str, HubSet] = {
     # lm-evaluation-harness's `wikitext` task: whole documents, scored in rolling windows (docs/statistics.md)
     "wikitext2_doc": HubSet("wikitext2_doc", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
                             "document", "WIKITEXT_DOC_SOURCE"),
-    "ultrachat": HubSet(
-        "ultrachat", "HuggingFaceH4/ultrachat_200k", None, "test_sft", "chat", "ULTRACHAT_SOURCE"
-    ),
+    "ultrachat": HubSet("ultrachat", "HuggingFaceH4/ultrachat_200k", None, "test_sft", "chat", "ULTRACHAT_SOURCE"),
 }
 
 
@@ -227,19 +218,16 @@ def parse_specs(spec: str) -> list[tuple[str, str | None]]:
 
 
 def load_set(name: str, path: str | None, limits: dict[str, int]) -> EvalSet:
+    hub = REGISTRY.get(name)
     if path is None:
-        spec = REGISTRY[name]
-        return load_hub_set(spec, limits.get(name, 200))
-    if name in REGISTRY and REGISTRY[name].kind == "document":
-        if not Path(path).exists():
-            raise EvalSetError(f"evaluation file not found: {path}")
-        return load_hub_set(REGISTRY[name], 0, source=path)
-    if name in REGISTRY and not Path(path).exists():
+        return load_hub_set(REGISTRY[name], limits.get(name, 200))
+    if hub is not None and not Path(path).exists():
         raise EvalSetError(f"evaluation file not found: {path}")
-    if name in REGISTRY and Path(path).is_dir():
-        return load_hub_set(REGISTRY[name], limits.get(name, 200), source=path)
+    if hub is not None and hub.kind == "document":
+        return load_hub_set(hub, 0, source=path)
+    if hub is not None and Path(path).is_dir():
+        return load_hub_set(hub, limits.get(name, 200), source=path)
     return load_local_set(name, Path(path), limits.get(name))
-
 
 
 # -- document-level WikiText-2, as lm-evaluation-harness 0.4.13 scores it (task `wikitext`) -----------------
