@@ -22,7 +22,7 @@ from jobs.archive import logprobs
 from jobs.core.errors import AggregateError, ArchiveError
 
 TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]
-NOISE_SEP = "~"  # <baseline>~noise: the baseline through another path (backend, batch layout, dtype)
+NOISE_SEP = summary_mod.PATH_SEP  # <baseline>~noise: the baseline through another path (backend, batch layout, dtype)
 WORST_MD = 10  # rows per table in report.md
 WORST_PARQUET = 1000  # rows per (model, criterion) in worst_tokens.parquet
 CONTEXT_TOKENS = 12
@@ -185,27 +185,26 @@ def _k(data, label, sets) -> int:
 def _decoder(tokenizer: str | None, meta: dict, base: str):
     """A ``tokenizers.Tokenizer`` for the context column: the one asked for (it must load), else the
     baseline's recorded tokenizer when this machine can read it, else None (ids only)."""
-    candidates = []
     if tokenizer:
-        candidates = [Path(tokenizer)]
+        path = Path(tokenizer)
     else:
-        for (label, _), m in meta.items():
-            if label == base and m.get("tokenizer", {}).get("path"):
-                candidates = [Path(m["tokenizer"]["path"])]
-                break
-    for c in candidates:
-        f = c / "tokenizer.json" if c.is_dir() else c
-        if f.is_file():
-            try:
-                from tokenizers import Tokenizer
-
-                return Tokenizer.from_file(str(f))
-            except Exception as exc:
-                if tokenizer:
-                    raise AggregateError(f"--tokenizer {tokenizer}: cannot load ({exc})") from None
-        elif tokenizer:
+        path = next((Path(m["tokenizer"]["path"]) for (label, _), m in meta.items()
+                     if label == base and m.get("tokenizer", {}).get("path")), None)
+        if path is None:
+            return None
+    f = path / "tokenizer.json" if path.is_dir() else path
+    if not f.is_file():
+        if tokenizer:
             raise AggregateError(f"--tokenizer {tokenizer}: no tokenizer.json there")
-    return None
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(f))
+    except Exception as exc:
+        if tokenizer:
+            raise AggregateError(f"--tokenizer {tokenizer}: cannot load ({exc})") from None
+        return None
 
 
 def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
