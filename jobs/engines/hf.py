@@ -20,10 +20,9 @@ import numpy as np
 from jobs.checkpoints import arithmetic as arith_mod
 from jobs.checkpoints.checkpoint import Checkpoint
 from jobs.core.errors import CheckpointError, SettingsError, first_line
-from jobs.texts.sampling import Sample
-from jobs.engines.base import SequenceScores
 from jobs.core.settings import EngineOptions
-from jobs.engines.base import Generation, runtime_info
+from jobs.engines.base import Generation, SequenceScores, runtime_info
+from jobs.texts.sampling import Sample
 
 # compressed-tensors' quantization parameters: their dtypes are part of the arithmetic, never recast
 _QPARAM_SUFFIXES = ("_scale", "_global_scale", "_zero_point", "weight_packed", "weight_shape")

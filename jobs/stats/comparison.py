@@ -1,23 +1,12 @@
 """The quantization statistics of llama.cpp's ``--kl-divergence`` and exllamav3's model comparison, paired
-with a baseline on the identical token stream, each with a 95 % interval from a bootstrap over texts.
+with a baseline on the identical token stream, each with a 95 % interval from a bootstrap over texts
+(docs/statistics.md defines each one and its interval).
 
-Everything works on flat per-token arrays. The bootstrap never loops over tokens: each text is reduced
-once, in one compiled pass (``textsums``), to a row of sums (tokens, ΣΔlogprob, ΣKL, ΣΔp², per-bucket
-sums, and histogram counts over fixed bins), the rows form an (n_texts × columns) matrix M, and a
-replicate's sums are W @ M, where W (n_boot × n_texts) holds how often each text was drawn. Means, ratios
-and RMS come from the replicate sums; percentiles are read off the replicate's summed histogram
-(``KL_BINS``: 20 log-spaced bins per decade, so a percentile's interval is resolved to about ±6 %;
-``DP_EDGES``: the same on |Δp|, both signs). A percentile that falls in an open end bin (KLD < 1e-10, |Δp|
-< 1e-8) gets no interval. Point estimates of percentiles are exact quantiles of the tokens. Sets are
-strata: each set's texts are drawn separately and the replicate sums added, as
-``metrics.bootstrap_delta_nll`` does.
-
-Definitions (docs/statistics.md has them in full):
-  Δlogprob = logprob_model − logprob_baseline of the actual token; Δnll = −mean Δlogprob = ln PPL ratio.
-  KLD = per-position lower bound of KL(baseline ‖ model) from top-K (``divergence``); reverse likewise.
-  Δp = p_model − p_baseline of the actual token. RMS Δp = sqrt(mean Δp²).
-  same top-1 / top-k agreement = share of positions where the models' top-k token sets are equal.
-  Confidence = the baseline's probability of its own top-1 token at that position.
+The bootstrap never loops over tokens: each text is reduced once (``textsums``) to a row of sums, bucket
+sums and histogram counts (``layout``), and a replicate's sums are one matrix product
+(``intervals.replicate_sums``). Percentile intervals are read off a replicate's summed histogram
+(``KL_EDGES``, ``DP_EDGES``), none where it falls in an open end bin; point estimates of percentiles are
+exact quantiles of the tokens.
 """
 from __future__ import annotations
 
