@@ -164,9 +164,8 @@ class TransformersBackend:
             chunk = sorted(range(start, min(start + self.window, len(samples))),
                            key=lambda i: -len(samples[i].token_ids))
             batch: list[int] = []
-            for i in chunk:
-                longest = max([len(samples[j].token_ids) for j in batch] + [len(samples[i].token_ids)])
-                if batch and longest * (len(batch) + 1) > self.max_batch_tokens:
+            for i in chunk:  # longest first: a batch's first sample sets its padded width
+                if batch and len(samples[batch[0]].token_ids) * (len(batch) + 1) > self.max_batch_tokens:
                     yield start, batch
                     batch = []
                 batch.append(i)
