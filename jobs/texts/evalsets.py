@@ -240,18 +240,12 @@ def is_wikitext_title(line: str) -> bool:
 def join_wikitext_pages(lines: Iterable[str]) -> list[str]:
     """The raw file's lines (without their newline) joined into articles, one per level-1 heading, as
     ``EleutherAI/wikitext_document_level`` was built: a page is its lines joined by ``"\n"``."""
-    pages, cur = [], []
+    groups = [[]]
     for line in lines:
         if is_wikitext_title(line):
-            page = "\n".join(cur)
-            if page.strip():
-                pages.append(page)
-            cur = []
-        cur.append(line)
-    page = "\n".join(cur)
-    if page.strip():
-        pages.append(page)
-    return pages
+            groups.append([])
+        groups[-1].append(line)
+    return [page for page in ("\n".join(g) for g in groups) if page.strip()]
 
 
 def wikitext_rows_to_lines(rows: Iterable[str]) -> list[str]:
