@@ -78,8 +78,6 @@ def load_model(ckpt: Checkpoint, dtype, device: str, arithmetic: arith_mod.Arith
         else:
             raise CheckpointError(f"{ckpt.path}: the transformers backend cannot load {q.method} {q.scheme} "
                                   "checkpoints (use --backend vllm)")
-    except CheckpointError:
-        raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{ckpt.path}: cannot load the model ({first_line(exc)[:300]})") from None
     if q.method is not None and not arithmetic.quantize_activations:

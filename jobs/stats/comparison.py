@@ -119,7 +119,7 @@ def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
 
 
 # -- bootstrap (``intervals``) ------------------------------------------------------------------------------
-draw_weights, replicate_sums, interval = intervals.draw_weights, intervals.replicate_sums, intervals.interval
+replicate_sums, interval = intervals.replicate_sums, intervals.interval
 
 
 def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float, log: bool) -> np.ndarray:
