@@ -208,7 +208,7 @@ def _decoder(tokenizer: str | None, meta: dict, base: str):
 
 
 def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
-    texts, rows, md = [], [], {"delta_nll": [], "kld": []}
+    texts, rows = [], []
     for s, p in pairs.items():
         texts += [{"dataset": s, **t} for t in comparison.worst_texts(p, WORST_MD)]
         ids = data[(base, s)].token_id
@@ -218,10 +218,8 @@ def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
             for i in idx:
                 rows.append(_row(model, s, crit, p, ids, int(i), int(text_start[i]), decode))
     texts.sort(key=lambda t: -t["delta_nll"])
-    for crit in md:
-        ranked = sorted((r for r in rows if r["criterion"] == crit),
-                        key=lambda r: -(r["delta_nll"] if crit == "delta_nll" else r["kld"]))
-        md[crit] = ranked[:WORST_MD]
+    md = {crit: sorted((r for r in rows if r["criterion"] == crit), key=lambda r: -r[crit])[:WORST_MD]
+          for crit in ("delta_nll", "kld")}  # a criterion is named after the row field it ranks by
     return {"texts": texts[:WORST_MD], "tokens_by_delta_nll": md["delta_nll"], "tokens_by_kld": md["kld"]}, rows
 
 
