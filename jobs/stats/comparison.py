@@ -103,9 +103,7 @@ def layout(agree_k: int) -> Layout:
 def _text_index(sample_id: np.ndarray) -> tuple[np.ndarray, int]:
     """Dense 0..T-1 text index per token (each text's rows together)."""
     starts = text_starts(sample_id)
-    idx = np.zeros(len(sample_id), np.int64)
-    idx[starts[1:]] = 1
-    return np.cumsum(idx), len(starts)
+    return np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(sample_id)])), len(starts)
 
 
 def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
