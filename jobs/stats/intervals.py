@@ -21,12 +21,9 @@ def interval(reps: np.ndarray, alpha: float = ALPHA, strict: bool = False) -> tu
     replicate reached) are left out, or, with ``strict``, leave the interval undefined (NaN)."""
     reps = np.asarray(reps, dtype=np.float64)
     ok = np.isfinite(reps)
-    if strict and not ok.all():
+    if (strict and not ok.all()) or not ok.any():
         return float("nan"), float("nan")
-    reps = reps[ok]
-    if not len(reps):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    lo, hi = np.quantile(reps[ok], [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 

@@ -260,13 +260,10 @@ def model_verdict(s: Summary, m: str) -> ModelVerdict:
     perp = perplexity_check(overall, s.recovery_min)
     c = overall.get("comparison")
     kld = dict(c["kld"]["mean"]) if c else None
-    noise = []
-    for label in s.noise_floor:
-        noise += noise_checks(overall, s.path_noise[label], "noise floor")
     group = twin_of(m, s.models) or m  # a twin's own path noise is its group's
-    for label, pn in s.path_noise.items():
-        if pn.reference == group and pn.reference != s.baseline:  # a twin's own is the pair it belongs to
-            noise += noise_checks(overall, pn, "own path noise")
+    noise = [c for label in s.noise_floor for c in noise_checks(overall, s.path_noise[label], "noise floor")]
+    noise += [c for pn in s.path_noise.values() if pn.reference == group and pn.reference != s.baseline
+              for c in noise_checks(overall, pn, "own path noise")]
     tasks = tasks_check(s.tasks["rows"], m) if s.tasks else None
     return ModelVerdict(model=m, outcome=combine(perp.outcome, tasks.outcome if tasks else None),
                         ppl_change_pct=ppl, perplexity=perp, kld=kld, noise=tuple(noise), tasks=tasks)

@@ -63,11 +63,9 @@ def paired_recovery(base: np.ndarray, model: np.ndarray, n_boot: int = 1000, see
     if b.shape != m.shape:
         raise ValueError("paired values must have the same shape")
     out = {"value": None, "lo": None, "hi": None, "n": int(len(b)), "undefined": None, "undefined_replicates": 0}
-    if len(b) == 0:
-        out["undefined"] = "no document answered by both models"
-        return out
-    if b.mean() == 0:
-        out["undefined"] = "baseline scores 0"
+    out["undefined"] = "no document answered by both models" if len(b) == 0 else (
+        "baseline scores 0" if b.mean() == 0 else None)
+    if out["undefined"]:
         return out
     out["value"] = float(m.mean() / b.mean())
     num, den = intervals.paired_ratio(b, m, n_boot, seed)
