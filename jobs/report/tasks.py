@@ -96,15 +96,15 @@ def summarize(data: dict[str, dict[str, tuple]], baseline: str, recovery_min: fl
                         rec["n"] != acc["n"] and f"paired on {rec['n']} of {acc['n']} documents"]))
                 rows.append(row)
     runs = {}
-    for m in labels:
-        for task, (_, meta) in sorted(data[m].items()):
-            rt, lm = meta.get("runtime", {}), meta.get("lm_eval", {})
-            runs.setdefault(m, {
-                "backend": rt.get("backend"), "backend_version": rt.get("backend_version"), "dtype": rt.get("dtype"),
-                "gpu": rt.get("gpu_name"), "compute_capability": rt.get("compute_capability"),
-                "kernel_path": rt.get("kernel_path"), "lm_eval": lm.get("version"),
-                "chat_template": lm.get("chat_template"), "add_bos_token": lm.get("add_bos_token"),
-                "content_hash": (meta.get("model", {}).get("content_hash") or "")[:12]})
+    for m in (m for m in labels if data[m]):
+        meta = data[m][min(data[m])][1]  # the first task's, by name
+        rt, lm = meta.get("runtime", {}), meta.get("lm_eval", {})
+        runs[m] = {
+            "backend": rt.get("backend"), "backend_version": rt.get("backend_version"), "dtype": rt.get("dtype"),
+            "gpu": rt.get("gpu_name"), "compute_capability": rt.get("compute_capability"),
+            "kernel_path": rt.get("kernel_path"), "lm_eval": lm.get("version"),
+            "chat_template": lm.get("chat_template"), "add_bos_token": lm.get("add_bos_token"),
+            "content_hash": (meta.get("model", {}).get("content_hash") or "")[:12]}
     return {"baseline": baseline, "recovery_min": recovery_min,
             "bootstrap": {"replicates": n_boot, "seed": seed, "unit": "document", "alpha": task_stats.ALPHA},
             "rows": rows, "runs": runs, "notes": notes}

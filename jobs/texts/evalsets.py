@@ -133,8 +133,9 @@ def source_identity(path: str, ds) -> dict:
 
 def load_hub_set(spec: HubSet, n: int, source: str | None = None, revision: str | None = None) -> EvalSet:
     path = source or os.environ.get(spec.source_env) or spec.path
-    ds = load_rows(path, spec.config if path == spec.path else None, spec.split, revision)
-    about = {"dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
+    config = spec.config if path == spec.path else None  # the registry's config names its own dataset only
+    ds = load_rows(path, config, spec.split, revision)
+    about = {"dataset": path, "config": config, "split": spec.split,
              "revision": revision, **source_identity(path, ds)}
     if spec.kind == "document":
         return document_set(spec.name, _pages(ds, path), about)
