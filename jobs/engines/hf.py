@@ -173,12 +173,8 @@ class TransformersBackend:
     def _score_batch(self, samples: Sequence[Sample], batch: list[int], topk: int) -> dict[int, SequenceScores]:
         torch = self._torch
         lengths = [len(samples[i].token_ids) for i in batch]
-        width = max(lengths)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[row]] = torch.tensor(samples[i].token_ids)
-            mask[row, : lengths[row]] = 1
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(samples[i].token_ids) for i in batch], batch_first=True)
+        mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
         with torch.inference_mode():
             # Right padding keeps every real token's positions 0..L-1; the causal mask hides the pad.
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
