@@ -179,7 +179,6 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     reps = replicate_sums(mats, n_boot, seed, exact=lay.slices["kl_hist"].start)
     kl = np.concatenate([p.div.kl for p in pairs])
     dp = np.concatenate([np.exp(p.model_lp) - np.exp(p.base_lp) for p in pairs])
-    d = np.concatenate([p.delta for p in pairs])
     n, rn = lay(point, "tokens"), lay(reps, "tokens")
 
     def mean(name):
@@ -192,8 +191,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     ms, rs = mean("dp_sq")
     out["delta_p"]["rms"] = _ci(np.sqrt(ms), np.sqrt(rs))
     out["same_top1"] = _ci(*mean("same_top1"))
-    agree_p, agree_r = lay(point, "agree"), lay(reps, "agree")
-    agree_p, agree_r = np.atleast_1d(agree_p), agree_r.reshape(len(reps), -1)
+    agree_p, agree_r = np.atleast_1d(lay(point, "agree")), lay(reps, "agree").reshape(len(reps), -1)
     out["topk_agreement"] = [{"k": j + 1, **_ci(agree_p[j] / n, agree_r[:, j] / rn)} for j in range(agree_k)]
     # ln(PPL(model)/PPL(base)) = Δnll. llama.cpp's uncertainty treats tokens as independent: the standard
     # error of the mean paired difference, sqrt(var(Δ)/N) = the delta method on its two runs' covariance.
@@ -203,7 +201,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     out["ln_ppl_ratio"] = {**_ci(ln_ratio, -lay(reps, "delta") / rn), "se_token": se,
                            "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
     out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
-    out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if len(d) > 1 else float("nan")
+    out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if n > 1 else float("nan")
     out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True, texts=_texts_in(lay, mats, "conf_n"))
     out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False, texts=_texts_in(lay, mats, "pos_n"))
     return out
