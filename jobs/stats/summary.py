@@ -261,9 +261,9 @@ def model_verdict(s: Summary, m: str) -> ModelVerdict:
     c = overall.get("comparison")
     kld = dict(c["kld"]["mean"]) if c else None
     group = twin_of(m, s.models) or m  # a twin's own path noise is its group's
-    noise = [c for label in s.noise_floor for c in noise_checks(overall, s.path_noise[label], "noise floor")]
-    noise += [c for pn in s.path_noise.values() if pn.reference == group and pn.reference != s.baseline
-              for c in noise_checks(overall, pn, "own path noise")]
+    noise = [ch for label in s.noise_floor for ch in noise_checks(overall, s.path_noise[label], "noise floor")]
+    noise += [ch for pn in s.path_noise.values() if pn.reference == group and pn.reference != s.baseline
+              for ch in noise_checks(overall, pn, "own path noise")]
     tasks = tasks_check(s.tasks["rows"], m) if s.tasks else None
     return ModelVerdict(model=m, outcome=combine(perp.outcome, tasks.outcome if tasks else None),
                         ppl_change_pct=ppl, perplexity=perp, kld=kld, noise=tuple(noise), tasks=tasks)

@@ -65,7 +65,9 @@ REGISTRY: dict[str, HubSet] = {
     # lm-evaluation-harness's `wikitext` task: whole documents, scored in rolling windows (docs/statistics.md)
     "wikitext2_doc": HubSet("wikitext2_doc", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
                             "document", "WIKITEXT_DOC_SOURCE"),
-    "ultrachat": HubSet("ultrachat", "HuggingFaceH4/ultrachat_200k", None, "test_sft", "chat", "ULTRACHAT_SOURCE"),
+    "ultrachat": HubSet(
+        "ultrachat", "HuggingFaceH4/ultrachat_200k", None, "test_sft", "chat", "ULTRACHAT_SOURCE"
+    ),
 }
 
 
