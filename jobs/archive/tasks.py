@@ -50,12 +50,8 @@ BASE_FIELDS = [
 BASE_COLUMNS = [f.name for f in BASE_FIELDS]
 
 
-def root(results_dir: str | os.PathLike) -> Path:
-    return Path(results_dir) / "tasks"
-
-
 def task_dir(results_dir: str | os.PathLike, label: str, task: str) -> Path:
-    return root(results_dir) / f"model={logprobs.check_label('model label', label)}" / (
+    return Path(results_dir) / "tasks" / f"model={logprobs.check_label('model label', label)}" / (
         f"task={logprobs.check_label('task name', task)}")
 
 
@@ -83,23 +79,19 @@ def write_task(final: Path, table: pa.Table, metadata: dict, part_rows: int = PA
     return final
 
 
-def read_metadata(path: Path) -> dict:
-    return logprobs.read_metadata(path)
-
-
 def read_fingerprint(directory: Path) -> str | None:
     parts = logprobs.part_files(directory)
-    return read_metadata(parts[0]).get("fingerprint") if parts else None
+    return logprobs.read_metadata(parts[0]).get("fingerprint") if parts else None
 
 
 def read_task(directory: Path) -> tuple[pa.Table, dict]:
     """One model's task: every part intact, from one run, and as many rows as the run recorded."""
     parts = logprobs.part_files(Path(directory))
-    metrics = [m["name"] for m in read_metadata(parts[0]).get("metrics", [])] if parts else []
+    metrics = [m["name"] for m in logprobs.read_metadata(parts[0]).get("metrics", [])] if parts else []
     return logprobs.read_parts(Path(directory), required=BASE_COLUMNS + metrics, schema_version=SCHEMA_VERSION,
                              what="task")
 
 
 def discover(results_dir: str | os.PathLike) -> dict[str, dict[str, Path]]:
     """{label: {task: directory}} of finished tasks (hidden temporary directories are not listed)."""
-    return logprobs.hive_dirs(root(results_dir), "task")
+    return logprobs.hive_dirs(Path(results_dir) / "tasks", "task")

@@ -70,10 +70,6 @@ def kernel_problem(arith: Arithmetic, kernels: dict[str, int]) -> str | None:
     fp4 = [n for n in kernels if "Fp4" in n or "FP4" in n]
     if not fp4:
         return f"no FP4 kernel was loaded for {arith.label} (got {names})"
-    if arith.label == W4A16 and not all("Marlin" in n for n in fp4):
-        return f"{arith.label} asked for, but the FP4 layers run {fp4}"
-    if arith.label == W4A4_EMULATED and not all("Emulation" in n for n in fp4):
-        return f"{arith.label} asked for, but the FP4 layers run {fp4}"
-    if arith.label == W4A4_NATIVE and any("Marlin" in n or "Emulation" in n for n in fp4):
-        return f"{arith.label} asked for, but the FP4 layers run {fp4}"
-    return None
+    wrong = {W4A16: not all("Marlin" in n for n in fp4), W4A4_EMULATED: not all("Emulation" in n for n in fp4),
+             W4A4_NATIVE: any("Marlin" in n or "Emulation" in n for n in fp4)}
+    return f"{arith.label} asked for, but the FP4 layers run {fp4}" if wrong.get(arith.label) else None

@@ -100,17 +100,11 @@ def describe_quantization(config: dict, hf_quant: dict | None = None) -> Quantiz
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
     if method == "modelopt":  # compressed-tensors reads no ModelOpt config; vLLM's own reader needs vLLM
-        algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
-        return Quantization(
-            method,
-            algo,
-            "NVFP4" if algo == "NVFP4" else str(algo),
-            qc.get("group_size") or (qc.get("quantization") or {}).get("group_size"),
-            4 if algo == "NVFP4" else 8,
-            4 if algo == "NVFP4" else 8,
-            list(qc.get("exclude_modules") or qc.get("ignore") or []),
-            qc,
-        )
+        inner = qc.get("quantization") or {}
+        algo = qc.get("quant_algo") or inner.get("quant_algo")
+        bits = 4 if algo == "NVFP4" else 8
+        return Quantization(method, algo, str(algo), qc.get("group_size") or inner.get("group_size"), bits, bits,
+                            list(qc.get("exclude_modules") or qc.get("ignore") or []), qc)
     return Quantization(method, qc.get("format"), str(method), raw=qc)
 
 
@@ -138,10 +132,6 @@ def _compressed_tensors(qc: dict) -> Quantization:
         scheme = "NVFP4" if abits == 4 else "NVFP4A16"
     elif wbits == 8 and is_float:
         scheme = "FP8_DYNAMIC" if a and a.dynamic else ("FP8" if abits else "FP8A16")
-    elif wbits == 4:
-        scheme = "W4A16" if not abits else f"W4A{abits}"
-    elif wbits == 8:
-        scheme = "W8A16" if not abits else f"W8A{abits}"
     else:
         scheme = f"W{wbits}A{abits or 16}"
     return Quantization("compressed-tensors", fmt, scheme, w.group_size if w else None, wbits, abits,
@@ -155,10 +145,7 @@ def content_hash(path: Path, files: list[Path], headers: list[dict]) -> str:
     names, dtypes and shapes, the sizes and the quantize manifest pin the rest in practice.
     """
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json", "hf_quant_config.json", "qscore.json"):
-        p = path / name
-        if p.exists():
-            h.update(name.encode() + b"\0" + p.read_bytes())
+    _hash_files(h, path, ("config.json", "model.safetensors.index.json", "hf_quant_config.json", "qscore.json"))
     for f, head in zip(files, headers):
         h.update(f.name.encode() + str(f.stat().st_size).encode())
         h.update(json.dumps(head, sort_keys=True).encode())
@@ -217,15 +204,17 @@ def check_max_model_len(ckpt: Checkpoint, max_model_len: int) -> None:
                             "(max_position_embeddings, rope scaling considered)")
 
 
+def _hash_files(h, path: Path, names) -> bool:
+    """Add each of ``names`` that ``path`` holds, name and bytes, to the hash ``h``; False when none is there."""
+    found = [name for name in names if (Path(path) / name).exists()]
+    for name in found:
+        h.update(name.encode() + b"\0" + (Path(path) / name).read_bytes())
+    return bool(found)
+
+
 def tokenizer_hash(path: Path) -> str:
     h = hashlib.sha256()
-    found = False
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                 "special_tokens_map.json", "chat_template.jinja"):
-        p = Path(path) / name
-        if p.exists():
-            found = True
-            h.update(name.encode() + b"\0" + p.read_bytes())
-    if not found:
+    if not _hash_files(h, path, ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                                 "merges.txt", "special_tokens_map.json", "chat_template.jinja")):
         raise CheckpointError(f"{path}: no tokenizer files")
     return h.hexdigest()

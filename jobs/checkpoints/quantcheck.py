@@ -46,13 +46,9 @@ def linear_modules(tensors: dict[str, dict]) -> dict[str, dict[str, dict]]:
     for name, info in tensors.items():
         module, _, suffix = name.rpartition(".")
         mods.setdefault(module, {})[suffix] = info
-    out = {}
-    for module, parts in mods.items():
-        w = parts.get("weight") or parts.get("weight_packed")
-        if w is None or len(w["shape"]) != 2 or NOT_LINEAR.search(module + "."):
-            continue
-        out[module] = parts
-    return out
+    weight = {module: parts.get("weight") or parts.get("weight_packed") for module, parts in mods.items()}
+    return {module: parts for module, parts in mods.items()
+            if weight[module] is not None and len(weight[module]["shape"]) == 2 and not NOT_LINEAR.search(module + ".")}
 
 
 def check(tensors: dict[str, dict], q: Quantization, expect_scheme: str | None = None) -> list[str]:

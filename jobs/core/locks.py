@@ -23,7 +23,6 @@ import errno
 import fcntl
 import json
 import os
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -73,7 +72,7 @@ def hold(output: str | os.PathLike, *, what: str = "output", shared: bool = Fals
                             "wait for it to finish, then run again") from None
         if not shared:
             info = {"pid": os.getpid(), "host": provenance.host()["hostname"], "command": provenance.command_line(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "started": provenance.now()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
         try:

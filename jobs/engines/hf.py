@@ -20,10 +20,9 @@ import numpy as np
 from jobs.checkpoints import arithmetic as arith_mod
 from jobs.checkpoints.checkpoint import Checkpoint
 from jobs.core.errors import CheckpointError, SettingsError, first_line
-from jobs.texts.sampling import Sample
-from jobs.engines.base import SequenceScores
 from jobs.core.settings import EngineOptions
-from jobs.engines.base import Generation, runtime_info
+from jobs.engines.base import Generation, SequenceScores, runtime_info
+from jobs.texts.sampling import Sample
 
 # compressed-tensors' quantization parameters: their dtypes are part of the arithmetic, never recast
 _QPARAM_SUFFIXES = ("_scale", "_global_scale", "_zero_point", "weight_packed", "weight_shape")
@@ -79,8 +78,6 @@ def load_model(ckpt: Checkpoint, dtype, device: str, arithmetic: arith_mod.Arith
         else:
             raise CheckpointError(f"{ckpt.path}: the transformers backend cannot load {q.method} {q.scheme} "
                                   "checkpoints (use --backend vllm)")
-    except CheckpointError:
-        raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{ckpt.path}: cannot load the model ({first_line(exc)[:300]})") from None
     if q.method is not None and not arithmetic.quantize_activations:
@@ -165,9 +162,8 @@ class TransformersBackend:
             chunk = sorted(range(start, min(start + self.window, len(samples))),
                            key=lambda i: -len(samples[i].token_ids))
             batch: list[int] = []
-            for i in chunk:
-                longest = max([len(samples[j].token_ids) for j in batch] + [len(samples[i].token_ids)])
-                if batch and longest * (len(batch) + 1) > self.max_batch_tokens:
+            for i in chunk:  # longest first: a batch's first sample sets its padded width
+                if batch and len(samples[batch[0]].token_ids) * (len(batch) + 1) > self.max_batch_tokens:
                     yield start, batch
                     batch = []
                 batch.append(i)
@@ -177,12 +173,8 @@ class TransformersBackend:
     def _score_batch(self, samples: Sequence[Sample], batch: list[int], topk: int) -> dict[int, SequenceScores]:
         torch = self._torch
         lengths = [len(samples[i].token_ids) for i in batch]
-        width = max(lengths)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[row]] = torch.tensor(samples[i].token_ids)
-            mask[row, : lengths[row]] = 1
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(samples[i].token_ids) for i in batch], batch_first=True)
+        mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
         with torch.inference_mode():
             # Right padding keeps every real token's positions 0..L-1; the causal mask hides the pad.
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits

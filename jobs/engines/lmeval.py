@@ -1,14 +1,7 @@
-"""lm-evaluation-harness, driven for qscore: its tasks, its model classes, its metrics and filters.
-
-qscore does not reimplement any of it. This module only
-* finds tasks (lm-eval's own, plus YAML tasks under an include path such as the bundled ``data/tasks``),
-* describes a task for provenance (version, config hash, digest of the documents evaluated),
-* builds lm-eval's model: ``HFLM`` around the model the score stage's transformers backend loads (so an
-  NVFP4 checkpoint is evaluated with the same arithmetic as its logprobs), or lm-eval's ``VLLM`` with
-  the engine options qscore's vLLM backend uses,
-* runs ``lm_eval.simple_evaluate`` on one task at a time (``log_samples=True``) and turns its per-sample
-  records into archive rows (``taskarchive``).
-"""
+"""lm-evaluation-harness, driven for qscore: its tasks, its model classes, its metrics and filters, none of
+them reimplemented. Its ``HFLM`` wraps the model the score stage's transformers backend loads (so an NVFP4
+checkpoint is evaluated with the same arithmetic as its logprobs); its ``VLLM`` gets the engine options
+qscore's vLLM backend uses. One task at a time, its per-sample records turned into archive rows."""
 from __future__ import annotations
 
 import hashlib
@@ -53,12 +46,11 @@ def task_manager(names: list[str], include_path):
     for p in paths:
         if not Path(p).is_dir():
             raise SettingsError(f"task include path {p} is not a directory")
-    paths = paths or None
     if paths:
         local = TaskManager(include_path=paths, include_defaults=False)
         if all(n in local.all_tasks or _is_yaml(n) for n in names):
             return local
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=paths or None)
 
 
 def load_tasks(names: list[str], include_path) -> tuple[Any, dict[str, Any]]:
@@ -220,9 +212,7 @@ def _number(v) -> float | None:
 
 
 def _text(v) -> str | None:
-    if v is None:
-        return None
-    return v if isinstance(v, str) else _jsonable(v)
+    return v if v is None or isinstance(v, str) else _jsonable(v)
 
 
 def sample_rows(task, records: list[dict], metric_names: list[str]) -> list[dict]:
@@ -257,8 +247,4 @@ def sample_rows(task, records: list[dict], metric_names: list[str]) -> list[dict
 def per_sample_metrics(records: list[dict], metrics: list[dict]) -> list[dict]:
     """The task's metrics, each marked with whether every sample holds a plain number for it (corpus-level
     metrics such as BLEU keep tuples per sample and are aggregated by lm-eval only)."""
-    out = []
-    for m in metrics:
-        values = [s.get(m["name"]) for s in records]
-        out.append({**m, "per_sample": all(_number(v) is not None for v in values)})
-    return out
+    return [{**m, "per_sample": all(_number(s.get(m["name"])) is not None for s in records)} for m in metrics]

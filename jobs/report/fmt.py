@@ -1,6 +1,8 @@
 """Numbers as a reader reads them: significant digits, not fixed decimals (a Δp of 3e-6 is not "-0.00000")."""
 from __future__ import annotations
 
+import csv
+import io
 import math
 
 
@@ -28,3 +30,12 @@ def ci(value, lo, hi, n: int = 3, sign: bool = False) -> str:
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return v
     return f"{v} [{sig(lo, n, sign)}, {sig(hi, n, sign)}]"
+
+
+def csv_text(rows: list[dict], fields: list[str]) -> str:
+    """``rows`` as CSV with ``fields`` for columns, None as an empty cell."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in fields} for row in rows)
+    return buf.getvalue()

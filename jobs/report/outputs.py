@@ -7,8 +7,6 @@ Everything shown is computed before (``jobs.stats``); this module formats and wr
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pyarrow.parquet as pq
 
 from jobs.core import atomic
 from jobs.report import plots, quant as quant_report
-from jobs.report.fmt import ci, sig
+from jobs.report.fmt import ci, csv_text, sig
 from jobs.stats.summary import Check, Summary
 
 CSV_FIELDS = ["model", "dataset", "tokens", "texts", "nll", "ppl", "top1_acc", "conf_nll", "conf_ppl", "score",
@@ -60,12 +58,7 @@ def csv_rows(summary: Summary) -> list[dict]:
 
 
 def render_csv(summary: Summary) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in csv_rows(summary):
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
-    return buf.getvalue()
+    return csv_text(csv_rows(summary), CSV_FIELDS)
 
 
 # -- report.md ---------------------------------------------------------------------------------------------------

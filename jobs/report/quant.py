@@ -91,6 +91,7 @@ def render_appendix(s: Summary) -> list[str]:
     if not models or s.statistics is None:
         return []
     st = s.statistics
+    comp = {m: s.models[m]["overall"]["comparison"] for m in models}
     L = ["### KLD and Δp percentiles (overall)", "",
          "As llama.cpp's `--kl-divergence` prints them. Percentile intervals are read off per-text histograms with "
          f"{st['kl_bins_per_decade']} log-spaced bins per decade (KLD over 1e-10…1e2 nats; Δp over ±1e-8…1), "
@@ -98,15 +99,14 @@ def render_appendix(s: Summary) -> list[str]:
          "| model | statistic | max | 99.9 % | 99 % | 95 % | 90 % | median | 10 % | 5 % | 1 % | 0.1 % | min |",
          "|---|---|" + "---:|" * 11]
     for m in models:
-        c = s.models[m]["overall"]["comparison"]
         for key, label in (("kld", "KLD"), ("delta_p", "Δp")):
-            d = c[key]
+            d = comp[m][key]
             fmt = _kl if key == "kld" else (lambda x, n=2: _ci(x, n, sign=True))
             cells = [sig(d["max"], 2, key != "kld")] + [fmt(d["quantiles"][q], 2) for q in
                                                          ("99.9", "99", "95", "90", "50", "10", "5", "1", "0.1")]
             cells.append(sig(d["min"], 2, key != "kld"))
             L.append(f"| {name(s, m)} | {label} | " + " | ".join(cells) + " |")
-    raw = {m: s.models[m]["overall"]["comparison"]["kld"].get("min_raw") for m in models}
+    raw = {m: comp[m]["kld"].get("min_raw") for m in models}
     neg = {m: v for m, v in raw.items() if v is not None and v < 0}
     if neg:
         L += ["", "KLD minimum below 0 before clipping (rounding): "
@@ -115,10 +115,10 @@ def render_appendix(s: Summary) -> list[str]:
     L += ["", "### Top-k agreement (overall)", "",
           "Share of positions where both models' k most likely tokens are the same set (order ignored); k = 1 is "
           "*same top-1*. Up to k = min(K, 10) of the stored top-K.", ""]
-    kmax = max(len(s.models[m]["overall"]["comparison"]["topk_agreement"]) for m in models)
+    kmax = max(len(comp[m]["topk_agreement"]) for m in models)
     L += ["| model | " + " | ".join(f"k={k}" for k in range(1, kmax + 1)) + " |", "|---|" + "---:|" * kmax]
     for m in models:
-        ag = s.models[m]["overall"]["comparison"]["topk_agreement"]
+        ag = comp[m]["topk_agreement"]
         L.append(f"| {name(s, m)} | " + " | ".join([sig(a["value"], 4) for a in ag] + [""] * (kmax - len(ag))) + " |")
 
     L += ["", "### Δnll: token-level uncertainty and correlation (overall)", "",
@@ -127,30 +127,29 @@ def render_appendix(s: Summary) -> list[str]:
           "texts (per-text NLL of the two models) and over tokens.", "",
           "| model | Δnll | ± 1.96·SE (tokens) | corr. (texts, 95 % CI) | corr. (tokens) |", "|---|---:|---:|---:|---:|"]
     for m in models:
-        c = s.models[m]["overall"]["comparison"]
+        c = comp[m]
         r = c["ln_ppl_ratio"]
         L.append(f"| {name(s, m)} | {sig(r['value'], 2, sign=True)} | [{sig(r['lo_token'], 2, sign=True)}, "
                  f"{sig(r['hi_token'], 2, sign=True)}] | {_ci(c['ln_ppl_correlation'], 4)} "
                  f"| {sig(c['ln_ppl_correlation_tokens'], 4)} |")
 
+    def buckets(key: str, span, kld: bool) -> None:
+        for m in models:
+            for b in comp[m][key]:
+                few = " (n too small)" if b.get("too_few_texts") else ""
+                cells = ([f"{_kl(b['kld'], 2)}{few}"] if kld else []) + [f"{_ci(b['delta_nll'], 2, sign=True)}{few}"]
+                L.append(f"| {name(s, m)} | {span(b)} | {b['tokens']} | {b.get('texts', '')} | " + " | ".join(cells) + " |")
+
     L += ["", "### By the baseline's confidence (overall)", "",
           f"Positions bucketed by {s.baseline}'s probability of its own top-1 token. Mean KLD and Δnll per bucket; "
           "no interval where the bucket's tokens come from fewer than 2 texts.", "",
           "| model | confidence | tokens | texts | mean KLD (95 % CI) | Δnll (95 % CI) |", "|---|---|---:|---:|---:|---:|"]
-    for m in models:
-        for b in s.models[m]["overall"]["comparison"]["by_confidence"]:
-            few = " (n too small)" if b.get("too_few_texts") else ""
-            L.append(f"| {name(s, m)} | {b['lo_edge']:.1f}–{b['hi_edge']:.1f} | {b['tokens']} | {b.get('texts', '')} "
-                     f"| {_kl(b['kld'], 2)}{few} | {_ci(b['delta_nll'], 2, sign=True)}{few} |")
+    buckets("by_confidence", lambda b: f"{b['lo_edge']:.1f}–{b['hi_edge']:.1f}", kld=True)
     L += ["", "### By context length (overall)", "",
           "Δnll of the tokens that had [lo, hi] tokens of context: the position in the text, or, for document-level "
           "sets scored in rolling windows, the position in the window that scored it (no token had more).", "",
           "| model | context | tokens | texts | Δnll (95 % CI) |", "|---|---|---:|---:|---:|"]
-    for m in models:
-        for b in s.models[m]["overall"]["comparison"]["by_position"]:
-            few = " (n too small)" if b.get("too_few_texts") else ""
-            L.append(f"| {name(s, m)} | {int(b['lo_edge'])}–{int(b['hi_edge']) - 1} | {b['tokens']} | {b.get('texts', '')} "
-                     f"| {_ci(b['delta_nll'], 2, sign=True)}{few} |")
+    buckets("by_position", lambda b: f"{int(b['lo_edge'])}–{int(b['hi_edge']) - 1}", kld=False)
     return L + [""] + render_where_it_hurts(s)
 
 

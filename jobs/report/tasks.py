@@ -8,10 +8,6 @@ task under one lm-eval filter (gsm8k: ``exact_match`` under ``strict-match`` and
 """
 from __future__ import annotations
 
-import csv
-import io
-from pathlib import Path
-
 import numpy as np
 
 from jobs.archive import tasks as task_archive
@@ -100,22 +96,18 @@ def summarize(data: dict[str, dict[str, tuple]], baseline: str, recovery_min: fl
                         rec["n"] != acc["n"] and f"paired on {rec['n']} of {acc['n']} documents"]))
                 rows.append(row)
     runs = {}
-    for m in labels:
-        for task, (_, meta) in sorted(data[m].items()):
-            rt, lm = meta.get("runtime", {}), meta.get("lm_eval", {})
-            runs.setdefault(m, {
-                "backend": rt.get("backend"), "backend_version": rt.get("backend_version"), "dtype": rt.get("dtype"),
-                "gpu": rt.get("gpu_name"), "compute_capability": rt.get("compute_capability"),
-                "kernel_path": rt.get("kernel_path"), "lm_eval": lm.get("version"),
-                "chat_template": lm.get("chat_template"), "add_bos_token": lm.get("add_bos_token"),
-                "content_hash": (meta.get("model", {}).get("content_hash") or "")[:12]})
+    for m in (m for m in labels if data[m]):
+        meta = data[m][min(data[m])][1]  # the first task's, by name
+        rt, lm = meta.get("runtime", {}), meta.get("lm_eval", {})
+        runs[m] = {
+            "backend": rt.get("backend"), "backend_version": rt.get("backend_version"), "dtype": rt.get("dtype"),
+            "gpu": rt.get("gpu_name"), "compute_capability": rt.get("compute_capability"),
+            "kernel_path": rt.get("kernel_path"), "lm_eval": lm.get("version"),
+            "chat_template": lm.get("chat_template"), "add_bos_token": lm.get("add_bos_token"),
+            "content_hash": (meta.get("model", {}).get("content_hash") or "")[:12]}
     return {"baseline": baseline, "recovery_min": recovery_min,
             "bootstrap": {"replicates": n_boot, "seed": seed, "unit": "document", "alpha": task_stats.ALPHA},
             "rows": rows, "runs": runs, "notes": notes}
-
-
-def _f(x, digits=4) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
 
 
 def _ci(value, lo, hi, digits=3) -> str:
@@ -165,19 +157,8 @@ def markdown(summary: dict) -> list[str]:
 
 
 def render_csv(summary: dict) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in summary["rows"]:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
-    return buf.getvalue()
+    return fmt.csv_text(summary["rows"], CSV_FIELDS)
 
 
 def has_results(results_dir) -> bool:
     return bool(task_archive.discover(results_dir))
-
-
-def write_csv(summary: dict, out_dir: Path) -> Path:
-    from jobs.core import atomic
-
-    return atomic.write_text(Path(out_dir) / "tasks.csv", render_csv(summary))

@@ -1,23 +1,12 @@
 """The quantization statistics of llama.cpp's ``--kl-divergence`` and exllamav3's model comparison, paired
-with a baseline on the identical token stream, each with a 95 % interval from a bootstrap over texts.
+with a baseline on the identical token stream, each with a 95 % interval from a bootstrap over texts
+(docs/statistics.md defines each one and its interval).
 
-Everything works on flat per-token arrays. The bootstrap never loops over tokens: each text is reduced
-once, in one compiled pass (``textsums``), to a row of sums (tokens, ΣΔlogprob, ΣKL, ΣΔp², per-bucket
-sums, and histogram counts over fixed bins), the rows form an (n_texts × columns) matrix M, and a
-replicate's sums are W @ M, where W (n_boot × n_texts) holds how often each text was drawn. Means, ratios
-and RMS come from the replicate sums; percentiles are read off the replicate's summed histogram
-(``KL_BINS``: 20 log-spaced bins per decade, so a percentile's interval is resolved to about ±6 %;
-``DP_EDGES``: the same on |Δp|, both signs). A percentile that falls in an open end bin (KLD < 1e-10, |Δp|
-< 1e-8) gets no interval. Point estimates of percentiles are exact quantiles of the tokens. Sets are
-strata: each set's texts are drawn separately and the replicate sums added, as
-``metrics.bootstrap_delta_nll`` does.
-
-Definitions (docs/statistics.md has them in full):
-  Δlogprob = logprob_model − logprob_baseline of the actual token; Δnll = −mean Δlogprob = ln PPL ratio.
-  KLD = per-position lower bound of KL(baseline ‖ model) from top-K (``divergence``); reverse likewise.
-  Δp = p_model − p_baseline of the actual token. RMS Δp = sqrt(mean Δp²).
-  same top-1 / top-k agreement = share of positions where the models' top-k token sets are equal.
-  Confidence = the baseline's probability of its own top-1 token at that position.
+The bootstrap never loops over tokens: each text is reduced once (``textsums``) to a row of sums, bucket
+sums and histogram counts (``layout``), and a replicate's sums are one matrix product
+(``intervals.replicate_sums``). Percentile intervals are read off a replicate's summed histogram
+(``KL_EDGES``, ``DP_EDGES``), none where it falls in an open end bin; point estimates of percentiles are
+exact quantiles of the tokens.
 """
 from __future__ import annotations
 
@@ -114,9 +103,7 @@ def layout(agree_k: int) -> Layout:
 def _text_index(sample_id: np.ndarray) -> tuple[np.ndarray, int]:
     """Dense 0..T-1 text index per token (each text's rows together)."""
     starts = text_starts(sample_id)
-    idx = np.zeros(len(sample_id), np.int64)
-    idx[starts[1:]] = 1
-    return np.cumsum(idx), len(starts)
+    return np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(sample_id)])), len(starts)
 
 
 def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
@@ -130,7 +117,7 @@ def text_matrix(p: Pair, lay: Layout) -> np.ndarray:
 
 
 # -- bootstrap (``intervals``) ------------------------------------------------------------------------------
-draw_weights, replicate_sums, interval = intervals.draw_weights, intervals.replicate_sums, intervals.interval
+replicate_sums, interval = intervals.replicate_sums, intervals.interval
 
 
 def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float, log: bool) -> np.ndarray:
@@ -192,7 +179,6 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     reps = replicate_sums(mats, n_boot, seed, exact=lay.slices["kl_hist"].start)
     kl = np.concatenate([p.div.kl for p in pairs])
     dp = np.concatenate([np.exp(p.model_lp) - np.exp(p.base_lp) for p in pairs])
-    d = np.concatenate([p.delta for p in pairs])
     n, rn = lay(point, "tokens"), lay(reps, "tokens")
 
     def mean(name):
@@ -205,8 +191,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     ms, rs = mean("dp_sq")
     out["delta_p"]["rms"] = _ci(np.sqrt(ms), np.sqrt(rs))
     out["same_top1"] = _ci(*mean("same_top1"))
-    agree_p, agree_r = lay(point, "agree"), lay(reps, "agree")
-    agree_p, agree_r = np.atleast_1d(agree_p), agree_r.reshape(len(reps), -1)
+    agree_p, agree_r = np.atleast_1d(lay(point, "agree")), lay(reps, "agree").reshape(len(reps), -1)
     out["topk_agreement"] = [{"k": j + 1, **_ci(agree_p[j] / n, agree_r[:, j] / rn)} for j in range(agree_k)]
     # ln(PPL(model)/PPL(base)) = Δnll. llama.cpp's uncertainty treats tokens as independent: the standard
     # error of the mean paired difference, sqrt(var(Δ)/N) = the delta method on its two runs' covariance.
@@ -216,7 +201,7 @@ def statistics(pairs: list[Pair], n_boot: int = 1000, seed: int = 0) -> dict:
     out["ln_ppl_ratio"] = {**_ci(ln_ratio, -lay(reps, "delta") / rn), "se_token": se,
                            "lo_token": ln_ratio - 1.96 * se, "hi_token": ln_ratio + 1.96 * se}
     out["ln_ppl_correlation"] = {**_ci(_corr(lay, point), _corr(lay, reps)), "unit": "text"}
-    out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if len(d) > 1 else float("nan")
+    out["ln_ppl_correlation_tokens"] = _token_correlation(pairs) if n > 1 else float("nan")
     out["by_confidence"] = _buckets(lay, point, reps, "conf", CONF_EDGES, kl=True, texts=_texts_in(lay, mats, "conf_n"))
     out["by_position"] = _buckets(lay, point, reps, "pos", POS_EDGES, kl=False, texts=_texts_in(lay, mats, "pos_n"))
     return out

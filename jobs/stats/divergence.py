@@ -1,49 +1,17 @@
 """Per-position KL divergence between two models from their stored top-K candidates: a lower bound.
 
-The archive keeps, per position, each model's K most likely tokens with their logprobs and the logprob of
-the actual token — not the full distribution. What can be computed exactly from that is the KL divergence
-of a *coarsening*: a partition of the vocabulary into cells on which both distributions are known.
+docs/statistics.md derives it and measures how tight it is. In short: the KL of a coarsening of the
+vocabulary, one partition for both models, is at most the full KL (the log-sum inequality). Its cells are
+the singletons S (the ids in both top-K lists, A ∩ B, and the actual token, whose logprob both models
+store) and the rest. A token in A but not in B goes to the rest for *both* models: its own cell for one
+model only would make two partitions, and the bound would not hold. With ``tighten`` (the default) the rest
+is split into C1 = A∖S, C2 = B∖S and C3, and the unknown q(C1) ≤ |C1|·q_K, p(C2) ≤ |C2|·p_K are chosen to
+minimise the KL (``_three_cells``): still a lower bound, never below the two-cell one. The reverse
+KL(q ‖ p) is bounded on the same partition.
 
-The partition (the same for both models, which is what makes it valid):
-
-* singletons: every token whose probability is known under *both* models — the ids in both top-K lists
-  (A ∩ B, A = the baseline's top-K, B = the model's) and the actual token (its logprob is stored for
-  both);
-* one "rest" cell R holding every other token of the vocabulary, with mass p(R) = 1 − Σ_S p(x) under the
-  baseline and q(R) = 1 − Σ_S q(x) under the model.
-
-A token in A but not in B is *not* a singleton: the baseline's probability of it is known, the model's is
-not (only that it is below the model's K-th), so it goes to R for both models. Giving it its own cell for
-one model and leaving it in R for the other would be two different partitions, and the bound below would
-not hold.
-
-Then, with p the baseline's distribution and q the model's,
-
-    KL_S(p ‖ q) = Σ_{x∈S} p(x) ln(p(x)/q(x)) + p(R) ln(p(R)/q(R))  ≤  KL(p ‖ q)
-
-by the log-sum inequality (the data-processing inequality for the map "token ↦ its cell"): merging
-outcomes can only lower a KL divergence. The reverse direction KL(q ‖ p) is bounded the same way on the
-same partition.
-
-Tightening (``tighten=True``, the default). Split R further into C1 = A∖S, C2 = B∖S and C3 = the rest —
-again one partition for both models. p(C1) and q(C2) are known; q(C1) and p(C2) are not, but they are
-bounded: a token outside the model's top-K has q ≤ q_K (its K-th probability), so q(C1) ≤ |C1|·q_K, and
-likewise p(C2) ≤ |C2|·p_K. The KL on the four-cell partition is ≥ its minimum over every (q(C1), p(C2))
-in that box, and that minimum is what is reported: a convex problem in two variables, solved exactly
-(``_three_cells``: the unconstrained minimiser — which gives back the two-cell bound — when it is
-feasible, else the best of the box faces' one-dimensional minimisers, each in closed form). It can only
-be larger than the two-cell bound and it is still ≤ the full KL. It matters where one model puts real
-mass on tokens the other ranks below its K-th.
-
-Measured on the tiny demo model (vocabulary 1024, 47,817 positions, bf16 vs llm-compressor NVFP4; exact
-mean KL 0.0572 nats): the mean bound is 71 % of the exact mean at K = 5, 89 % at K = 20, 98 % at K = 100
-(two-cell bound: 67 %, 88 %, 98 %); never above the exact value. tests/test_divergence.py checks the
-bound against the exact full-vocabulary KL; docs/statistics.md has the figures.
-
-Numerics: probabilities are computed in float64 from the stored float32 logprobs. The rest masses are
-differences 1 − Σ and carry the float32 rounding of K terms (≈1e-6); a cell mass is clipped at 0 and
-every denominator mass (q for the forward direction, p for the reverse) floored at ``REST_FLOOR`` = 1e-6.
-Flooring a denominator up can only lower a term m ln(m/d), so the result stays a lower bound.
+Numerics: probabilities in float64 from the stored float32 logprobs; the rest masses (1 − Σ) carry the
+rounding of K terms (≈1e-6), so a cell mass is clipped at 0 and every denominator mass (q forward, p
+reverse) floored at ``REST_FLOOR``: flooring a denominator up can only lower a term m ln(m/d).
 
 Why numba: pairing each position's two top-K lists is a per-row set intersection of short lists, which no
 array library offers as one vectorised operation; numpy's broadcast compare (N×K×K) measured about 1 s per

@@ -1,12 +1,10 @@
 """Resampling and intervals: the one bootstrap of the report (perplexity, comparison, documents, tasks) and
-the three-way verdict read off an interval.
+the three-way verdict read off an interval (docs/statistics.md).
 
-Every interval of qscore is a 95 % percentile bootstrap whose unit is a text (a document for tasks): tokens
-of one text are correlated, texts are not. Sets are strata: each set's texts are drawn separately, from one
-generator in set order, and the replicate sums added. Two equivalent ways to draw are kept because they
-cost differently and give bit-identical replicates for the same seed: ``draw_indices`` (index arrays, for a
-few columns) and ``draw_weights`` (how often each text was drawn, for the comparison's wide per-text
-matrices: a replicate's sums are then one matrix product).
+Every interval is a 95 % percentile bootstrap over texts (documents for tasks), sets as strata drawn from
+one generator in set order. ``draw_indices`` (index arrays, for a few columns) and ``draw_weights`` (how
+often each text was drawn, for the comparison's wide per-text matrices: a replicate is then one matrix
+product) cost differently and give bit-identical replicates for one seed.
 """
 from __future__ import annotations
 
@@ -23,12 +21,9 @@ def interval(reps: np.ndarray, alpha: float = ALPHA, strict: bool = False) -> tu
     replicate reached) are left out, or, with ``strict``, leave the interval undefined (NaN)."""
     reps = np.asarray(reps, dtype=np.float64)
     ok = np.isfinite(reps)
-    if strict and not ok.all():
+    if (strict and not ok.all()) or not ok.any():
         return float("nan"), float("nan")
-    reps = reps[ok]
-    if not len(reps):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    lo, hi = np.quantile(reps[ok], [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 

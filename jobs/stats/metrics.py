@@ -47,9 +47,6 @@ def scored_tokens(columns: dict) -> Tokens:
         out = np.asarray(values)[keep]
         return (out if order is None else out[order]).astype(dtype, copy=False)
 
-    def col(name, dtype):
-        return pick(columns[name], dtype)
-
     topk = {}
     if columns.get("topk_ids") is not None:
         # (N, K) arrays follow the same selection; (N_scored, K) ones (Parquet stores no lists for the
@@ -64,51 +61,33 @@ def scored_tokens(columns: dict) -> Tokens:
 
         topk = {"topk_ids": pick_k(columns["topk_ids"], np.int32),
                 "topk_logprobs": pick_k(columns["topk_logprobs"], np.float32)}
-    return Tokens(
-        sample_id=col("sample_id", np.int64),
-        position=col("position", np.int64),
-        token_id=col("token_id", np.int64),
-        logprob=col("logprob", np.float64),
-        rank=col("rank", np.int64),
-        top1_id=col("top1_id", np.int64),
-        top1_logprob=col("top1_logprob", np.float64),
-        **topk,
-    )
+    dtypes = {"sample_id": np.int64, "position": np.int64, "token_id": np.int64, "logprob": np.float64,
+              "rank": np.int64, "top1_id": np.int64, "top1_logprob": np.float64}
+    return Tokens(**{name: pick(columns[name], dtype) for name, dtype in dtypes.items()}, **topk)
+
+
+def _stats(nll: float, conf_nll: float, tokens: int, texts: int, top1_acc: float) -> dict:
+    return {"nll": nll, "ppl": float(np.exp(nll)), "tokens": tokens, "texts": texts, "top1_acc": top1_acc,
+            "conf_nll": conf_nll, "conf_ppl": float(np.exp(conf_nll))}
 
 
 def set_stats(t: Tokens) -> dict:
     """nll, ppl, tokens, texts, top1_acc, and the top-1-confidence statistic of the reference run."""
-    n = len(t)
-    if n == 0:
+    if len(t) == 0:
         raise ValueError("no scored tokens")
-    nll = float(-t.logprob.mean())
-    conf_nll = float(-t.top1_logprob.mean())
-    return {
-        "nll": nll,
-        "ppl": float(np.exp(nll)),
-        "tokens": int(n),
-        "texts": len(text_starts(t.sample_id)),
-        "top1_acc": float(np.mean(t.rank == 1)),
-        "conf_nll": conf_nll,
-        "conf_ppl": float(np.exp(conf_nll)),
-    }
+    return _stats(float(-t.logprob.mean()), float(-t.top1_logprob.mean()), len(t), len(text_starts(t.sample_id)),
+                  float(np.mean(t.rank == 1)))
 
 
 def overall_stats(per_set: list[dict]) -> dict:
     """Token-weighted over sets: nll_all = Σ N_d nll_d / Σ N_d (likewise conf_nll and top1_acc)."""
     n = np.array([s["tokens"] for s in per_set], dtype=np.float64)
     w = n / n.sum()
-    nll = float(np.dot(w, [s["nll"] for s in per_set]))
-    conf = float(np.dot(w, [s["conf_nll"] for s in per_set]))
-    return {
-        "nll": nll,
-        "ppl": float(np.exp(nll)),
-        "tokens": int(n.sum()),
-        "texts": int(sum(s["texts"] for s in per_set)),
-        "top1_acc": float(np.dot(w, [s["top1_acc"] for s in per_set])),
-        "conf_nll": conf,
-        "conf_ppl": float(np.exp(conf)),
-    }
+
+    def mean(key):
+        return float(np.dot(w, [s[key] for s in per_set]))
+
+    return _stats(mean("nll"), mean("conf_nll"), int(n.sum()), int(sum(s["texts"] for s in per_set)), mean("top1_acc"))
 
 
 def score(ppl_baseline: float, ppl_model: float) -> float:
@@ -186,22 +165,11 @@ def paired_stats(
         d_sum += float(delta.sum())
         same += int(np.sum(b.top1_id == m.top1_id))
         dp += float(np.sum(np.exp(m.logprob) - np.exp(b.logprob)))
-    reps = bootstrap_delta_nll(groups, n_boot=n_boot, seed=seed)
-    lo, hi = interval(reps)
+    lo, hi = interval(bootstrap_delta_nll(groups, n_boot=n_boot, seed=seed))
     d_nll = -d_sum / n_tok
-    return {
-        "delta_nll": d_nll,
-        "delta_nll_lo": lo,
-        "delta_nll_hi": hi,
-        "ppl_ratio": float(np.exp(d_nll)),
-        "ppl_ratio_lo": float(np.exp(lo)),
-        "ppl_ratio_hi": float(np.exp(hi)),
-        "ppl_change_pct": 100.0 * (float(np.exp(d_nll)) - 1.0),
-        "ppl_change_pct_lo": 100.0 * (float(np.exp(lo)) - 1.0),
-        "ppl_change_pct_hi": 100.0 * (float(np.exp(hi)) - 1.0),
-        "score_lo": 100.0 * float(np.exp(-hi)),
-        "score_hi": 100.0 * float(np.exp(-lo)),
-        "same_top1": same / n_tok,
-        "delta_p": dp / n_tok,
-        "tokens": n_tok,
-    }
+    ends = {"": d_nll, "_lo": lo, "_hi": hi}
+    return {**{f"delta_nll{e}": v for e, v in ends.items()},
+            **{f"ppl_ratio{e}": float(np.exp(v)) for e, v in ends.items()},
+            **{f"ppl_change_pct{e}": 100.0 * (float(np.exp(v)) - 1.0) for e, v in ends.items()},
+            "score_lo": 100.0 * float(np.exp(-hi)), "score_hi": 100.0 * float(np.exp(-lo)),
+            "same_top1": same / n_tok, "delta_p": dp / n_tok, "tokens": n_tok}

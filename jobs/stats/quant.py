@@ -22,7 +22,7 @@ from jobs.archive import logprobs
 from jobs.core.errors import AggregateError, ArchiveError
 
 TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]
-NOISE_SEP = "~"  # <baseline>~noise: the baseline through another path (backend, batch layout, dtype)
+NOISE_SEP = summary_mod.PATH_SEP  # <baseline>~noise: the baseline through another path (backend, batch layout, dtype)
 WORST_MD = 10  # rows per table in report.md
 WORST_PARQUET = 1000  # rows per (model, criterion) in worst_tokens.parquet
 CONTEXT_TOKENS = 12
@@ -185,31 +185,30 @@ def _k(data, label, sets) -> int:
 def _decoder(tokenizer: str | None, meta: dict, base: str):
     """A ``tokenizers.Tokenizer`` for the context column: the one asked for (it must load), else the
     baseline's recorded tokenizer when this machine can read it, else None (ids only)."""
-    candidates = []
     if tokenizer:
-        candidates = [Path(tokenizer)]
+        path = Path(tokenizer)
     else:
-        for (label, _), m in meta.items():
-            if label == base and m.get("tokenizer", {}).get("path"):
-                candidates = [Path(m["tokenizer"]["path"])]
-                break
-    for c in candidates:
-        f = c / "tokenizer.json" if c.is_dir() else c
-        if f.is_file():
-            try:
-                from tokenizers import Tokenizer
-
-                return Tokenizer.from_file(str(f))
-            except Exception as exc:
-                if tokenizer:
-                    raise AggregateError(f"--tokenizer {tokenizer}: cannot load ({exc})") from None
-        elif tokenizer:
+        path = next((Path(m["tokenizer"]["path"]) for (label, _), m in meta.items()
+                     if label == base and m.get("tokenizer", {}).get("path")), None)
+        if path is None:
+            return None
+    f = path / "tokenizer.json" if path.is_dir() else path
+    if not f.is_file():
+        if tokenizer:
             raise AggregateError(f"--tokenizer {tokenizer}: no tokenizer.json there")
-    return None
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(f))
+    except Exception as exc:
+        if tokenizer:
+            raise AggregateError(f"--tokenizer {tokenizer}: cannot load ({exc})") from None
+        return None
 
 
 def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
-    texts, rows, md = [], [], {"delta_nll": [], "kld": []}
+    texts, rows = [], []
     for s, p in pairs.items():
         texts += [{"dataset": s, **t} for t in comparison.worst_texts(p, WORST_MD)]
         ids = data[(base, s)].token_id
@@ -219,10 +218,8 @@ def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
             for i in idx:
                 rows.append(_row(model, s, crit, p, ids, int(i), int(text_start[i]), decode))
     texts.sort(key=lambda t: -t["delta_nll"])
-    for crit in md:
-        ranked = sorted((r for r in rows if r["criterion"] == crit),
-                        key=lambda r: -(r["delta_nll"] if crit == "delta_nll" else r["kld"]))
-        md[crit] = ranked[:WORST_MD]
+    md = {crit: sorted((r for r in rows if r["criterion"] == crit), key=lambda r: -r[crit])[:WORST_MD]
+          for crit in ("delta_nll", "kld")}  # a criterion is named after the row field it ranks by
     return {"texts": texts[:WORST_MD], "tokens_by_delta_nll": md["delta_nll"], "tokens_by_kld": md["kld"]}, rows
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.stats import intervals
+from jobs.stats.metrics import text_starts
 
 PATH_SEP = "~"  # <label>~<path>: <label>'s checkpoint scored again through another path
 NEAR_UNIFORM = 0.9  # a baseline whose NLL is this share of ln(vocabulary) or more is close to guessing
@@ -156,9 +157,8 @@ def context_lengths(sample_id: np.ndarray, position: np.ndarray, window: int, st
     from jobs.texts.sampling import rolling_windows
 
     out = np.asarray(position, np.int64).copy()
-    starts = np.flatnonzero(np.r_[True, sample_id[1:] != sample_id[:-1]]) if len(sample_id) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(sample_id)]
-    for a, b in zip(starts, ends):
+    starts = text_starts(sample_id)
+    for a, b in zip(starts, np.r_[starts[1:], len(sample_id)]):
         pos = out[a:b]
         n = int(pos.max()) + 1
         first = np.zeros(n, np.int64)  # the window start that scores each position
@@ -260,13 +260,10 @@ def model_verdict(s: Summary, m: str) -> ModelVerdict:
     perp = perplexity_check(overall, s.recovery_min)
     c = overall.get("comparison")
     kld = dict(c["kld"]["mean"]) if c else None
-    noise = []
-    for label in s.noise_floor:
-        noise += noise_checks(overall, s.path_noise[label], "noise floor")
     group = twin_of(m, s.models) or m  # a twin's own path noise is its group's
-    for label, pn in s.path_noise.items():
-        if pn.reference == group and pn.reference != s.baseline:  # a twin's own is the pair it belongs to
-            noise += noise_checks(overall, pn, "own path noise")
+    noise = [ch for label in s.noise_floor for ch in noise_checks(overall, s.path_noise[label], "noise floor")]
+    noise += [ch for pn in s.path_noise.values() if pn.reference == group and pn.reference != s.baseline
+              for ch in noise_checks(overall, pn, "own path noise")]
     tasks = tasks_check(s.tasks["rows"], m) if s.tasks else None
     return ModelVerdict(model=m, outcome=combine(perp.outcome, tasks.outcome if tasks else None),
                         ppl_change_pct=ppl, perplexity=perp, kld=kld, noise=tuple(noise), tasks=tasks)

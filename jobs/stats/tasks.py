@@ -63,11 +63,9 @@ def paired_recovery(base: np.ndarray, model: np.ndarray, n_boot: int = 1000, see
     if b.shape != m.shape:
         raise ValueError("paired values must have the same shape")
     out = {"value": None, "lo": None, "hi": None, "n": int(len(b)), "undefined": None, "undefined_replicates": 0}
-    if len(b) == 0:
-        out["undefined"] = "no document answered by both models"
-        return out
-    if b.mean() == 0:
-        out["undefined"] = "baseline scores 0"
+    out["undefined"] = "no document answered by both models" if len(b) == 0 else (
+        "baseline scores 0" if b.mean() == 0 else None)
+    if out["undefined"]:
         return out
     out["value"] = float(m.mean() / b.mean())
     num, den = intervals.paired_ratio(b, m, n_boot, seed)
@@ -79,15 +77,10 @@ def paired_recovery(base: np.ndarray, model: np.ndarray, n_boot: int = 1000, see
 
 
 def verdict(recovery: dict, minimum: float) -> dict:
-    """The quality gate's and the report's verdict on one recovery (``paired_recovery``'s dict), from its
-    interval (``intervals.three_way``): ``pass`` only when the interval's lower end is at least ``minimum``,
-    ``fail`` when its upper end is below it, ``inconclusive`` otherwise (or when there is no interval), with
-    ``more``: how many more paired documents would decide it at the observed recovery (normal
-    approximation); ``undefined`` without a recovery. The validate stage's task gate and the report call
-    this one function.
-
-    llm-compressor's CI rounds the point estimate to the nearest percent before comparing (0.945 passes
-    0.95); qscore compares the unrounded interval."""
+    """The verdict on one recovery (``paired_recovery``'s dict) against ``minimum``, read off its interval
+    (``intervals.three_way``), with ``more`` paired documents to decide an inconclusive one; ``undefined``
+    without a recovery. The validate stage's task gate and the report both call it. llm-compressor's CI rounds
+    the point estimate to the percent (0.945 passes 0.95); qscore compares the unrounded interval."""
     if recovery.get("value") is None:
         return {"outcome": "undefined", "more": None}
     lo, hi = recovery.get("lo"), recovery.get("hi")

@@ -21,18 +21,8 @@ FIELDS = ("tokens", "delta", "delta_sq", "kl", "kl_reverse", "dp", "dp_sq", "sam
 
 @numba.njit(cache=True, inline="always")
 def _bin(v, edges):
-    """np.searchsorted(edges, v, side="right") - 1, clipped to the bins (NaN sorts last, as in numpy)."""
-    nb = len(edges) - 1
-    if v != v:
-        return nb - 1
-    lo, hi = 0, len(edges)
-    while lo < hi:  # first edge > v
-        mid = (lo + hi) >> 1
-        if edges[mid] <= v:
-            lo = mid + 1
-        else:
-            hi = mid
-    return min(max(lo - 1, 0), nb - 1)
+    """The bin of ``v``: np.searchsorted(edges, v, side="right") - 1, clipped to the bins (NaN: the last)."""
+    return min(max(np.searchsorted(edges, v, side="right") - 1, 0), len(edges) - 2)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -24,37 +24,30 @@ class EvalSet:
     source: dict = field(default_factory=dict)  # provenance: dataset id, config, split, revision, n, file hash
 
 
-def render_wikitext(rows: Iterable[str], n: int) -> list[str]:
-    """Strip each row, drop empty rows, keep the first n."""
+def _first(texts: Iterable[str], n: int) -> list[str]:
+    """The first n non-empty texts (reading no further)."""
     out = []
-    for row in rows:
-        text = (row or "").strip()
+    for text in texts:
         if text:
             out.append(text)
             if len(out) >= n:
                 break
     return out
+
+
+def render_wikitext(rows: Iterable[str], n: int) -> list[str]:
+    """Strip each row, drop empty rows, keep the first n."""
+    return _first(((row or "").strip() for row in rows), n)
 
 
 def render_messages(messages: list[dict]) -> str:
     """``{role}: {content}`` lines (both stripped), empty contents skipped, joined by newlines."""
-    lines = []
-    for m in messages or []:
-        content = (m.get("content") or "").strip()
-        if content:
-            lines.append(f"{(m.get('role') or '').strip()}: {content}")
-    return "\n".join(lines)
+    return "\n".join(f"{(m.get('role') or '').strip()}: {(m.get('content') or '').strip()}"
+                     for m in messages or [] if (m.get("content") or "").strip())
 
 
 def render_chats(rows: Iterable[list[dict]], n: int) -> list[str]:
-    out = []
-    for messages in rows:
-        text = render_messages(messages)
-        if text:
-            out.append(text)
-            if len(out) >= n:
-                break
-    return out
+    return _first((render_messages(messages) for messages in rows), n)
 
 
 @dataclass(frozen=True)
@@ -142,8 +135,9 @@ def source_identity(path: str, ds) -> dict:
 
 def load_hub_set(spec: HubSet, n: int, source: str | None = None, revision: str | None = None) -> EvalSet:
     path = source or os.environ.get(spec.source_env) or spec.path
-    ds = load_rows(path, spec.config if path == spec.path else None, spec.split, revision)
-    about = {"dataset": path, "config": spec.config if path == spec.path else None, "split": spec.split,
+    config = spec.config if path == spec.path else None  # the registry's config names its own dataset only
+    ds = load_rows(path, config, spec.split, revision)
+    about = {"dataset": path, "config": config, "split": spec.split,
              "revision": revision, **source_identity(path, ds)}
     if spec.kind == "document":
         return document_set(spec.name, _pages(ds, path), about)
@@ -227,19 +221,16 @@ def parse_specs(spec: str) -> list[tuple[str, str | None]]:
 
 
 def load_set(name: str, path: str | None, limits: dict[str, int]) -> EvalSet:
+    hub = REGISTRY.get(name)
     if path is None:
-        spec = REGISTRY[name]
-        return load_hub_set(spec, limits.get(name, 200))
-    if name in REGISTRY and REGISTRY[name].kind == "document":
-        if not Path(path).exists():
-            raise EvalSetError(f"evaluation file not found: {path}")
-        return load_hub_set(REGISTRY[name], 0, source=path)
-    if name in REGISTRY and not Path(path).exists():
+        return load_hub_set(REGISTRY[name], limits.get(name, 200))
+    if hub is not None and not Path(path).exists():
         raise EvalSetError(f"evaluation file not found: {path}")
-    if name in REGISTRY and Path(path).is_dir():
-        return load_hub_set(REGISTRY[name], limits.get(name, 200), source=path)
+    if hub is not None and hub.kind == "document":
+        return load_hub_set(hub, 0, source=path)
+    if hub is not None and Path(path).is_dir():
+        return load_hub_set(hub, limits.get(name, 200), source=path)
     return load_local_set(name, Path(path), limits.get(name))
-
 
 
 # -- document-level WikiText-2, as lm-evaluation-harness 0.4.13 scores it (task `wikitext`) -----------------
@@ -252,18 +243,12 @@ def is_wikitext_title(line: str) -> bool:
 def join_wikitext_pages(lines: Iterable[str]) -> list[str]:
     """The raw file's lines (without their newline) joined into articles, one per level-1 heading, as
     ``EleutherAI/wikitext_document_level`` was built: a page is its lines joined by ``"\n"``."""
-    pages, cur = [], []
+    groups = [[]]
     for line in lines:
         if is_wikitext_title(line):
-            page = "\n".join(cur)
-            if page.strip():
-                pages.append(page)
-            cur = []
-        cur.append(line)
-    page = "\n".join(cur)
-    if page.strip():
-        pages.append(page)
-    return pages
+            groups.append([])
+        groups[-1].append(line)
+    return [page for page in ("\n".join(g) for g in groups) if page.strip()]
 
 
 def wikitext_rows_to_lines(rows: Iterable[str]) -> list[str]:

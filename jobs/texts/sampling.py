@@ -34,12 +34,8 @@ def select(token_lists: Sequence[Sequence[int]], max_model_len: int) -> list[Sam
     exactly the first tokens of the tokenizer's output for the whole text.
     """
     limit = max_tokens(max_model_len)
-    out = []
-    for sid, ids in enumerate(token_lists):
-        if len(ids) < MIN_TOKENS:
-            continue
-        out.append(Sample(sid, tuple(int(i) for i in ids[:limit]), len(ids) > limit))
-    return out
+    return [Sample(sid, tuple(int(i) for i in ids[:limit]), len(ids) > limit)
+            for sid, ids in enumerate(token_lists) if len(ids) >= MIN_TOKENS]
 
 
 def tokenize(texts: Sequence[str], encode: Callable[[str], Sequence[int]]) -> list[list[int]]:
