@@ -104,14 +104,14 @@ def test_validate_task_gate_through_vllm(gpu_checkpoints, results):
     base = results / "tasks" / "model=bf16"
     assert base.exists(), "run test_vllm_runs_the_bundled_tasks first"
     r = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--baseline-tasks",
-                       base / "task=qscore_cloze", "--recovery-min", "0", *VLLM_OPTS, env=ENV)
+                       base / "task=qscore_cloze", "--recovery-min", "0.01", *VLLM_OPTS, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     [m] = json.loads(r.stdout)["task_gate"]["measures"]
     assert m["verdict"] in ("pass", "undefined") and m["recovery"]["n"] == 60
     REPORT["validate task gate (vllm)"] = {"recovery": m["recovery"]["value"], "verdict": m["verdict"]}
     bad = cli_subprocess("validate", "--model", gpu_checkpoints / "tiny-nvfp4", "--backend", "vllm", "--baseline-tasks",
-                         base / "task=qscore_cloze", "--recovery-min", "100", *VLLM_OPTS, env=ENV)
-    if m["verdict"] == "pass":
+                         base / "task=qscore_cloze", "--recovery-min", "1", *VLLM_OPTS, env=ENV)
+    if m["verdict"] == "pass" and m["recovery"]["value"] < 0.9:  # clearly below the gate's 1
         assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: quality gate")
 
 

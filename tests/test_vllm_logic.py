@@ -217,7 +217,7 @@ def test_one_builder_for_scoring_and_tasks(tmp_path):
     """Score/validate and lm-eval's tasks get vLLM's settings from one function: the same options give the same
     engine, except what only prompt scoring wants (eager by workload, no CUDA graphs, token ids in, the engine
     core in-process)."""
-    from jobs.engines.vllm import ENGINE_ENV, SCORING_ENV, engine_spec
+    from jobs.engines.vllm import ENGINE_ENV, GENERATION_ENV, SCORING_ENV, engine_spec
 
     opts = EngineOptions(dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.5, tensor_parallel_size=2,
                          max_num_batched_tokens=4096, quantization="modelopt_fp4", nvfp4_compute="weight-only",
@@ -231,7 +231,7 @@ def test_one_builder_for_scoring_and_tasks(tmp_path):
     assert score.kwargs == {**shared, "enforce_eager": True, "skip_tokenizer_init": True}
     # generation is decode-bound: compiled, with CUDA graphs; the user's --engine-kwargs pass through
     assert tasks.kwargs == {**shared, "enforce_eager": False, "max_num_seqs": 8}
-    assert score.env == {**ENGINE_ENV, **SCORING_ENV} and tasks.env == ENGINE_ENV
+    assert score.env == {**ENGINE_ENV, **SCORING_ENV} and tasks.env == {**ENGINE_ENV, **GENERATION_ENV}
     assert engine_spec(tmp_path, EngineOptions(enforce_eager=True), BF16, scoring=False).kwargs["enforce_eager"] is True
     # --engine-kwargs win over qscore's choices, but not over the arithmetic asked for
     over = engine_spec(tmp_path, opts, wo, scoring=False, extra={"enable_prefix_caching": True, "linear_backend": "x"})

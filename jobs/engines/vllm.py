@@ -194,6 +194,10 @@ ENGINE_ENV = {
 # cache) can be timed here and no spawned process outlives a killed stage; scoring has no server loop to
 # overlap with. lm-eval's generation keeps vLLM's default (a separate core overlaps scheduling with the GPU).
 SCORING_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# lm-eval's engine core is a separate process, forked by default. Building an NVFP4 engine with the emulation
+# backend touches CUDA in this process first, and a forked child then cannot use CUDA ("Cannot re-initialize
+# CUDA in forked subprocess", seen on the H200): spawned, it starts clean (jobs/__main__.py is guarded).
+GENERATION_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 @dataclass(frozen=True)
@@ -246,7 +250,7 @@ def engine_spec(path: Path, options: EngineOptions, arith: arith_mod.Arithmetic,
     kwargs.update(extra or {})
     if arith.vllm_linear_backend != "auto":  # NVFP4 as declared (emulated W4A4 off Blackwell), or Marlin
         kwargs["linear_backend"] = arith.vllm_linear_backend
-    return EngineSpec(kwargs, {**ENGINE_ENV, **(SCORING_ENV if scoring else {})}, why)
+    return EngineSpec(kwargs, {**ENGINE_ENV, **(SCORING_ENV if scoring else GENERATION_ENV)}, why)
 
 
 def gpu_capability() -> float | None:
