@@ -66,7 +66,7 @@ case $step in
   quantize)
     venvs; rm -rf "$quant"
     timed "quantize-$shape" "${MK[@]}" quantize
-    "$PY_QUANT" -c "import json,sys; m=json.load(open('$quant/qscore.json')); print('REHEARSAL', json.dumps({'step': 'quantize-manifest', 'wall_time_s': m['wall_time_s'], 'phases_s': m['phases_s'], 'calibration': m['calibration'], 'peak_gpu_gib': m['peak_gpu_gib']}))" | tee -a "$OUT/rehearsal.jsonl";;
+    "$PY_QUANT" -c "import json,sys; m=json.load(open('$quant/qscore.json')); print(json.dumps({'step': 'quantize-manifest', 'wall_time_s': m['wall_time_s'], 'phases_s': m['phases_s'], 'calibration': m['calibration'], 'peak_gpu_gib': m['peak_gpu_gib']}))" | while read -r line; do record "$line"; done;;
   eval)
     venvs
     [ "$mode" = cold ] && rm -rf "$W/cache"
@@ -91,7 +91,8 @@ case $step in
     cat "$OUT/rehearsal.jsonl"
     python3 - "$OUT/rehearsal.jsonl" <<'PY'
 import json, sys
-rows = [r for r in map(json.loads, open(sys.argv[1])) if r.get("step", "").startswith("phases-")]
+lines = (ln.removeprefix("REHEARSAL ") for ln in open(sys.argv[1]))  # older files kept the log's prefix
+rows = [r for r in map(json.loads, lines) if r.get("step", "").startswith("phases-")]
 cols = ["startup", "read", "engine_start", "score", "write", "shutdown", "other", "wall"]
 print(f"{'run':<12}{'job':<22}" + "".join(f"{c:>13}" for c in cols) + f"{'fixed':>9}")
 for r in rows:

@@ -2,8 +2,9 @@
 writing, shutdown (SPEC §4 ``phases``). A sweep pays each job's fixed cost once per checkpoint, so the job
 says how much of its wall time was fixed cost, in its Parquet metadata and as one ``phases`` log line.
 
-Start-up runs from the process's own start (the kernel's clock, so the interpreter's and the libraries'
-imports count) to the stage's first phase. Everything after it belongs to a named phase or to ``other``.
+Start-up runs from the process's own start (the kernel's clock, so the interpreter's imports count) to the
+stage's first phase, plus the heavy imports a stage times as such (transformers, vLLM's platform module).
+Everything else belongs to a named phase or to ``other``.
 """
 from __future__ import annotations
 

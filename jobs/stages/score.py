@@ -269,9 +269,12 @@ def _run(s: ScoreSettings, specs, phases: Phases) -> list[Path]:
     vocab = ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size")
     if vocab and s.topk > vocab:
         raise SettingsError(f"--topk {s.topk} is above the vocabulary of {s.model} ({vocab} tokens)")
+    t_imports = time.perf_counter()  # transformers (the tokenizer), vLLM's platform (the GPU): start-up, not reading
     tok, tok_path = load_tokenizer(s.tokenizer or s.model)
     backend_name = engines.pick(s.backend)
     arith = engines.arithmetic_for(backend_name, ckpt.quant, s.engine)
+    t_imports = time.perf_counter() - t_imports
+    phases.add("startup", t_imports)
     common = {
         "schema": logprobs.SCHEMA_VERSION, "model_hash": ckpt.content_hash,
         "tokenizer_hash": tokenizer_hash(tok_path), "max_model_len": s.engine.max_model_len, "topk": s.topk,
@@ -290,7 +293,7 @@ def _run(s: ScoreSettings, specs, phases: Phases) -> list[Path]:
     for p in setruns:
         if p.skip:
             log.info("%s: already scored with the same inputs, skipped (%s)", p.final, p.fingerprint)
-    phases.add("read", time.perf_counter() - t_read)
+    phases.add("read", time.perf_counter() - t_read - t_imports)
     if not todo:
         return [p.final for p in setruns]
 

@@ -133,7 +133,10 @@ def _run(settings: TasksSettings, names, held: contextlib.ExitStack, phases: Pha
     tok_hash = tokenizer_hash(model_path)
     backend = engines.pick(settings.backend)
     tm, tasks = lmeval.load_tasks(names, include_path(settings))
+    t_imports = time.perf_counter()  # vLLM's platform module, imported to read the GPU: start-up, not reading
     arith = engines.arithmetic_for(backend, ckpt.quant, settings.engine)
+    t_imports = time.perf_counter() - t_imports
+    phases.add("startup", t_imports)
     common = _common(settings, ckpt, tok_hash, backend, arith)
     for name in tasks:  # before anything already there is looked at
         held.enter_context(locks.hold(task_archive.task_dir(settings.results_dir, settings.label, name), what="task"))
@@ -142,7 +145,7 @@ def _run(settings: TasksSettings, names, held: contextlib.ExitStack, phases: Pha
         if p.skip:
             log.info("%s: already evaluated with the same inputs, skipped (%s)", p.final, p.fingerprint)
     todo = [p for p in taskruns if not p.skip]
-    phases.add("read", time.perf_counter() - t_read)
+    phases.add("read", time.perf_counter() - t_read - t_imports)
     if not todo:
         return [p.final for p in taskruns]
     with phases("engine_start"):
