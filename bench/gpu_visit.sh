@@ -8,6 +8,8 @@
 #   bash bench/gpu_visit.sh tests      the gpu-marked tests on the test GPU (ARGS: pytest's, e.g. -k ...)
 #   bash bench/gpu_visit.sh tasks      the tasks stage's gpu tests on the test GPU
 #   bash bench/gpu_visit.sh rehearsal  14B eval cold and warm (GPU 0), then the 1.7B restart (two GPUs)
+#   bash bench/gpu_visit.sh quantbatch after start's background: the 14B quantized at batch 1 and 16 on an
+#                                      idle GPU 0, in the background (bench/quantize_batch.py; status shows it)
 # The test GPU is GPU 1 where there are two (GPU 0 may still be quantizing), else GPU 0, shared with the
 # background's quantize: the tests' tiny models need little of it, but its timings are then not alone.
 #   bash bench/gpu_visit.sh multigpu   bench/multi_gpu.sh 8B on both GPUs, then the 8B emulation bench
@@ -38,7 +40,14 @@ case ${1:-status} in
     setsid nohup bash -c "GPU=0 OUT=$W/out bash bench/rehearsal.sh prep 14B && { $small GPU=0 OUT=$W/out bash bench/rehearsal.sh quantize 14B; \
       wait; }; echo BACKGROUND-DONE" > "$W/bg.log" 2>&1 < /dev/null &
     sleep 5; tail -3 "$W/bg.log";;
-  status) tail -5 "$W/bg.log"; copy_out;;
+  status) tail -5 "$W/bg.log"; grep -h "^BENCH\|QB-DONE\|rror" "$W/qb.log" 2>/dev/null; cp "$W/qb.log" "$OUT/" 2>/dev/null
+    copy_out;;
+  quantbatch)
+    until grep -q "BACKGROUND-DONE\|FAILED" "$W/bg.log"; do sleep 5; done
+    setsid nohup bash -c "CUDA_VISIBLE_DEVICES=0 $PY_QUANT bench/quantize_batch.py --model $W/qwen3-14B --out $W/qb \
+      --batch-sizes 1,16 --calibration-dataset $W/sets/calib.jsonl --num-calibration-samples 1024 \
+      --max-sequence-length 2048; echo QB-DONE" > "$W/qb.log" 2>&1 < /dev/null &
+    sleep 5; tail -3 "$W/qb.log";;
   tests)
     [ -n "$v" ] || { echo "vLLM runtime missing"; exit 3; }
     CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
