@@ -67,8 +67,8 @@ export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/
 ## RUNNER: local | docker: where stages run [default local; set it in .env to keep it]
 ## GPUS: GPUs the jobs may use: all, device=0, '"device=0,1"' or 0,1; scoring jobs share one where they fit; empty: none
 GPUS ?= all
-## JOBS: jobs make runs at once (make -jN wins); GPU jobs also wait for their GPU share [default 8 with GPUS, 1 without]
-JOBS ?= $(if $(GPUS),8,1)
+## JOBS: jobs make runs at once (make -jN wins); GPU jobs also wait for their GPU share [default 8 with GPUs, 1 on a CPU host]
+JOBS ?= $(if $(and $(GPUS),$(shell nvidia-smi -L 2>/dev/null)),8,1)
 ## HF_HOME: Hugging Face cache on the host (mounted at /hf in containers)
 HF_HOME ?= $(HOME)/.cache/huggingface
 ## HF_TOKEN: Hugging Face token for gated models (passed to containers by name, never printed)

@@ -136,3 +136,33 @@ def test_calibration_batch_size_reaches_the_planned_quantize_job():
     assert job.args[job.args.index("--calibration-batch-size") + 1] == "4"
     with pytest.raises(SettingsError, match="CALIBRATION_BATCH_SIZE"):
         plan.build({"CALIBRATION_BATCH_SIZE": "0"}, uid=1000)
+
+
+def test_padding_that_would_reach_the_observers_stops_the_stage(monkeypatch):
+    """A padded batch never masked, or an observed Linear fed a padded batch in another shape (a mixture of
+    experts' routed tokens): the stage stops with one line naming the way out, before anything is saved."""
+    import types
+
+    import torch
+    from llmcompressor import core
+
+    from jobs.checkpoints import batching
+    from jobs.core.errors import QuantizeError
+
+    state = types.SimpleNamespace(current_batch_idx=0)
+    monkeypatch.setattr(core, "active_session", lambda: types.SimpleNamespace(state=state))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model[0].input_observer = object()  # what llm-compressor's calibration attaches
+    lengths = [[3, 2]]  # one batch of two samples, the second padded by one
+    with pytest.raises(QuantizeError, match="1 padded batches unmasked.*--calibration-batch-size 1"):
+        with batching.padding_hidden(model, lengths):
+            pass  # the batch never ran
+    with pytest.raises(QuantizeError, match="another shape at 0"):
+        with batching.padding_hidden(model, lengths):
+            model(torch.ones(6, 4))  # the batch's tokens flattened: (2 x 3) rows
+    with batching.padding_hidden(model, lengths):
+        x = torch.ones(2, 3, 4)
+        seen = []
+        model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+        model(x)
+    assert seen[0][1, 2].abs().sum() == 0 and seen[0][0].abs().sum() == 12  # the padded position zeroed

@@ -98,3 +98,17 @@ def test_second_score_job_reuses_the_tokens_and_records_its_phases(tiny_model, t
     ids = [pq.read_table(p[0], columns=["token_id"]).column(0).to_pylist() for p in parts]
     assert ids[0] == ids[1]
     assert len(list((tmp_path / ".cache" / "tokens").glob("*.arrow"))) == 1
+
+
+def test_a_set_known_only_by_its_name_is_not_cached():
+    assert tokens.cacheable(SOURCE) and tokens.cacheable({"dataset": "wikitext", "fingerprint": "f1"})
+    assert not tokens.cacheable({"dataset": "wikitext", "fingerprint": None})
+
+
+def test_a_killed_writers_temporary_is_cleared_and_never_read(tmp_path):
+    key = tokens.cache_key(SOURCE, "tok1", "default")
+    path = tokens.path_for(tmp_path, key)
+    stale = path.with_name(f".{path.name}.tmp-999999999-abcdef")  # no such pid: its writer is gone
+    stale.write_bytes(b"half a file")
+    assert tokens.token_lists(tmp_path, key, Counter([[7, 8]])) == ([[7, 8]], False)
+    assert not stale.exists() and tokens.read(path, key) == [[7, 8]]

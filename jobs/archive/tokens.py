@@ -26,6 +26,12 @@ VERSION = 1  # bump when the way texts become ids changes (rendering, encoding)
 META = b"qscore-tokens"
 
 
+def cacheable(source: dict) -> bool:
+    """Whether the set's content has a name: its bytes' hash, or the hub dataset's fingerprint. A set known
+    only by its name could change under it, so it is tokenized every time."""
+    return bool(source.get("sha256") or source.get("fingerprint"))
+
+
 def cache_key(source: dict, tokenizer_hash: str, encoding: str) -> str:
     """The entry's name (pure): content, not place — a local set's path is left out when its bytes are hashed."""
     content = {k: v for k, v in source.items() if not (k == "dataset" and "sha256" in source)}
@@ -85,6 +91,7 @@ def token_lists(cache_dir: Path | None, key: str, compute: Callable[[], list[lis
         return ids, True
     ids = compute()
     try:
+        atomic.remove_stale_temporaries(path)  # a killed writer's: never renamed, never read
         write(path, key, ids)
     except OSError as exc:
         log.warning("%s: cannot keep the token cache (%s)", path, exc)

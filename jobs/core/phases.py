@@ -17,14 +17,18 @@ import time
 ORDER = ("startup", "read", "engine_start", "score", "write", "shutdown")
 
 
+def start_ticks(pid: int | str = "self") -> str:
+    """When a process started, in clock ticks since boot (/proc/<pid>/stat, field 22); OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started, from /proc (Linux); None elsewhere."""
     try:
         with open("/proc/uptime") as fh:
             uptime = float(fh.read().split()[0])
-        with open("/proc/self/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+        return max(0.0, uptime - int(start_ticks()) / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
 

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from jobs.core.phases import start_ticks
 from jobs.core.settings import EngineOptions
 
 GIB = 1 << 30
@@ -201,8 +202,8 @@ def docker_value(gpus: list[str]) -> str:
 def _started(pid: int) -> str | None:
     """When ``pid`` started (clock ticks since boot), None if it is gone: a reused pid is another process."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return start_ticks(pid)
+    except (OSError, IndexError):  # no /proc (not Linux), or the process is gone
         try:
             os.kill(pid, 0)
             return ""

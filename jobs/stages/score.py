@@ -118,6 +118,7 @@ def encode(evalset: evalsets.EvalSet, tok, tok_hash: str, cache_dir: Path | None
     else:
         encoder = sampling.hf_encoder(tok)
     key = tokens.cache_key(evalset.source, tok_hash, "document" if document else "default")
+    cache_dir = cache_dir if tokens.cacheable(evalset.source) else None
     ids, reused = tokens.token_lists(cache_dir, key, lambda: sampling.tokenize(evalset.texts, encoder))
     log.info("%s: %d texts %s", evalset.name, len(ids), f"from the token cache ({key})" if reused else "tokenized")
     return ids
