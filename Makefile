@@ -1,8 +1,7 @@
 # qscore: the map of the pipeline.
 #
-#   quantize ──> validate
-#       │
-#       └──────> eval (one scoring job per model, every set through one engine) ──> report
+#   quantize ──> validate                       (make sweep: one quantize per recipe of SWEEP and seed)
+#       └──────> eval (one scoring job per model), tasks, bench (what it costs to serve) ──> report
 #
 # Every job and its command come from the job plan, `python3 -m jobs plan` (jobs/runs/plan.py): it reads
 # the variables below, checks them, and writes the rules make runs into $TMPDIR/qscore-plan-<uid>/jobs-<sum>.mk,
@@ -20,7 +19,6 @@
 # $(RESULTS_DIR)/.stamps/<job id>.<checksum of its arguments>.ok (validate: .log), written once it succeeded,
 # ignored when an output it vouches for is gone. A job redone because an input changed replaces its output
 # (--overwrite); else the stage skips work done, resumes, and keeps other settings' results unless OVERWRITE=1.
-
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -41,6 +39,9 @@ export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/
 ## NUM_CALIBRATION_SAMPLES: calibration samples
 ## MAX_SEQUENCE_LENGTH: calibration sequence length (tokens)
 ## QUANTIZE_ARGS: extra options for `jobs quantize` (e.g. --spinquant, --ignore lm_head)
+## SWEEP: `make sweep`: recipes of MODEL_ID, SCHEME[+spinquant][@SAMPLES] or LABEL=PATH (e.g. NVFP4 NVFP4+spinquant FP8_DYNAMIC W4A16)
+## SWEEP_SEEDS: `make sweep`: calibration seeds; a recipe that calibrates is quantized once per seed, as <recipe>.s<seed>
+## BENCH_ARGS: extra options for `jobs bench` (e.g. --input-len 1024 --loaded-concurrency 32)
 ## MODELS: label=path pairs to score [default bf16=MODEL_ID llmc-<scheme>=QUANT_OUTPUT nvidia-<scheme>=NVIDIA_MODEL]
 ## DATASETS: evaluation sets: wikitext2, ultrachat, NAME=PATH or PATH (.txt/.jsonl/.parquet) [default wikitext2 ultrachat]
 ## N_WIKITEXT: WikiText-2 texts kept
@@ -104,7 +105,6 @@ DEMO_RUNNER ?= local
 ## CHAT_TEMPLATE: `make tasks`: none (plain prompts), default (the tokenizer's) or a template's name
 ## RECOVERY_MIN: task accuracy recovery (model / baseline) in (0, 1] below which a task fails
 ## TASKS_ARGS: extra options for `jobs tasks` (e.g. --no-add-bos-token)
-
 VLLM_VERSION := 0.26.0
 PYTHON3 ?= python3
 export GPUS HF_HOME CACHE_DIR TAG IMAGE_PREFIX VENV VLLM_VENV PYTHON3
@@ -123,7 +123,7 @@ MAKEFLAGS += $(if $(filter 0,$(MAKELEVEL)),$(if $(filter-out $(NO_PLAN),$(MAKECM
 PLAN_VARS := $(filter-out HF_TOKEN,$(sort $(shell sed -n 's/^## \([A-Z0-9_]*\): .*/\1/p' $(firstword $(MAKEFILE_LIST))) \
   $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env 2>/dev/null) \
   PYTHON3 VLLM_IMAGE QUANTIZE_IMAGE AGGREGATE_IMAGE HF_HUB_OFFLINE K8S_NAME K8S_PARALLELISM SLURM_SBATCH \
-  SLURM_PYTHON SLURM_AGGREGATE_PYTHON CALIBRATION_BATCH_SIZE))
+  SLURM_PYTHON SLURM_AGGREGATE_PYTHON SLURM_QUANTIZE_PREFIX CALIBRATION_BATCH_SIZE CALIBRATION_SEED))
 shq = '$(subst ','\'',$(1))'
 PLAN_ENV = $(foreach v,$(PLAN_VARS),$(if $(filter undefined,$(origin $(v))),,$(v)=$(call shq,$($(v)))))
 PLAN := env $(PLAN_ENV) $(PYTHON3) -m jobs plan
@@ -135,7 +135,7 @@ $(error $(PLAN_MK))
 endif
 
 .PHONY: help setup setup-vllm demo test test-images images image-quantize image-vllm image-aggregate quantize \
-  validate eval score tasks noise-floor report aggregate compare serve clean FORCE plan k8s slurm
+  validate eval score tasks bench sweep noise-floor report aggregate compare serve clean FORCE plan k8s slurm
 
 help: ## show this help (the default target)
 	@printf 'qscore: quantize a model, check that vLLM loads it, score checkpoints token by token, report.\n\n'
@@ -148,8 +148,7 @@ help: ## show this help (the default target)
 	  val="$$(sed -n "s/^$$name=//p" /tmp/qscore-vars-$$$$)"; val="$${val:-$${!name:-}}"; \
 	  [ "$$name" = HF_TOKEN ] && val=$$([ -n "$${HF_TOKEN:-}" ] && echo set || echo empty); \
 	  printf '  %-24s %s\n  %-24s   [%s]\n' "$$name" "$$desc" "" "$$val"; done; rm -f /tmp/qscore-vars-$$$$
-	@printf '\nExamples:\n  make demo                               # the whole pipeline on a tiny model, CPU, offline\n'
-	@printf '  make images quantize validate eval report\n  make score MODEL=org/new-checkpoint LABEL=new && make compare BASE=bf16 LABEL=new\n'
+	@printf '\nExamples:\n  make demo    # the whole pipeline on a tiny model, CPU, offline\n  make images quantize validate eval report\n  make sweep SWEEP="NVFP4 FP8_DYNAMIC W4A16" SWEEP_SEEDS="1 2"\n  make score MODEL=org/new LABEL=new && make compare BASE=bf16 LABEL=new\n'
 
 setup: $(SETUP_STAMP) ## create the local venv VENV from requirements/dev.txt (once)
 $(SETUP_STAMP): requirements/dev.txt requirements/torch-cpu.txt requirements/quantize.txt
@@ -169,8 +168,8 @@ test: $(SETUP_STAMP) ## run the CPU test suite (pytest -m "not gpu") in VENV
 test-images: $(SETUP_STAMP) ## build the three images on CPU stand-in bases, run the demo and the vLLM image's scoring in them, compare with the local demo
 	bash tests/images/test-images.sh
 
-# The demo: a tiny BF16 Qwen3 and its ModelOpt-format NVFP4 copy (test fixtures, built locally with the
-# venv whatever DEMO_RUNNER says: nvidia-modelopt is in no image), then the pipeline on them.
+# The demo: a tiny BF16 Qwen3 and its ModelOpt NVFP4 copy (test fixtures, built with the venv: no image has
+# nvidia-modelopt), then the pipeline on them.
 DEMO_BASE     := models/tiny-qwen3
 DEMO_QUANT    := models/tiny-qwen3-nvfp4
 DEMO_MODELOPT := models/tiny-qwen3-modelopt-nvfp4
@@ -185,9 +184,8 @@ DEMO_VARS = VLLM_VENV=$(VENV) MODEL_ID=$(DEMO_BASE) QUANT_OUTPUT=$(DEMO_QUANT) S
 	  GPU_MEMORY_UTILIZATION= SCORE_ARGS= RESULTS_DIR=$(DEMO_RESULTS_DIR) REPORT_DIR=$(DEMO_RESULTS_DIR)/report \
 	  TASKS=qscore_local LIMIT= NUM_FEWSHOT= CHAT_TEMPLATE=none RECOVERY_MIN= TASKS_ARGS= OVERWRITE= \
 	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# DEMO_RUNNER=docker: quantize, validate and score (transformers backend) in the quantize image, which has
-# what they need on the CPU (the vLLM image needs a GPU), the report in the aggregate image; the task
-# accuracy locally (lm-eval is in the vLLM image only).
+# DEMO_RUNNER=docker: quantize, validate, score (transformers) in the quantize image (the vLLM image needs a
+# GPU), the report in the aggregate image; tasks locally (lm-eval is in the vLLM image only).
 DEMO_DOCKER = $(if $(filter docker,$(DEMO_RUNNER)),RUNNER=docker VLLM_IMAGE=$(IMAGE_PREFIX)-quantize:$(TAG),RUNNER=local)
 
 demo: $(SETUP_STAMP) $(DEMO_BASE)/config.json $(DEMO_MODELOPT)/config.json ## the whole pipeline on a tiny Qwen3 (and the bundled tasks), CPU, offline -> DEMO_RESULTS_DIR/report (DEMO_RUNNER)
@@ -213,6 +211,8 @@ image-aggregate: ## build IMAGE_PREFIX-aggregate:TAG (python slim, no torch)
 quantize: $(QS_quantize) ## quantize MODEL_ID with SCHEME into QUANT_OUTPUT (once: the stage writes QUANT_OUTPUT/qscore.json last)
 validate: $(QS_validate) ## check that QUANT_OUTPUT loads (BACKEND), is quantized as SCHEME says, and generates text
 eval: $(QS_eval) ## score every model in MODELS on every set in DATASETS: one job per model, JOBS at once, sharing GPUs where they fit
+bench: $(QS_bench) ## what every model in MODELS costs to serve (size, GPU memory, KV cache, speed): one job per model, alone on a GPU
+sweep: $(QS_quantize) $(QS_eval) $(QS_tasks) $(QS_bench) $(QS_report) ## quantize every recipe of SWEEP (per seed), then eval, tasks, bench and the report's deploy table
 tasks: $(QS_tasks) ## task accuracy (lm-eval TASKS) of every model in MODELS: one job per model, per-sample Parquet
 score: $(QS_score) ## score one checkpoint: make score MODEL=path-or-id LABEL=name (one job, every set in DATASETS, nothing else)
 	$(if $(QS_score),@:,$(error make score needs MODEL=<hub id or local path> LABEL=<name>))

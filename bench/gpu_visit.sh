@@ -12,6 +12,8 @@
 #                                      idle GPU 0, in the background (bench/quantize_batch.py; status shows it)
 # The test GPU is GPU 1 where there are two (GPU 0 may still be quantizing), else GPU 0, shared with the
 # background's quantize: the tests' tiny models need little of it, but its timings are then not alone.
+#   bash bench/gpu_visit.sh sweep      in the background: the 14B base (in BASE_DIR, /dev/shm where it fits) and a
+#                                      recipe sweep on GPU 0 (bench/rehearsal.sh sweep); status shows it
 #   bash bench/gpu_visit.sh multigpu   bench/multi_gpu.sh 8B on both GPUs, then the 8B emulation bench
 # Results under $OUT (the device tool's output folder) and /tmp/rehearsal/out.
 set -uo pipefail
@@ -30,7 +32,7 @@ export PY_QUANT=/tmp/pyq PY_VLLM=/tmp/pyv PYTHONUNBUFFERED=1 TOKENIZERS_PARALLEL
 export TOKENIZER_DIR=$PWD/.gpu-fixtures/tiny-bf16
 ngpu=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)
 TEST_GPU=$(( ngpu > 1 ? 1 : 0 ))
-copy_out() { cp "$W/out/"*.jsonl "$OUT/" 2>/dev/null; cp "$W/bg.log" "$OUT/" 2>/dev/null; true; }
+copy_out() { cp "$W/out/"*.jsonl "$W/out/"sweep-* "$W/out/"deploy_*.png "$OUT/" 2>/dev/null; cp "$W/bg.log" "$OUT/" 2>/dev/null; true; }
 case ${1:-status} in
   start)
     nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$OUT/gpus.txt"
@@ -40,7 +42,14 @@ case ${1:-status} in
     setsid nohup bash -c "GPU=0 OUT=$W/out bash bench/rehearsal.sh prep 14B && { $small GPU=0 OUT=$W/out bash bench/rehearsal.sh quantize 14B; \
       wait; }; echo BACKGROUND-DONE" > "$W/bg.log" 2>&1 < /dev/null &
     sleep 5; tail -3 "$W/bg.log";;
-  status) tail -5 "$W/bg.log"; grep -h "^BENCH\|QB-DONE\|rror" "$W/qb.log" 2>/dev/null; cp "$W/qb.log" "$OUT/" 2>/dev/null
+  sweep)
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$OUT/gpus.txt"; df -h /tmp /dev/shm . | tee "$OUT/disk.txt"
+    [ -n "$q" ] && [ -n "$v" ] || { echo "a runtime is missing"; exit 3; }
+    shm=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1); bd=$W; [ "${shm:-0}" -gt 40 ] && bd=/dev/shm
+    setsid nohup bash -c "export BASE_DIR=$bd; GPU=0 OUT=$W/out bash bench/rehearsal.sh prep 14B && \
+      GPU=0 OUT=$W/out bash bench/rehearsal.sh sweep 14B; echo BACKGROUND-DONE" > "$W/bg.log" 2>&1 < /dev/null &
+    sleep 5; tail -3 "$W/bg.log";;
+  status) tail -5 "$W/bg.log"; grep -h "^REHEARSAL" "$W/bg.log" | tail -4; grep -h "^BENCH\|QB-DONE\|rror" "$W/qb.log" 2>/dev/null; cp "$W/qb.log" "$OUT/" 2>/dev/null
     copy_out;;
   quantbatch)
     until grep -q "BACKGROUND-DONE\|FAILED" "$W/bg.log"; do sleep 5; done

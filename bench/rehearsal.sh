@@ -10,6 +10,8 @@
 #   bash bench/rehearsal.sh eval 14B cold   make validate eval report (3 models x 2 sets), cold
 #   bash bench/rehearsal.sh eval 14B warm   the same again, warm
 #   bash bench/rehearsal.sh restart 1.7B    one scoring job twice, fresh HOME each time, one cache dir
+#   bash bench/rehearsal.sh sweep 14B       a recipe sweep (SWEEP, SWEEP_SEEDS below): make quantize eval bench
+#                                           report, warm; the deploy table in $OUT/sweep-report.md
 #
 # Environment: PY_VLLM / PY_QUANT, the interpreters with vLLM and with llm-compressor (each may be a
 # wrapper that sets PYTHONPATH); W, the work directory (default /tmp/rehearsal); GPU, the device (0).
@@ -27,7 +29,7 @@ venvs() {  # make's RUNNER=local wants VENV/bin/python: wrappers around the two 
   done
 }
 record() { printf '%s\n' "$1" >> "$OUT/rehearsal.jsonl"; echo "REHEARSAL $1"; }
-base=$W/qwen3-$shape; quant=$W/qwen3-$shape-NVFP4
+base=${BASE_DIR:-$W}/qwen3-$shape; quant=$W/qwen3-$shape-NVFP4  # BASE_DIR: e.g. /dev/shm when disk is short
 MK=(make --no-print-directory -C "$root" RUNNER=local VENV="$W/venv-q" VLLM_VENV="$W/venv-v" GPUS="$GPU"
     MODEL_ID="$base" QUANT_OUTPUT="$quant" SCHEME=NVFP4 CALIBRATION_DATASET="$W/sets/calib.jsonl"
     NUM_CALIBRATION_SAMPLES=1024 MAX_SEQUENCE_LENGTH=2048 QUANTIZE_ARGS=
@@ -87,6 +89,24 @@ case $step in
         --results-dir "$W/results-restart"
     done
     starts "$W/results-restart" restart;;
+  sweep)
+    venvs
+    export CACHE_DIR=$W/cache HOME; HOME=$(mktemp -d)
+    SW=(SWEEP="${SWEEP:-NVFP4@256 NVFP4A16 FP8_DYNAMIC W4A16}" SWEEP_SEEDS="${SWEEP_SEEDS:-1 2}" MODELS=
+        WEIGHT_ONLY= RESULTS_DIR="$W/results-sweep" BENCH_ARGS="${BENCH_ARGS:-}")
+    # tasks left out: lm-eval's bundled tasks say nothing on random weights, and each job pays an engine start
+    timed "sweep-quantize-$shape" "${MK[@]}" "${SW[@]}" -k quantize || true
+    timed "sweep-eval-$shape" "${MK[@]}" "${SW[@]}" -k eval || true
+    timed "sweep-bench-$shape" "${MK[@]}" "${SW[@]}" -k bench || true
+    timed "sweep-report-$shape" "${MK[@]}" "${SW[@]}" aggregate
+    for m in "$root"/models/qwen3-"$shape"-*/qscore.json; do
+      "$PY_QUANT" -c "import json,sys; m=json.load(open('$m')); print(json.dumps({'step': 'sweep-quantize-manifest', 'model': '$m', 'scheme': m['scheme'], 'wall_time_s': m['wall_time_s'], 'phases_s': m['phases_s'], 'seed': (m['calibration'] or {}).get('seed')}))" | while read -r line; do record "$line"; done
+    done
+    cp "$W/results-sweep/report/report.md" "$OUT/sweep-report.md"; cp "$W/results-sweep/report/summary.json" "$OUT/sweep-summary.json"
+    cp "$W/results-sweep/report/deploy_"*.png "$OUT/" 2>/dev/null || true
+    "$PY_VLLM" -c "import pyarrow.parquet as pq, glob, json
+for f in sorted(glob.glob('$W/results-sweep/bench/model=*/bench.parquet')): print(json.dumps({'step': 'sweep-bench', **pq.read_table(f).to_pylist()[0]}))" \
+      | while read -r line; do record "$line"; done;;
   table)  # every record, then each job's phases as a table: where the wall time went, fixed cost = wall - score
     cat "$OUT/rehearsal.jsonl"
     python3 - "$OUT/rehearsal.jsonl" <<'PY'

@@ -134,7 +134,7 @@ def _engine(kw: dict, **more) -> EngineOptions:
 @opt("--model-id", env="MODEL_ID", required=True, help="Hub id or local directory of the model to quantize.")
 @opt("--quant-output", "--output", "output", env="QUANT_OUTPUT", required=True,
      help="Directory for the compressed checkpoint.")
-@opt("--scheme", env="SCHEME", default="NVFP4", help="NVFP4, NVFP4A16, FP8_DYNAMIC, FP8, W4A16, W8A16 or W8A8.")
+@opt("--scheme", env="SCHEME", default="NVFP4", help="NVFP4, NVFP4A16, FP8_DYNAMIC, FP8, W4A16, W8A16, W8A8, MXFP4 or MXFP4A16.")
 @opt("--calibration-dataset", env="CALIBRATION_DATASET", default="HuggingFaceH4/ultrachat_200k",
      help="Hub dataset or local .jsonl/.parquet file of chats ('messages') or 'text'.")
 @opt("--calibration-split", env="CALIBRATION_SPLIT", default="train_sft", help="Split of the calibration dataset.")
@@ -152,6 +152,8 @@ def _engine(kw: dict, **more) -> EngineOptions:
 @opt("--calibration-batch-size", "--batch-size", "calibration_batch_size", env="CALIBRATION_BATCH_SIZE", type=int,
      default=16, help="Calibration samples per forward pass (llm-compressor's batch_size); padding never reaches "
                       "the observers, so the scales are batch size 1's (docs/quantize.md).")
+@opt("--calibration-seed", env="CALIBRATION_SEED", type=int, default=42,
+     help="Seed of the calibration subsample (which samples, in which order): a sweep's seeds measure a recipe's spread.")
 @opt("--calibration-offload", "--offload", "offload", env="CALIBRATION_OFFLOAD", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
      help="Sequential pipeline: where layer inputs wait between layers; auto: the GPU when they fit.")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False, help="Replace an existing output directory.")

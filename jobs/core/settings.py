@@ -112,6 +112,7 @@ class QuantizeSettings:
     overwrite: bool = False
     pipeline: str = "auto"  # llm-compressor calibration pipeline: auto | basic | sequential
     calibration_batch_size: int = 16
+    calibration_seed: int = 42  # which samples the shuffled calibration set keeps
     offload: str = "auto"  # where the sequential pipeline keeps activations between layers: auto | cpu | cuda
 
 

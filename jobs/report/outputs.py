@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.core import atomic
-from jobs.report import plots, quant as quant_report
+from jobs.report import deploy as deploy_report, plots, quant as quant_report
 from jobs.report.fmt import ci, csv_text, sig
 from jobs.stats.summary import Check, Summary
 
@@ -192,6 +192,7 @@ def render_markdown(s: Summary, plot_names: list[str]) -> str:
          f"Baseline **{s.baseline}**; sets {', '.join(s.sets)}. Intervals: 95 %, bootstrap over texts "
          f"({b['replicates']} replicates, seed {b['seed']}).", ""]
     L += render_verdict(s)
+    L += deploy_report.markdown(s, plot_names)
     L += render_perplexity(s)
     L += quant_report.render_core(s)
     L += render_paired(s)
@@ -201,8 +202,9 @@ def render_markdown(s: Summary, plot_names: list[str]) -> str:
 
         L += task_markdown(s.tasks)
     L += render_provenance(s)
-    if plot_names:
-        L += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plot_names] + [""]
+    others = [p for p in plot_names if not p.startswith("deploy_")]
+    if others:
+        L += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in others] + [""]
     L += ["---", "", "# Appendix: breakdowns", ""]
     L += quant_report.render_appendix(s)
     L += ["### Top-1 confidence (the reference run's statistic)", "",
@@ -231,7 +233,7 @@ def write_report(summary: Summary, deltas: dict, extra, out_dir: Path) -> list[P
 
     out_dir = Path(out_dir)
     atomic.remove_stale_temporaries(out_dir)
-    pngs = plots.all_plots(summary, deltas, extra.kl if extra is not None else None)
+    pngs = {**deploy_report.plots(summary), **plots.all_plots(summary, deltas, extra.kl if extra is not None else None)}
     names = []
     with atomic.atomic_dir(out_dir) as tmp:
         for name, png in pngs.items():

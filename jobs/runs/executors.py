@@ -1,7 +1,9 @@
 """The scoring jobs of the plan handed to a cluster's scheduler: a Kubernetes Indexed Job, or a Slurm job array.
 
 Each renders one array of scoring jobs (element i runs job i, chosen by ``JOB_COMPLETION_INDEX`` /
-``SLURM_ARRAY_TASK_ID``) and an aggregate job after it. Paths are those the jobs see there: on
+``SLURM_ARRAY_TASK_ID``) and an aggregate job after it. A sweep adds its quantize jobs before them (their
+own Indexed Job in the quantize image; on Slurm the first elements of the array, submitted first) and its
+tasks and bench jobs beside the scoring ones (the vLLM image runs every one of them). Paths are those the jobs see there: on
 Kubernetes the models, data and results live on one shared volume (a PVC) whose models/ and data/ are
 mounted read-only and whose results directory is the only one written, under /workspace; on Slurm the
 repository is on a shared filesystem and jobs run in it. Kubernetes manifests are JSON documents
@@ -28,7 +30,7 @@ def render(kind: str, jobs: list, v) -> str:
 
 
 # -- paths as a job sees them -------------------------------------------------------------------------------
-_PATH_FLAGS = ("--model", "--tokenizer", "--results-dir")
+_PATH_FLAGS = ("--model", "--tokenizer", "--results-dir", "--model-id", "--quant-output", "--calibration-dataset")
 
 
 def relocate(args: list[str], root: str) -> list[str]:
@@ -55,12 +57,13 @@ def relocate(args: list[str], root: str) -> list[str]:
     return out
 
 
-def dispatch(jobs: list, index_var: str, prefix: list[str], root: str | None) -> str:
-    """A POSIX shell ``case`` running job ``$index_var`` of the plan (pure)."""
+def dispatch(jobs: list, index_var: str, prefix: list[str], root: str | None, prefixes: dict | None = None) -> str:
+    """A POSIX shell ``case`` running job ``$index_var`` of the plan (pure); ``prefixes``: another launcher
+    for a stage (Slurm: quantize in the venv with llm-compressor)."""
     lines = [f'case "${{{index_var}}}" in']
     for i, j in enumerate(jobs):
-        args = relocate(["score", *j.args], root) if root else ["score", *j.args]
-        lines.append(f"  {i}) exec {shlex.join([*prefix, *args])} ;;  # {j.id}")
+        args = relocate([j.stage, *j.args], root) if root else [j.stage, *j.args]
+        lines.append(f"  {i}) exec {shlex.join([*(prefixes or {}).get(j.stage, prefix), *args])} ;;  # {j.id}")
     lines.append(f'  *) echo "no job {index_var}=${{{index_var}}} in this plan of {len(jobs)}" >&2; exit 2 ;;')
     lines.append("esac")
     return "\n".join(lines)
@@ -117,8 +120,28 @@ def kubernetes(jobs: list, v) -> str:
     env_vars = [{"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
                 {"name": "CACHE_DIR", "value": f"{WORKSPACE}/.cache/qscore"},
                 {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token", "optional": True}}}]
+    quant = [j for j in jobs if j.stage == "quantize"]
+    jobs = [j for j in jobs if j.stage != "quantize"]
     gpus = _gpus(jobs)
+    items = []
+    init = []
+    if quant:  # one pod per recipe and seed, then the vLLM jobs once every checkpoint is written
+        items.append(_job(f"{name}-quantize", "quantize", {
+            "containers": [{
+                "name": "quantize", "image": _image(v, "quantize"), "workingDir": WORKSPACE,
+                "command": ["/bin/sh", "-c", dispatch(quant, "JOB_COMPLETION_INDEX", ["python3", "-m", "jobs"], WORKSPACE)],
+                "env": env_vars, "securityContext": CONTAINER_SECURITY,
+                "resources": {"limits": {"nvidia.com/gpu": 1}, "requests": {"nvidia.com/gpu": 1}},
+                "volumeMounts": _mounts(top, models_rw=True) + [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+            "volumes": _volumes(pvc, shm=True)}, {
+            "completionMode": "Indexed", "completions": len(quant), "parallelism": len(quant),
+            "backoffLimitPerIndex": 1, "maxFailedIndexes": 0}))
+        stamps = " ".join(shlex.quote(f"{WORKSPACE}/{j.stamp}") for j in quant)
+        init = [{"name": "wait-for-checkpoints", "image": _image(v, "aggregate"), "securityContext": CONTAINER_SECURITY,
+                 "command": ["/bin/sh", "-c", f"for f in {stamps}; do until [ -f \"$f\" ]; do echo \"waiting for $f\"; "
+                             "sleep 30; done; done"], "volumeMounts": _mounts(top, caches=False)}]
     score = _job(f"{name}-score", "score", {
+        **({"initContainers": init} if init else {}),
         "containers": [{
             "name": "score", "image": _image(v, "vllm"), "workingDir": WORKSPACE,
             "command": ["/bin/sh", "-c", dispatch(jobs, "JOB_COMPLETION_INDEX", ["python3", "-m", "jobs"], WORKSPACE)],
@@ -141,29 +164,32 @@ def kubernetes(jobs: list, v) -> str:
         "volumes": _volumes(pvc, shm=False)}, {"backoffLimit": 2})
     doc = {"apiVersion": "v1", "kind": "List", "metadata": {
         "annotations": {"qscore/rendered-by": "make k8s (python -m jobs plan --format k8s)",
-                        "qscore/jobs": ", ".join(j.id for j in jobs),
+                        "qscore/jobs": ", ".join(j.id for j in quant + jobs),
                         "qscore/needs": f"PVC {pvc} holding models/, data/ and {top}/ at its root; "
                                         f"optional Secret {secret} (key token)"}},
-           "items": [score, aggregate]}
+           "items": items + [score, aggregate]}
     return json.dumps(doc, indent=2) + "\n"
 
 
 # -- Slurm ------------------------------------------------------------------------------------------------
 def slurm(jobs: list, v) -> str:
-    """An ``sbatch`` script: the array of scoring jobs. The aggregate step is a job of its own, with no
-    array and no GPU: ``aggregate_command``."""
+    """An ``sbatch`` script: the array of the plan's jobs (a sweep's quantize jobs first). The aggregate step
+    is a job of its own, with no array and no GPU: ``aggregate_command``; ``submit`` says how to submit."""
     gpus = _gpus(jobs)
     runner = v.get("SLURM_PYTHON") or ".venv-vllm/bin/python"
     prefix = shlex.split(v.get("SLURM_PREFIX")) + [runner, "-m", "jobs"]
+    # quantize needs llm-compressor, which is not in vLLM's environment: the venv make setup creates
+    quantize = shlex.split(v.get("SLURM_QUANTIZE_PREFIX")) + [v.get("SLURM_AGGREGATE_PYTHON") or ".venv/bin/python", "-m", "jobs"]
     extra = "\n".join(f"#SBATCH {line.strip()}" for line in v.get("SLURM_SBATCH").split(";") if line.strip())
     return f"""#!/bin/bash
-# qscore on Slurm, rendered by `make slurm` from the job plan (`make plan`): {len(jobs)} scoring jobs,
+# qscore on Slurm, rendered by `make slurm` from the job plan (`make plan`): {len(jobs)} jobs,
 # array element i runs job i ({', '.join(j.id for j in jobs)}).
 # Submit from the repository (on a filesystem the nodes share), then the report after the array
 # (one task, no GPU):
-#   {aggregate_submit(v, "$jid")}
+#   {submit(jobs, v, "qscore.sbatch")}
 # Containers: set SLURM_PREFIX to the site's launcher, e.g. "srun --container-image=qscore-vllm.sqsh"
-# (pyxis) or "apptainer exec --nv qscore-vllm.sif"; by default the local venv {runner} runs the jobs.
+# (pyxis) or "apptainer exec --nv qscore-vllm.sif"; by default the local venv {runner} runs the jobs
+# (a sweep's quantize jobs: SLURM_QUANTIZE_PREFIX and .venv).
 #SBATCH --job-name=qscore-score
 #SBATCH --array=0-{len(jobs) - 1}
 #SBATCH --gpus-per-task={gpus}
@@ -172,8 +198,18 @@ def slurm(jobs: list, v) -> str:
 {extra}
 set -euo pipefail
 export CACHE_DIR="${{CACHE_DIR:-$HOME/.cache/qscore}}"
-{dispatch(jobs, "SLURM_ARRAY_TASK_ID", prefix, None)}
+{dispatch(jobs, "SLURM_ARRAY_TASK_ID", prefix, None, {"quantize": quantize})}
 """
+
+
+def submit(jobs: list, v, script: str) -> str:
+    """The shell line that submits the array, a sweep's quantize elements first, and the report after it."""
+    q = sum(j.stage == "quantize" for j in jobs)
+    s = shlex.quote(script)
+    if not q:
+        return f"jid=$(sbatch --parsable {s}) && {aggregate_submit(v, '$jid')}"
+    return (f"qjid=$(sbatch --parsable --array=0-{q - 1} {s}) && jid=$(sbatch --parsable --array={q}-{len(jobs) - 1} "
+            f"--dependency=afterok:$qjid {s}) && {aggregate_submit(v, '$jid')}")
 
 
 def aggregate_command(v) -> list[str]:

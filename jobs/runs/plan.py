@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from jobs.checkpoints import recipes
 from jobs.core.errors import QscoreError, SettingsError
 from jobs.core.settings import Nvfp4Compute, QuantizeSettings
 from jobs.texts.evalsets import parse_specs
@@ -86,6 +87,7 @@ class Variables:
     weight_only: list[str]
     shards: int
     tp: int
+    sweep: list  # recipes.SweepEntry: the checkpoints of SWEEP (empty: no sweep)
 
     def get(self, name: str) -> str:
         return (self.env.get(name) or "").strip()
@@ -158,7 +160,7 @@ def resolve(env: dict[str, str]) -> Variables:
         _choice(env, name, BACKENDS)
     _choice(env, "NVFP4_COMPUTE", tuple(m.value for m in Nvfp4Compute))
     _choice(env, "RUNNER", RUNNERS)
-    for name in ("QUANTIZE_ARGS", "SCORE_ARGS", "TASKS_ARGS", "NOISE_ARGS", "DOCKER_ARGS", "SLURM_PREFIX"):
+    for name in ("QUANTIZE_ARGS", "SCORE_ARGS", "TASKS_ARGS", "BENCH_ARGS", "NOISE_ARGS", "DOCKER_ARGS", "SLURM_PREFIX"):
         try:
             shlex.split(env.get(name) or "")
         except ValueError as exc:
@@ -175,8 +177,14 @@ def resolve(env: dict[str, str]) -> Variables:
     model_id = g("MODEL_ID") or DEFAULT_MODEL_ID
     quant_output = check_make_path("QUANT_OUTPUT", g("QUANT_OUTPUT") or f"models/{Path(model_id).name}-{scheme}")
     lc = scheme.lower()
-    models = parse_models(g("MODELS") or f"bf16={model_id} llmc-{lc}={quant_output} "
-                                         f"nvidia-{lc}={g('NVIDIA_MODEL') or DEFAULT_NVIDIA_MODEL}")
+    sweep = recipes.parse_sweep(g("SWEEP"), g("SWEEP_SEEDS"))
+    if sweep:  # the base model and every checkpoint of the sweep (MODELS adds others)
+        made = [(e.label, e.path or sweep_output(model_id, e.label)) for e in sweep]
+        models = parse_models(" ".join(f"{a}={b}" for a, b in
+                                       parse_models(g("MODELS") or f"bf16={model_id}") + made))
+    else:
+        models = parse_models(g("MODELS") or f"bf16={model_id} llmc-{lc}={quant_output} "
+                                             f"nvidia-{lc}={g('NVIDIA_MODEL') or DEFAULT_NVIDIA_MODEL}")
     for _, path in models:
         _check_input_path("MODELS path", path)
     labels = [label for label, _ in models]
@@ -202,7 +210,12 @@ def resolve(env: dict[str, str]) -> Variables:
     return Variables(env=env, runner=g("RUNNER") or "local", results=results, report=report, scheme=scheme,
                      quant_output=quant_output, models=models, baseline=baseline, tokenizer=tokenizer,
                      datasets=words, set_names=[n for n, _ in specs], weight_only=weight_only,
-                     shards=int(g("SHARDS") or 1), tp=int(g("TENSOR_PARALLEL_SIZE") or 1))
+                     shards=int(g("SHARDS") or 1), tp=int(g("TENSOR_PARALLEL_SIZE") or 1), sweep=sweep)
+
+
+def sweep_output(model_id: str, label: str) -> str:
+    """Where a sweep's recipe is quantized to: models/<name of MODEL_ID>-<label>."""
+    return f"models/{Path(model_id).name}-{label}"
 
 
 def _check_input_path(name: str, value: str) -> None:
@@ -266,6 +279,7 @@ STAGES = {
     "validate": Stage("vllm", "VLLM", gpu=True, slot=True),
     "score": Stage("vllm", "VLLM", gpu=True, slot=True),
     "tasks": Stage("vllm", "VLLM", gpu=True, slot=True),
+    "bench": Stage("vllm", "VLLM", gpu=True, slot=True),  # a whole GPU: its speed is the GPU's alone
     "aggregate": Stage("aggregate", "VENV", gpu=False, caches=False),
     "serve": Stage("vllm", "VLLM", gpu=True),
 }
@@ -441,34 +455,52 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
         if jid in {j.id for j in jobs}:
             raise SettingsError(f"two jobs have the id {jid!r} (from the labels of MODELS, WEIGHT_ONLY's "
                                 f"<label>{WEIGHT_ONLY_SUFFIX}, LABEL or NOISE_LABEL): give them different labels")
-        gpus = (v.tp if stage in ("score", "tasks", "serve") else 1) if STAGES[stage].gpu else 0
+        gpus = (v.tp if stage in ("score", "tasks", "bench", "serve") else 1) if STAGES[stage].gpu else 0
         jobs.append(Job(jid, stage, group, args, c.both(stage, args, hub and not offline), sorted(set(inputs)),
                         list(outputs), stamp, list(needs), gpus, overwritable))
 
     def needs(*models: str) -> list[str]:
-        return ["quantize"] if any(os.path.normpath(m) in produced for m in models if m) else []
+        made = {stamp: j.id for j in jobs if j.stage == "quantize" for stamp in [j.stamp]}
+        return sorted({made[produced[os.path.normpath(m)]] for m in models if m and os.path.normpath(m) in produced})
 
     def hub(*paths) -> bool:
         return any(p is None or not is_local(p) for p in paths)
 
-    # quantize: its stamp is the qscore.json the stage writes last; never redone while it exists
+    # quantize: its stamp is the qscore.json the stage writes last; never redone while it exists.
+    # One job, or with SWEEP one per recipe and seed (quantize.<label>).
     model_id = g("MODEL_ID") or DEFAULT_MODEL_ID
     calib = g("CALIBRATION_DATASET")
-    qargs = ["--model-id", model_id, "--quant-output", v.quant_output, "--scheme", v.scheme]
-    if calib:
-        qargs += ["--calibration-dataset", calib]
-    if g("CALIBRATION_SPLIT") and not (calib and is_local(calib)):
-        qargs += ["--calibration-split", g("CALIBRATION_SPLIT")]
-    for flag, name in (("--num-calibration-samples", "NUM_CALIBRATION_SAMPLES"),
-                       ("--max-sequence-length", "MAX_SEQUENCE_LENGTH"),
-                       ("--calibration-batch-size", "CALIBRATION_BATCH_SIZE")):
-        if g(name):
-            qargs += [flag, g(name)]
-    quant_stamp = os.path.normpath(f"{v.quant_output}/qscore.json")
-    add("quantize", "quantize", "quantize", qargs + shlex.split(g("QUANTIZE_ARGS")) + overwrite,
-        hub(model_id, calib or None), inputs=_model_input(model_id, {}) + _file_input(calib),
-        outputs=[v.quant_output], stamp=quant_stamp)
-    produced = {os.path.normpath(v.quant_output): quant_stamp}
+    produced: dict[str, str] = {}
+
+    def quantize(jid: str, scheme: str, output: str, extra: list[str]) -> str:
+        qargs = ["--model-id", model_id, "--quant-output", output, "--scheme", scheme]
+        if calib:
+            qargs += ["--calibration-dataset", calib]
+        if g("CALIBRATION_SPLIT") and not (calib and is_local(calib)):
+            qargs += ["--calibration-split", g("CALIBRATION_SPLIT")]
+        for flag, name in (("--num-calibration-samples", "NUM_CALIBRATION_SAMPLES"),
+                           ("--max-sequence-length", "MAX_SEQUENCE_LENGTH"),
+                           ("--calibration-batch-size", "CALIBRATION_BATCH_SIZE")):
+            if g(name) and not (flag in extra):
+                qargs += [flag, g(name)]
+        stamp = os.path.normpath(f"{output}/qscore.json")
+        add(jid, "quantize", "quantize", qargs + extra + shlex.split(g("QUANTIZE_ARGS")) + overwrite,
+            hub(model_id, calib or None), inputs=_model_input(model_id, {}) + _file_input(calib),
+            outputs=[output], stamp=stamp)
+        produced[os.path.normpath(output)] = stamp
+        return stamp
+
+    quantized = []  # (job id suffix, output, scheme): what validate checks
+    for e in v.sweep:
+        if e.scheme:
+            extra = (["--num-calibration-samples", str(e.samples)] if e.samples else []) + \
+                (["--calibration-seed", str(e.seed)] if e.seed is not None else []) + (["--spinquant"] if e.spinquant else [])
+            output = dict(v.models)[e.label]
+            quantize(f"quantize.{e.label}", e.scheme, output, extra)
+            quantized.append((f".{e.label}", output, e.scheme))
+    if not v.sweep:
+        quantize("quantize", v.scheme, v.quant_output, [])
+        quantized.append(("", v.quant_output, v.scheme))
 
     engine = []
     for flag, name in (("--max-model-len", "MAX_MODEL_LEN"), ("--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION")):
@@ -478,9 +510,10 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
         engine += ["--tensor-parallel-size", str(v.tp)]
     backend = ["--backend", g("BACKEND")] if g("BACKEND") else []
 
-    vargs = ["--model", v.quant_output, *backend, "--expect-scheme", v.scheme, *engine]
-    add("validate", "validate", "validate", vargs, False, inputs=[quant_stamp], needs=["quantize"],
-        stamp=f"{stamps}/validate.{_hash(vargs)}.log", overwritable=False)
+    for suffix, output, scheme in quantized:
+        vargs = ["--model", output, *backend, "--expect-scheme", scheme, *engine]
+        add(f"validate{suffix}", "validate", "validate", vargs, False, inputs=[produced[os.path.normpath(output)]],
+            needs=[f"quantize{suffix}"], stamp=f"{stamps}/validate{suffix}.{_hash(vargs)}.log", overwritable=False)
 
     def score(jid, group, label, model, tokenizer, mode, shard, extra, backend_args):
         specs = parse_specs(" ".join(v.datasets))
@@ -534,6 +567,18 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
             outputs=[f"{v.results}/tasks/model={label}"], needs=needs(path),
             stamp=f"{stamps}/tasks.{label}.{_hash(targs)}.ok")
 
+    # bench: what each model costs to serve, alone on its GPU; of a recipe's seeds only the first (the others
+    # have its size and arithmetic)
+    later_seeds = {e.label for e in v.sweep if not e.first}
+    for label, path in v.models:
+        if label in later_seeds:
+            continue
+        bargs = ["--model", path, "--label", label, "--results-dir", v.results] + (engine[:2] if g("MAX_MODEL_LEN") else [])
+        bargs += shlex.split(g("BENCH_ARGS")) + overwrite
+        add(f"bench.{label}", "bench", "bench", bargs, hub(path), inputs=_model_input(path, produced),
+            outputs=[f"{v.results}/bench/model={label}"], needs=needs(path),
+            stamp=f"{stamps}/bench.{label}.{_hash(bargs)}.ok")
+
     def aggregate_args(report_dir: str, baseline: str, models=()) -> list[str]:
         args = ["--results-dir", v.results, "--baseline", baseline, "--report-dir", report_dir]
         if models:
@@ -542,7 +587,8 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
 
     # every (model, set) and task result already there (from `make score` too): a newer one redoes the report
     done = sorted(str(p) for p in Path(v.results).glob("logprobs/model=*/dataset=*")) \
-        + sorted(str(p) for p in Path(v.results).glob("tasks/model=*/task=*"))
+        + sorted(str(p) for p in Path(v.results).glob("tasks/model=*/task=*")) \
+        + sorted(str(p) for p in Path(v.results).glob("bench/model=*/bench.parquet"))
     rargs = aggregate_args(v.report, v.baseline)
     add("report", "aggregate", "report", rargs, False, inputs=done, outputs=[f"{v.report}/summary.json"],
         needs=[j.id for j in jobs if j.group == "eval"], stamp=f"{stamps}/report.{_hash(rargs)}.ok",
@@ -601,7 +647,8 @@ def as_make(jobs: list[Job], v: Variables) -> str:
             continue
         prereqs = list(j.inputs)
         if j.group == "report":
-            prereqs += groups.get("eval", []) + ["$(if $(filter tasks,$(MAKECMDGOALS)),$(QS_tasks))"]
+            prereqs += groups.get("eval", []) + ["$(if $(filter tasks sweep,$(MAKECMDGOALS)),$(QS_tasks))",
+                                                 "$(if $(filter bench sweep,$(MAKECMDGOALS)),$(QS_bench))"]
         if any(not os.path.exists(o) for o in j.outputs):
             prereqs.append("FORCE")  # an output is gone: run (the stage resumes or skips what it has)
         order = " | $(SETUP_STAMP)" if runner == "local" and venv_python in j.commands["local"] else ""
@@ -647,6 +694,12 @@ def describe(v: Variables) -> dict[str, str]:
             "NOISE_LABEL": v.get("NOISE_LABEL") or f"{v.baseline}~noise"}
 
 
+def cluster(jobs: list[Job], v: Variables) -> list[Job]:
+    """What a cluster runs: the scoring jobs; with a sweep, its quantize, tasks and bench jobs too."""
+    groups = ("quantize", "eval", "tasks", "bench") if v.sweep else ("eval",)
+    return [j for j in jobs if j.group in groups]
+
+
 def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
     import argparse
 
@@ -667,15 +720,14 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
         elif a.format == "slurm-submit":
             from jobs.runs import executors
 
-            script = f"{v.results}/cluster/qscore.sbatch"
-            print(f"jid=$(sbatch --parsable {shlex.quote(script)}) && {executors.aggregate_submit(v, '$jid')}")
+            print(executors.submit(cluster(jobs, v), v, f"{v.results}/cluster/qscore.sbatch"))
         elif a.format == "vars":
             for k, val in describe(v).items():
                 print(f"{k}={val}")
         elif a.format in ("k8s", "slurm"):
             from jobs.runs import executors
 
-            print(executors.render(a.format, [j for j in jobs if j.group == "eval"], v), end="")
+            print(executors.render(a.format, cluster(jobs, v), v), end="")
         else:
             chosen = [j for j in jobs if a.group in (None, j.group)]
             if a.index is not None and not 0 <= a.index < len(chosen):

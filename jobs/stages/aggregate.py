@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from jobs.stats import metrics, quant as quant_stats, summary as stats_summary
+from jobs.stats import deploy as deploy_stats, metrics, quant as quant_stats, summary as stats_summary
 from jobs.stats.summary import Summary, pooled_sets
 from jobs.report import outputs, tasks as task_report
-from jobs.archive import logprobs
+from jobs.archive import bench as bench_archive, logprobs
 from jobs.core import locks
 from jobs.core.errors import AggregateError
 from jobs.core.settings import AggregateSettings
@@ -173,6 +173,7 @@ def run(*, settings: AggregateSettings) -> Path:
         summary.verdict = {m: stats_summary.model_verdict(summary, m) for m in summary.models
                            if m != baseline and m not in summary.noise_floor}
         summary.warnings += warnings(summary, data, meta)
+        summary.deploy = deploy_stats.compute(summary, bench_archive.load(results))
         deltas = delta_nll(data, baseline, summary.sets, summary.models)
         del data
         outputs.write_report(summary, deltas, extra, out_dir)

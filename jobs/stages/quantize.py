@@ -140,7 +140,7 @@ def _run(s: QuantizeSettings) -> Path:
     dataset, n_used = (None, 0)
     if calibrate:
         dataset, n_used = calibration_set(s.calibration_dataset, s.calibration_split, s.num_calibration_samples,
-                                          s.max_sequence_length, tokenizer, rows=rows)
+                                          s.max_sequence_length, tokenizer, seed=s.calibration_seed, rows=rows)
     recipe = recipes.build(scheme, list(s.ignore), s.spinquant)
     kwargs, lengths = {}, []
     if calibrate:
@@ -180,7 +180,7 @@ def _run(s: QuantizeSettings) -> Path:
             # a local file has no splits: its rows are read whole
             "calibration": {"dataset": s.calibration_dataset, "samples": n_used,
                             "split": None if Path(s.calibration_dataset).expanduser().exists() else s.calibration_split,
-                            "samples_requested": s.num_calibration_samples,
+                            "samples_requested": s.num_calibration_samples, "seed": s.calibration_seed,
                             "max_sequence_length": s.max_sequence_length, "rendering": "chat template",
                             "pipeline": pipeline, "pipeline_reason": why, "batch_size": s.calibration_batch_size,
                             "batches": len(lengths), "padding_tokens": sum(max(b) - x for b in lengths for x in b),

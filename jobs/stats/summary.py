@@ -88,6 +88,7 @@ class Summary:
     where_it_hurts_decoded: bool = False
     verdict: dict = field(default_factory=dict)  # model -> ModelVerdict
     warnings: list[str] = field(default_factory=list)
+    deploy: object | None = None  # stats.deploy.Deploy: which recipe to deploy (None: nothing to choose between)
 
     def compared(self) -> list[str]:
         """Noise-floor rows first (the yardstick), then the models paired with the baseline."""
@@ -105,6 +106,8 @@ class Summary:
         out["path_noise"] = {k: dataclasses.asdict(v) for k, v in self.path_noise.items()}
         out["verdict"] = {k: dataclasses.asdict(v) for k, v in self.verdict.items()}
         out["warnings"] = self.warnings
+        if self.deploy is not None:
+            out["deploy"] = dataclasses.asdict(self.deploy)
         return _finite(out)
 
 
