@@ -312,20 +312,20 @@ def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_mul
 @opt("--model", env="MODEL", required=True, help="Checkpoint directory or hub id (a hub id from the HF cache).")
 @opt("--label", env="LABEL", required=True, help="Name of the model in results (model=<label>).")
 @opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
-@opt("--nvfp4-compute", env="BENCH_NVFP4_COMPUTE", default="auto",
+@opt("--bench-nvfp4-compute", "--nvfp4-compute", "nvfp4_compute", env="BENCH_NVFP4_COMPUTE", default="auto",
      type=click.Choice(["auto", *(m.value for m in Nvfp4Compute)]),
      help="NVFP4 arithmetic served: auto = what the GPU deploys (W4A4 native on Blackwell, W4A16 Marlin "
           "elsewhere); declared = W4A4 (emulated off Blackwell: not a deployment speed); weight-only = W4A16.")
-@opt("--input-len", env="BENCH_INPUT_LEN", type=int, default=512, help="Prompt tokens per request.")
-@opt("--output-len", env="BENCH_OUTPUT_LEN", type=int, default=256,
+@opt("--bench-input-len", "--input-len", "input_len", env="BENCH_INPUT_LEN", type=int, default=512, help="Prompt tokens per request.")
+@opt("--bench-output-len", "--output-len", "output_len", env="BENCH_OUTPUT_LEN", type=int, default=256,
      help="Tokens decoded per request (EOS ignored: exactly these).")
-@opt("--loaded-concurrency", env="BENCH_LOADED_CONCURRENCY", type=int, default=64,
+@opt("--bench-loaded-concurrency", "--loaded-concurrency", "loaded_concurrency", env="BENCH_LOADED_CONCURRENCY", type=int, default=64,
      help="Requests in flight in the loaded and prefill runs.")
-@opt("--num-prompts", env="BENCH_NUM_PROMPTS", type=int, default=256,
+@opt("--bench-num-prompts", "--num-prompts", "num_prompts", env="BENCH_NUM_PROMPTS", type=int, default=256,
      help="Requests of the loaded run and of the prefill run.")
-@opt("--num-prompts-b1", env="BENCH_NUM_PROMPTS_B1", type=int, default=16, help="Requests of the batch-1 run.")
-@opt("--timeout", env="BENCH_TIMEOUT", type=float, default=1800.0,
-     help="Seconds allowed for the server's start and for each benchmark run.")
+@opt("--bench-num-prompts-b1", "--num-prompts-b1", "num_prompts_b1", env="BENCH_NUM_PROMPTS_B1", type=int, default=16, help="Requests of the batch-1 run.")
+@opt("--bench-timeout", "--timeout", "timeout", env="BENCH_TIMEOUT", type=float, default=1800.0,
+     help="Seconds allowed for the server's start and for each benchmark run (--timeout).")
 @opt("--overwrite", env="OVERWRITE", is_flag=True, default=False,
      help="Replace a benchmark measured with other settings.")
 @engine_options
