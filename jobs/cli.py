@@ -91,7 +91,8 @@ def _line(exc: BaseException) -> str:
 def main(log_level):
     """qscore: quantize a Hugging Face LLM, check that it loads, score it token by token, report the cost.
 
-    Stages: quantize → validate → score (once per model) → aggregate. Each writes files the next reads.
+    Stages: quantize → validate → score (once per model) → aggregate; bench (once per model, a GPU of its own)
+    measures the cost of serving. Each writes files the next reads.
     """
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
@@ -307,6 +308,38 @@ def tasks(model, label, tasks, limit, num_fewshot, chat_template, fewshot_as_mul
         overwrite=overwrite, engine=engine, engine_kwargs=extra)
     for p in t.run(settings=settings):
         click.echo(str(p))
+
+
+@main.command(context_settings=CONTEXT)
+@opt("--model", env="MODEL", required=True, help="Checkpoint directory or hub id (a hub id from the HF cache).")
+@opt("--label", env="LABEL", required=True, help="Name of the model in results (model=<label>).")
+@opt("--results-dir", env="RESULTS_DIR", default="results", help="Root of the Parquet archive.")
+@opt("--bench-nvfp4-compute", "--nvfp4-compute", "nvfp4_compute", env="BENCH_NVFP4_COMPUTE", default="auto",
+     type=click.Choice(["auto", *(m.value for m in Nvfp4Compute)]),
+     help="NVFP4 arithmetic served: auto = what the GPU deploys (W4A4 native on Blackwell, W4A16 Marlin "
+          "elsewhere); declared = W4A4 (emulated off Blackwell: not a deployment speed); weight-only = W4A16.")
+@opt("--bench-input-len", "--input-len", "input_len", env="BENCH_INPUT_LEN", type=int, default=512, help="Prompt tokens per request.")
+@opt("--bench-output-len", "--output-len", "output_len", env="BENCH_OUTPUT_LEN", type=int, default=256,
+     help="Tokens decoded per request (EOS ignored: exactly these).")
+@opt("--bench-loaded-concurrency", "--loaded-concurrency", "loaded_concurrency", env="BENCH_LOADED_CONCURRENCY", type=int, default=64,
+     help="Requests in flight in the loaded and prefill runs.")
+@opt("--bench-num-prompts", "--num-prompts", "num_prompts", env="BENCH_NUM_PROMPTS", type=int, default=256,
+     help="Requests of the loaded run and of the prefill run.")
+@opt("--bench-num-prompts-b1", "--num-prompts-b1", "num_prompts_b1", env="BENCH_NUM_PROMPTS_B1", type=int, default=16, help="Requests of the batch-1 run.")
+@opt("--bench-timeout", "--timeout", "timeout", env="BENCH_TIMEOUT", type=float, default=1800.0,
+     help="Seconds allowed for the server's start and for each benchmark run (--timeout).")
+@opt("--overwrite", env="OVERWRITE", is_flag=True, default=False,
+     help="Replace a benchmark measured with other settings.")
+@engine_options
+@stage
+def bench(nvfp4_compute, **kw):
+    """What a checkpoint costs to serve (vLLM serve + vLLM's benchmark, on a GPU of its own): bytes on disk, weight
+    memory, KV-cache tokens, prefill and decode speed, TTFT and ITL, to results/bench/model=LABEL/bench.parquet."""
+    from jobs.core.settings import BenchSettings
+    from jobs.stages import bench as b
+
+    engine = _engine(kw)
+    click.echo(str(b.run(settings=BenchSettings(engine=engine, nvfp4_compute=nvfp4_compute, **kw))))
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "help_option_names": []})

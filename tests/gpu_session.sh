@@ -5,6 +5,7 @@
 #   bash tests/gpu_session.sh tests              tests/test_gpu.py (fixtures from QSCORE_GPU_FIXTURES)
 #   bash tests/gpu_session.sh bench ARGS...      bench/bench_score.py ARGS
 #   bash tests/gpu_session.sh tasks              tests/test_gpu_tasks.py (lm-eval: its wheels in .whl/, see the file)
+#   bash tests/gpu_session.sh serving            tests/test_gpu_bench.py (the bench stage: vllm serve + vllm bench serve)
 # vLLM and llm-compressor pin different compressed-tensors releases: each gets its own PYTHONPATH.
 # Packages the machine's image lacks (click, matplotlib, ...) may travel as wheels in .whl/: only
 # those not installed there are unpacked, so nothing the image has is shadowed.
@@ -39,10 +40,14 @@ case "${1:-tests}" in
     QSCORE_GPU_TASKS_REPORT=$out/gpu-tasks-report.json \
       python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_tasks.py 2>&1 | tee "$out/pytest-gpu-tasks.log"
     rc=${PIPESTATUS[0]};;
+  serving)
+    QSCORE_GPU_BENCH_REPORT=$out/gpu-bench-report.json \
+      python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_bench.py 2>&1 | tee "$out/pytest-gpu-bench.log"
+    rc=${PIPESTATUS[0]};;
   bench)
     shift; python3 bench/bench_score.py "$@" 2>&1 | tee -a "$out/bench.log" | grep -E "^BENCH|Error|error:|Traceback"
     rc=${PIPESTATUS[0]};;
-  *) echo "usage: $0 wheels|tests|tasks|bench [ARGS]"; rc=2;;
+  *) echo "usage: $0 wheels|tests|tasks|serving|bench [ARGS]"; rc=2;;
 esac
 echo "exit status $rc"
 exit "$rc"

@@ -61,6 +61,15 @@ def resolve(quant: Quantization, mode: Nvfp4Compute | str, *, backend: str,
     return Arithmetic(W4A4_EMULATED, mode, True, "emulation")
 
 
+def serving_mode(capability: float | None) -> Nvfp4Compute:
+    """The NVFP4 mode a deployment on a GPU of ``capability`` serves (the bench stage's ``auto``): W4A4 where FP4
+    is native (Blackwell), weight-only W4A16 (Marlin) elsewhere, since emulated W4A4 is no one's deployment;
+    without a GPU, what the checkpoint declares."""
+    if capability is None or capability >= NATIVE_FP4_CAPABILITY:
+        return Nvfp4Compute.DECLARED
+    return Nvfp4Compute.WEIGHT_ONLY
+
+
 def kernel_problem(arith: Arithmetic, kernels: dict[str, int]) -> str | None:
     """Why the kernels vLLM loaded do not compute ``arith`` (None when they do). vLLM picks kernels by
     itself; this refuses a silent fallback (e.g. to weight-only Marlin when W4A4 was asked for)."""

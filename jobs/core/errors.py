@@ -53,6 +53,10 @@ class AggregateError(QscoreError):
     pass
 
 
+class BenchError(QscoreError):
+    """The serving benchmark could not measure: the server did not start, or vLLM's benchmark failed."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message as one line, for the one-line errors above (its type when it has none)."""
     lines = str(exc).strip().splitlines()

@@ -164,3 +164,38 @@ class AggregateSettings:
     report_tokenizer: str | None = None  # decodes the worst tokens' context (default: the baseline's)
     labels: tuple[str, ...] = ()  # the labels reported (with the baseline); empty: every label in the archive
 
+
+
+BENCH_NVFP4_MODES = ("auto", *(m.value for m in Nvfp4Compute))
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The bench stage's settings; every default is the CLI option's (none here)."""
+
+    model: str
+    label: str
+    results_dir: str
+    nvfp4_compute: str  # auto (what the GPU serves: native W4A4 on Blackwell, Marlin W4A16 elsewhere) or a mode
+    input_len: int  # prompt tokens per request (vLLM's random dataset)
+    output_len: int  # tokens decoded per request (--ignore-eos: exactly these)
+    loaded_concurrency: int  # requests in flight in the loaded and prefill runs
+    num_prompts: int  # requests of the loaded and prefill runs
+    num_prompts_b1: int  # requests of the batch-1 run
+    timeout: float  # seconds: the server's start, and each benchmark run
+    overwrite: bool
+    engine: EngineOptions
+
+    def __post_init__(self):
+        if self.nvfp4_compute not in BENCH_NVFP4_MODES:
+            raise SettingsError(f"--nvfp4-compute must be one of {', '.join(BENCH_NVFP4_MODES)}, "
+                                f"not {self.nvfp4_compute!r}")
+        for name, low in (("input_len", 1), ("output_len", 2), ("loaded_concurrency", 1), ("num_prompts", 1),
+                          ("num_prompts_b1", 1)):  # output 2: an inter-token latency needs two tokens
+            if getattr(self, name) < low:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least {low}")
+        if self.timeout <= 0:
+            raise SettingsError("--timeout must be positive")
+        if self.input_len + self.output_len > self.engine.max_model_len:
+            raise SettingsError(f"--input-len {self.input_len} + --output-len {self.output_len} do not fit in "
+                                f"--max-model-len {self.engine.max_model_len}")
