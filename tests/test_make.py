@@ -23,7 +23,7 @@ MAKEFILE = ROOT / "Makefile"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
 TARGETS = ["help", "setup", "setup-vllm", "demo", "test", "test-images", "images", "image-quantize", "image-vllm",
-           "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "noise-floor", "report", "aggregate",
+           "image-aggregate", "quantize", "validate", "eval", "score", "tasks", "bench", "sweep", "noise-floor", "report", "aggregate",
            "compare", "serve", "clean", "plan", "k8s", "slurm"]
 
 

@@ -52,7 +52,7 @@ def markdown(s: Summary, plot_names: list[str]) -> list[str]:
         L.append(f"Speed measured on {', '.join(gpus)} with vLLM's benchmark (`python -m jobs bench`; loaded: "
                  f"{', '.join(map(str, loaded))} requests at once).")
     if d.speed_note:
-        L.append(f"No speed: {d.speed_note}.")
+        L.append(f"No speed figures: {d.speed_note}.")
     L.append("**Cannot be told apart:** " + ("; ".join(d.apart) if d.apart else "no pair of recipes within their seeds' spread"
                                              if any(r.spread_delta_nll is not None for r in d.rows) else
                                              "not measured (one seed per recipe: set SWEEP_SEEDS to two or more)")
@@ -86,15 +86,17 @@ def plots(s: Summary) -> dict[str, bytes]:
             ax.errorbar([x * scale], [y["value"]], yerr=[[y["value"] - y["lo"]], [y["hi"] - y["value"]]],
                         fmt="D" if on else "o", ms=8 if on else 5, color="#000000" if r.baseline else
                         ("#d62728" if on else "#1f77b4"), capsize=3, zorder=2)
-            ax.annotate(r.recipe + ("" if r.cost.get("deployment_speed", True) or scale == 1 / 2**30 else " (emulated)"),
+            ax.annotate(r.recipe + ("" if r.cost.get("deployment_speed", True) or key == "bytes_on_disk" else " (emulated)"),
                         (x * scale, y["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{d.loss} vs {s.baseline} (nats/token)")
         ax.grid(alpha=0.3)
 
-    if any(r.cost.get("bytes_on_disk") for r in d.rows):
+    biggest = max((r.cost.get("bytes_on_disk") or 0 for r in d.rows), default=0)
+    if biggest:
+        unit, scale = ("GiB", 1 / 2**30) if biggest >= 2**30 else ("MiB", 1 / 2**20)
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        panel(ax, "bytes_on_disk", "pareto_bytes", "bytes on disk (GiB)", 1 / 2**30)
+        panel(ax, "bytes_on_disk", "pareto_bytes", f"bytes on disk ({unit})", scale)
         ax.set_title("Quality loss against size (red diamonds: Pareto-optimal)", fontsize=10)
         out["deploy_bytes.png"] = save(fig)
     if any(r.cost.get("decode_tokens_per_s_b1") for r in d.rows):

@@ -179,7 +179,7 @@ def resolve(env: dict[str, str]) -> Variables:
     lc = scheme.lower()
     sweep = recipes.parse_sweep(g("SWEEP"), g("SWEEP_SEEDS"))
     if sweep:  # the base model and every checkpoint of the sweep (MODELS adds others)
-        made = [(e.label, e.path or sweep_output(model_id, e.label)) for e in sweep]
+        made = [(e.label, e.path or sweep_output(model_id, e.label, quant_output)) for e in sweep]
         models = parse_models(" ".join(f"{a}={b}" for a, b in
                                        parse_models(g("MODELS") or f"bf16={model_id}") + made))
     else:
@@ -213,9 +213,10 @@ def resolve(env: dict[str, str]) -> Variables:
                      shards=int(g("SHARDS") or 1), tp=int(g("TENSOR_PARALLEL_SIZE") or 1), sweep=sweep)
 
 
-def sweep_output(model_id: str, label: str) -> str:
-    """Where a sweep's recipe is quantized to: models/<name of MODEL_ID>-<label>."""
-    return f"models/{Path(model_id).name}-{label}"
+def sweep_output(model_id: str, label: str, quant_output: str) -> str:
+    """Where a sweep's recipe is quantized to: beside QUANT_OUTPUT (models/ by default), as
+    <name of MODEL_ID>-<label>."""
+    return os.path.join(os.path.dirname(quant_output) or ".", f"{Path(model_id).name}-{label}")
 
 
 def _check_input_path(name: str, value: str) -> None:
@@ -573,7 +574,7 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
     for label, path in v.models:
         if label in later_seeds:
             continue
-        bargs = ["--model", path, "--label", label, "--results-dir", v.results] + (engine[:2] if g("MAX_MODEL_LEN") else [])
+        bargs = ["--model", path, "--label", label, "--results-dir", v.results]
         bargs += shlex.split(g("BENCH_ARGS")) + overwrite
         add(f"bench.{label}", "bench", "bench", bargs, hub(path), inputs=_model_input(path, produced),
             outputs=[f"{v.results}/bench/model={label}"], needs=needs(path),
