@@ -6,7 +6,8 @@
 #                                      GPU 0, 1.7B and 8B checkpoints on the test GPU (with two GPUs)
 #   bash bench/gpu_visit.sh status     what the background has done
 #   bash bench/gpu_visit.sh tests      the gpu-marked tests on the test GPU (ARGS: pytest's, e.g. -k ...)
-#   bash bench/gpu_visit.sh tasks      the tasks stage's gpu tests on the test GPU
+#   bash bench/gpu_visit.sh tasks      the tasks stage's gpu tests on the test GPU (ARGS: pytest's)
+#   bash bench/gpu_visit.sh serving    the bench stage's gpu tests on the test GPU (ARGS: pytest's)
 #   bash bench/gpu_visit.sh rehearsal  14B eval cold and warm (GPU 0), then the 1.7B restart (two GPUs)
 #   bash bench/gpu_visit.sh quantbatch after start's background: the 14B quantized at batch 1 and 16 on an
 #                                      idle GPU 0, in the background (bench/quantize_batch.py; status shows it)
@@ -62,9 +63,9 @@ case ${1:-status} in
     CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
       bash tests/gpu_session.sh tests "${@:2}"
     tail -3 "$W/bg.log"; copy_out;;
-  tasks)
-    CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
-      bash tests/gpu_session.sh tasks
+  tasks|serving)  # the tasks stage's or the bench stage's gpu tests (ARGS: pytest's)
+    CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout "${LIMIT_S:-540}" \
+      bash tests/gpu_session.sh "$1" "${@:2}"
     tail -3 "$W/bg.log"; copy_out;;
   rehearsal)
     until grep -q "BACKGROUND-DONE\|FAILED" "$W/bg.log"; do sleep 5; done; grep FAILED -A 20 "$W/bg.log" && exit 1

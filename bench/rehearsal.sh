@@ -93,15 +93,16 @@ case $step in
     venvs
     export CACHE_DIR=$W/cache HOME; HOME=$(mktemp -d)
     SW=(SWEEP="${SWEEP:-NVFP4@256 NVFP4A16 FP8_DYNAMIC W4A16}" SWEEP_SEEDS="${SWEEP_SEEDS:-1 2}" MODELS=
-        WEIGHT_ONLY= RESULTS_DIR="$W/results-sweep" BENCH_ARGS="${BENCH_ARGS:-}")
+        WEIGHT_ONLY= RESULTS_DIR="$W/results-sweep" BENCH_ARGS="${BENCH_ARGS:---num-prompts-b1 6 --num-prompts 128}")
     # tasks left out: lm-eval's bundled tasks say nothing on random weights, and each job pays an engine start
     timed "sweep-quantize-$shape" "${MK[@]}" "${SW[@]}" -k quantize || true
-    timed "sweep-eval-$shape" "${MK[@]}" "${SW[@]}" -k eval || true
+    timed "eval-$shape-sweep" "${MK[@]}" "${SW[@]}" -k eval || true
     timed "sweep-bench-$shape" "${MK[@]}" "${SW[@]}" -k bench || true
     timed "sweep-report-$shape" "${MK[@]}" "${SW[@]}" aggregate
-    for m in "$root"/models/qwen3-"$shape"-*/qscore.json; do
+    for m in "$W"/qwen3-"$shape"-*/qscore.json; do
       "$PY_QUANT" -c "import json,sys; m=json.load(open('$m')); print(json.dumps({'step': 'sweep-quantize-manifest', 'model': '$m', 'scheme': m['scheme'], 'wall_time_s': m['wall_time_s'], 'phases_s': m['phases_s'], 'seed': (m['calibration'] or {}).get('seed')}))" | while read -r line; do record "$line"; done
     done
+    starts "$W/results-sweep" sweep
     cp "$W/results-sweep/report/report.md" "$OUT/sweep-report.md"; cp "$W/results-sweep/report/summary.json" "$OUT/sweep-summary.json"
     cp "$W/results-sweep/report/deploy_"*.png "$OUT/" 2>/dev/null || true
     "$PY_VLLM" -c "import pyarrow.parquet as pq, glob, json

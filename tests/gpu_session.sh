@@ -38,11 +38,11 @@ case "${1:-tests}" in
     rc=${PIPESTATUS[0]};;
   tasks)
     QSCORE_GPU_TASKS_REPORT=$out/gpu-tasks-report.json \
-      python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_tasks.py 2>&1 | tee "$out/pytest-gpu-tasks.log"
+      python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_tasks.py "${@:2}" 2>&1 | tee "$out/pytest-gpu-tasks.log"
     rc=${PIPESTATUS[0]};;
   serving)
     QSCORE_GPU_BENCH_REPORT=$out/gpu-bench-report.json \
-      python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_bench.py 2>&1 | tee "$out/pytest-gpu-bench.log"
+      python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu_bench.py "${@:2}" 2>&1 | tee "$out/pytest-gpu-bench.log"
     rc=${PIPESTATUS[0]};;
   bench)
     shift; python3 bench/bench_score.py "$@" 2>&1 | tee -a "$out/bench.log" | grep -E "^BENCH|Error|error:|Traceback"
