@@ -86,8 +86,16 @@ def plots(s: Summary) -> dict[str, bytes]:
             ax.errorbar([x * scale], [y["value"]], yerr=[[y["value"] - y["lo"]], [y["hi"] - y["value"]]],
                         fmt="D" if on else "o", ms=8 if on else 5, color="#000000" if r.baseline else
                         ("#d62728" if on else "#1f77b4"), capsize=3, zorder=2)
-            ax.annotate(r.recipe + ("" if r.cost.get("deployment_speed", True) or key == "bytes_on_disk" else " (emulated)"),
-                        (x * scale, y["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # labels of points that (nearly) coincide are stacked, not drawn over each other
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        placed: list[tuple[float, float]] = []
+        for r, x in pts:
+            nx, ny = (x * scale - x0) / ((x1 - x0) or 1), (loss(r)["value"] - y0) / ((y1 - y0) or 1)
+            near = sum(abs(nx - px) < 0.12 and abs(ny - py) < 0.06 for px, py in placed)
+            placed.append((nx, ny))
+            emulated = not r.cost.get("deployment_speed", True) and key != "bytes_on_disk"
+            ax.annotate(r.recipe + (" (emulated)" if emulated else ""), (x * scale, loss(r)["value"]),
+                        textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{d.loss} vs {s.baseline} (nats/token)")
         ax.grid(alpha=0.3)
