@@ -111,21 +111,30 @@ class Clock:
 
 
 def run(root: Path, n_boot: int) -> tuple[dict, dict]:
+    """The stage's own steps phase by phase, every model read first (three models fit; the stage itself
+    reads one model at a time, ``aggregate.summarize``, which interleaves these phases)."""
     c = Clock()
     with c("read"):
         found = aggregate.discover(root)
-        data, meta = aggregate.load(found)
+        models = {m: aggregate.load_model(m, sets) for m, sets in found.items()}
+    base = models["bf16"]
     with c("paired"):
-        summary = aggregate.compute(data, "bf16", n_boot, 0)
-        summary.provenance = outputs.provenance_table(meta)
-        deltas = aggregate.delta_nll(data, "bf16", summary.sets)
-    with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_to_summary)
+        summary, labels = aggregate.frame({m: list(sets) for m, sets in found.items()}, "bf16", n_boot, 0,
+                                          {s: m.get("dataset") or {} for s, m in base.meta.items()})
+        for m in labels:
+            summary.models[m] = aggregate.model_entry(summary, models[m], None if m == "bf16" else base)
+        summary.provenance = outputs.provenance_table({(m, s): v for m in labels for s, v in models[m].meta.items()})
+        deltas = {s: {m: base.tokens[s].logprob - models[m].tokens[s].logprob for m in labels[1:]} for s in summary.sets}
+    with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_model)
         for s in summary.sets:
-            b, q = data[("bf16", s)], data[("llmc-nvfp4", s)]
+            b, q = base.tokens[s], models["llmc-nvfp4"].tokens[s]
             divergence.topk_kl(b.topk_ids, b.topk_logprobs, q.topk_ids, q.topk_logprobs, b.logprob, q.logprob,
                                b.token_id)
     with c("stats"):
-        extra = quant_stats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
+        side, extra = quant_stats.start(summary, base, n_boot=n_boot, seed=0)
+        for m in labels[1:]:
+            quant_stats.add_model(summary, extra, side, models[m], reference=None, n_boot=n_boot, seed=0)
+        quant_stats.finish(summary, extra)
     with c("report"):
         outputs.write_report(summary, deltas, extra, root / "report")
     for d in (c.wall, c.cpu):
