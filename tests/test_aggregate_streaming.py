@@ -94,3 +94,6 @@ def test_order_puts_each_twin_after_its_reference():
     seq, refs = aggregate.order(list(LABELS), "bf16")
     assert seq == ["bf16", "bf16~noise", "q", "q~a", "q~a~b", "q~c", "q1"]
     assert refs["q~a~b"] == "q~a" and refs["q~c"] == "q" and refs["q1"] is None
+    # a baseline that is itself a twin is read first; its own twins follow it, its reference comes later
+    seq, refs = aggregate.order(["q~f32", "q", "q~f32~x", "r"], "q~f32")
+    assert seq == ["q~f32", "q~f32~x", "q", "r"] and refs["q~f32"] == "q"

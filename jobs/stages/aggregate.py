@@ -129,7 +129,7 @@ def order(labels: list[str], baseline: str) -> tuple[list[str], dict[str, str | 
     def visit(m):
         out.append(m)
         for t in labels:
-            if refs[t] == m:
+            if refs[t] == m and t != baseline:  # a baseline that is a twin is read first, like any baseline
                 visit(t)
 
     for m in [baseline] + [m for m in labels if m != baseline and refs[m] is None]:
@@ -165,7 +165,9 @@ def summarize(found: dict[str, dict[str, Path]], baseline: str, *, n_boot: int, 
         summary.models[m] = model_entry(summary, model, base)
         quant_stats.add_model(summary, extra, side, model, reference=held.get(ref), n_boot=n_boot, seed=seed)
         deltas[m] = delta_nll(base, model, summary.sets)
-        if m in refs.values():
+        if refs[baseline] == m:  # the baseline is itself a twin of this model: its path noise
+            quant_stats.add_path_noise(summary, side, base, model, n_boot=n_boot, seed=seed)
+        if any(refs[t] == m for t in sequence if t != baseline):
             held[m] = model
         del model
     del held
