@@ -41,6 +41,13 @@ TEXT_LEN, PART_TEXTS, VOCAB = 1000, 32, 151_936
 def synth(n_tokens: int, k: int, seed: int):
     """Per-position top-k ids/logprobs of a baseline and two perturbed models, and the actual tokens."""
     rng = np.random.default_rng(seed)
+    token, base_ids, base_lp = baseline(n_tokens, k, rng)
+    models = [perturb(base_ids, base_lp, scale, swap, rng) for scale, swap in ((0.02, 0.02), (0.3, 0.15))]
+    return token, [(base_ids, base_lp)] + models
+
+
+def baseline(n_tokens: int, k: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The actual tokens and the baseline's top-k ids and logprobs per position."""
     # top-k ids: distinct within a row (a random offset plus a stride), most likely first
     base_ids = ((rng.integers(0, VOCAB, n_tokens)[:, None] + np.arange(k) * 7919) % VOCAB).astype(np.int32)
     gaps = rng.exponential(1.0, (n_tokens, k)).astype(np.float32)
@@ -48,46 +55,56 @@ def synth(n_tokens: int, k: int, seed: int):
     base_lp = -np.cumsum(gaps, axis=1)
     actual_rank = np.minimum(rng.geometric(0.45, n_tokens) - 1, k - 1)
     rows = np.arange(n_tokens)
-    token = base_ids[rows, actual_rank]
-    models = []
-    for scale, swap in ((0.02, 0.02), (0.3, 0.15)):
-        ids = base_ids.copy()
-        repl = rng.random((n_tokens, k)) < swap * np.linspace(0.2, 2.0, k)  # the tail changes most
-        ids[repl] = rng.integers(0, VOCAB, int(repl.sum()))
-        lp = np.sort(base_lp + rng.normal(0, scale, base_lp.shape).astype(np.float32), axis=1)[:, ::-1]
-        models.append((ids, np.ascontiguousarray(lp)))
-    return token, [(base_ids, base_lp)] + models
+    return base_ids[rows, actual_rank], base_ids, base_lp
+
+
+def perturb(base_ids: np.ndarray, base_lp: np.ndarray, scale: float, swap: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A model's top-k: the baseline's logprobs with noise of ``scale``, a share of about ``swap`` of its ids
+    replaced (the tail most)."""
+    n_tokens, k = base_ids.shape
+    ids = base_ids.copy()
+    repl = rng.random((n_tokens, k)) < swap * np.linspace(0.2, 2.0, k)  # the tail changes most
+    ids[repl] = rng.integers(0, VOCAB, int(repl.sum()))
+    lp = np.sort(base_lp + rng.normal(0, scale, base_lp.shape).astype(np.float32), axis=1)[:, ::-1]
+    return ids, np.ascontiguousarray(lp)
 
 
 def write_archive(root: Path, n_tokens: int, k: int, seed: int = 0) -> None:
     token, models = synth(n_tokens, k, seed)
-    sets = {"wiki": (0, n_tokens // 2), "chat": (n_tokens // 2, n_tokens)}
     for label, (ids, lp) in zip(("bf16", "llmc-nvfp4", "nvidia-nvfp4"), models):
-        for name, (lo, hi) in sets.items():
-            n = hi - lo
-            sid = np.repeat(np.arange(n // TEXT_LEN + 1, dtype=np.int32), TEXT_LEN)[:n]
-            pos = (np.arange(n) % TEXT_LEN).astype(np.int32)
-            first = pos == 0
-            tk_ids, tk_lp, tok = ids[lo:hi], lp[lo:hi], token[lo:hi]
-            actual = tk_lp[np.arange(n), np.argmax(tk_ids == tok[:, None], axis=1)]
-            actual = np.where((tk_ids == tok[:, None]).any(1), actual, tk_lp[:, -1] - 1.0).astype(np.float32)
-            rank = (tk_lp > actual[:, None]).sum(1).astype(np.int32) + 1
-            part_rows = PART_TEXTS * TEXT_LEN
-            ddir = logprobs.dataset_dir(root, label, name)
-            for p, start in enumerate(range(0, n, part_rows)):
-                sl = slice(start, min(start + part_rows, n))
-                m = first[sl]
-                rows = sl.stop - sl.start
-                offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
-                table = pa.Table.from_arrays([
-                    pa.array(sid[sl]), pa.array(pos[sl]), pa.array(tok[sl].astype(np.int32)),
-                    pa.array(actual[sl], mask=m), pa.array(rank[sl], mask=m), pa.array(tk_ids[sl, 0], mask=m),
-                    pa.array(tk_lp[sl, 0], mask=m),
-                    pa.ListArray.from_arrays(offsets, pa.array(tk_ids[sl].reshape(-1)), mask=pa.array(m)),
-                    pa.ListArray.from_arrays(offsets, pa.array(tk_lp[sl].reshape(-1)), mask=pa.array(m)),
-                ], schema=logprobs.arrow_schema(k))
-                logprobs.atomic_write_table(table, ddir / f"part-{p:05d}.parquet",
-                                          {"fingerprint": label, "model": {"ref": label}, "dataset": {"name": name}})
+        write_label(root, label, ids, lp, token)
+
+
+def write_label(root: Path, label: str, ids: np.ndarray, lp: np.ndarray, token: np.ndarray) -> None:
+    """One model's two sets (the first and second half of the tokens), in parts of 32 texts of 1000 tokens,
+    through the score stage's writer: the top-K ``ids``/``lp`` (N, k) per position, the actual ``token``."""
+    n_tokens, k = ids.shape
+    sets = {"wiki": (0, n_tokens // 2), "chat": (n_tokens // 2, n_tokens)}
+    for name, (lo, hi) in sets.items():
+        n = hi - lo
+        sid = np.repeat(np.arange(n // TEXT_LEN + 1, dtype=np.int32), TEXT_LEN)[:n]
+        pos = (np.arange(n) % TEXT_LEN).astype(np.int32)
+        first = pos == 0
+        tk_ids, tk_lp, tok = ids[lo:hi], lp[lo:hi], token[lo:hi]
+        actual = tk_lp[np.arange(n), np.argmax(tk_ids == tok[:, None], axis=1)]
+        actual = np.where((tk_ids == tok[:, None]).any(1), actual, tk_lp[:, -1] - 1.0).astype(np.float32)
+        rank = (tk_lp > actual[:, None]).sum(1).astype(np.int32) + 1
+        part_rows = PART_TEXTS * TEXT_LEN
+        ddir = logprobs.dataset_dir(root, label, name)
+        for p, start in enumerate(range(0, n, part_rows)):
+            sl = slice(start, min(start + part_rows, n))
+            m = first[sl]
+            rows = sl.stop - sl.start
+            offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
+            table = pa.Table.from_arrays([
+                pa.array(sid[sl]), pa.array(pos[sl]), pa.array(tok[sl].astype(np.int32)),
+                pa.array(actual[sl], mask=m), pa.array(rank[sl], mask=m), pa.array(tk_ids[sl, 0], mask=m),
+                pa.array(tk_lp[sl, 0], mask=m),
+                pa.ListArray.from_arrays(offsets, pa.array(tk_ids[sl].reshape(-1)), mask=pa.array(m)),
+                pa.ListArray.from_arrays(offsets, pa.array(tk_lp[sl].reshape(-1)), mask=pa.array(m)),
+            ], schema=logprobs.arrow_schema(k))
+            logprobs.atomic_write_table(table, ddir / f"part-{p:05d}.parquet",
+                                      {"fingerprint": label, "model": {"ref": label}, "dataset": {"name": name}})
 
 
 class Clock:
@@ -111,21 +128,30 @@ class Clock:
 
 
 def run(root: Path, n_boot: int) -> tuple[dict, dict]:
+    """The stage's own steps phase by phase, every model read first (three models fit; the stage itself
+    reads one model at a time, ``aggregate.summarize``, which interleaves these phases)."""
     c = Clock()
     with c("read"):
         found = aggregate.discover(root)
-        data, meta = aggregate.load(found)
+        models = {m: aggregate.load_model(m, sets) for m, sets in found.items()}
+    base = models["bf16"]
     with c("paired"):
-        summary = aggregate.compute(data, "bf16", n_boot, 0)
-        summary.provenance = outputs.provenance_table(meta)
-        deltas = aggregate.delta_nll(data, "bf16", summary.sets)
-    with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_to_summary)
+        summary, labels = aggregate.frame({m: list(sets) for m, sets in found.items()}, "bf16", n_boot, 0,
+                                          {s: m.get("dataset") or {} for s, m in base.meta.items()})
+        for m in labels:
+            summary.models[m] = aggregate.model_entry(summary, models[m], None if m == "bf16" else base)
+        summary.provenance = outputs.provenance_table({(m, s): v for m in labels for s, v in models[m].meta.items()})
+        deltas = {s: {m: base.tokens[s].logprob - models[m].tokens[s].logprob for m in labels[1:]} for s in summary.sets}
+    with c("kl_one_model"):  # the kernel alone, once (it also runs inside add_model)
         for s in summary.sets:
-            b, q = data[("bf16", s)], data[("llmc-nvfp4", s)]
+            b, q = base.tokens[s], models["llmc-nvfp4"].tokens[s]
             divergence.topk_kl(b.topk_ids, b.topk_logprobs, q.topk_ids, q.topk_logprobs, b.logprob, q.logprob,
                                b.token_id)
     with c("stats"):
-        extra = quant_stats.add_to_summary(summary, data, meta, n_boot=n_boot, seed=0)
+        side, extra = quant_stats.start(summary, base, n_boot=n_boot, seed=0)
+        for m in labels[1:]:
+            quant_stats.add_model(summary, extra, side, models[m], reference=None, n_boot=n_boot, seed=0)
+        quant_stats.finish(summary, extra)
     with c("report"):
         outputs.write_report(summary, deltas, extra, root / "report")
     for d in (c.wall, c.cpu):

@@ -1,5 +1,7 @@
-"""The aggregate stage's quantization statistics: from the loaded archive to summary entries.
+"""The aggregate stage's quantization statistics: from the archive's tokens to summary entries.
 
+One model at a time (``start`` with the baseline, ``add_model`` for each other model while its tokens are
+loaded, ``finish``), so that memory holds the baseline and a model or two whatever the number of models.
 Adds, to every model paired with the baseline (per set and overall), the ``comparison`` block of
 ``comparison.statistics`` (KLD lower bound, Δp, top-k agreement, ln PPL ratio and correlation, buckets by
 confidence and position); recognises the noise-floor runs (``<baseline>~<anything>``: the baseline scored
@@ -81,115 +83,148 @@ def topk_matrices(table: pa.Table, where: Path) -> dict[str, np.ndarray]:
 
 
 @dataclass
+class Scored:
+    """One model's scored sets as read from the archive: {set: tokens} (top-K matrices included where
+    scored) and {set: metadata}."""
+
+    label: str
+    tokens: dict[str, metrics.Tokens]
+    meta: dict[str, dict]
+
+
+@dataclass
 class Extra:
     """What the outputs need beyond summary.json: per-token arrays for plots and the worst-token rows."""
 
     kl: dict = field(default_factory=dict)  # model -> per-position KLD over the pooled sets (the CDF plot)
     worst_rows: list = field(default_factory=list)  # rows of worst_tokens.parquet
     decoded: bool = False
+    rows_by_model: dict = field(default_factory=dict, repr=False)  # until ``finish`` orders them
 
 
-def contexts(data: dict, meta: dict, label: str, sets: list[str]) -> dict[str, np.ndarray | None]:
+@dataclass
+class BaselineSide:
+    """The baseline's side of every comparison, computed once and shared by every model."""
+
+    scored: Scored
+    topk: dict  # set -> divergence.TopK: the probabilities of its top-K
+    context: dict  # set -> ``contexts``
+    decode: object | None  # a tokenizers.Tokenizer for where-it-hurts, or None
+
+
+def contexts(base: Scored, sets: list[str]) -> dict[str, np.ndarray | None]:
     """Per set: the context each token had, for document-level sets scored in rolling windows (None: the
     position in the text is the context)."""
     out = {}
     for s in sets:
-        roll = (meta[(label, s)].get("dataset") or {}).get("rolling")
-        t = data[(label, s)]
+        roll = (base.meta[s].get("dataset") or {}).get("rolling")
+        t = base.tokens[s]
         out[s] = None if not roll else summary_mod.context_lengths(t.sample_id, t.position, roll["window"],
                                                                     roll.get("stride"))
     return out
 
 
-def add_to_summary(summary: summary_mod.Summary, data: dict, meta: dict, *, n_boot: int, seed: int,
-                   tokenizer: str | None = None) -> Extra:
-    """Fill ``summary``'s comparison blocks, noise floor, path noise and where-it-hurts; the per-set
-    figures for every set, the overall ones over ``summary.overall_sets``."""
-    base, sets, pooled = summary.baseline, summary.sets, summary.overall_sets
-    labels = [m for m in summary.models if m != base]
-    add_document_metrics(summary, data, meta, n_boot=n_boot, seed=seed)
-    summary.noise_floor = [m for m in labels if is_noise(m, base)]
-    ks = {m: _k(data, m, sets) for m in summary.models}
+def start(summary: summary_mod.Summary, base: Scored, *, n_boot: int, seed: int,
+          tokenizer: str | None = None) -> tuple[BaselineSide, Extra]:
+    """The statistics block and the baseline's own figures (document metrics, top-K); then ``add_model``
+    for each other model, one at a time, and ``finish``."""
+    sets = summary.sets
+    add_document_metrics(summary, base, n_boot=n_boot, seed=seed)
     summary.statistics = {
         "kl": "lower bound of the full-vocabulary KL divergence from top-K (see docs/statistics.md)",
-        "topk": ks, "kl_bins_per_decade": 20, "kl_range": [1e-10, 1e2], "dp_bins_per_decade": 20,
-        "dp_range": [1e-8, 1],
+        "topk": {base.label: _k(base, sets)}, "kl_bins_per_decade": 20, "kl_range": [1e-10, 1e2],
+        "dp_bins_per_decade": 20, "dp_range": [1e-8, 1],
         "quantiles": list(comparison.QUANTILES),
     }
-    decode = _decoder(tokenizer, meta, base)
-    extra = Extra(decoded=decode is not None)
-    hurts = {}
-    ctx = contexts(data, meta, base, sets)
-    base_topk = {s: comparison.topk_of(data[(base, s)]) for s in sets}  # shared by every model
-    for m in labels:
-        pairs = {}
-        for s in sets:
-            try:
-                pairs[s] = comparison.pair(data[(base, s)], data[(m, s)], f"{m} vs {base} on {s}: ",
-                                           base_topk=base_topk[s], context=ctx[s])
-            except ValueError as exc:
-                raise AggregateError(f"{m} vs {base} on {s}: {exc}") from None
-            summary.models[m]["sets"][s]["comparison"] = comparison.statistics([pairs[s]], n_boot, seed)
-        summary.models[m]["overall"]["comparison"] = comparison.statistics([pairs[s] for s in pooled], n_boot, seed)
-        extra.kl[m] = np.concatenate([pairs[s].div.kl for s in pooled])
-        hurts[m], rows = _where_it_hurts(m, pairs, data, base, decode)
-        extra.worst_rows += rows
-    summary.where_it_hurts = hurts
-    summary.where_it_hurts_decoded = extra.decoded
-    add_path_noise(summary, data, meta, ctx, n_boot=n_boot, seed=seed)
-    return extra
+    decode = _decoder(tokenizer, base)
+    side = BaselineSide(scored=base, topk={s: comparison.topk_of(base.tokens[s]) for s in sets},
+                        context=contexts(base, sets), decode=decode)
+    summary.where_it_hurts_decoded = decode is not None
+    return side, Extra(decoded=decode is not None)
 
 
-def add_path_noise(summary: summary_mod.Summary, data: dict, meta: dict, ctx: dict, *, n_boot: int,
-                   seed: int) -> None:
-    """Every ``<label>~<path>`` twin against its ``<label>`` over the pooled sets: the baseline's twins are
+def add_model(summary: summary_mod.Summary, extra: Extra, side: BaselineSide, model: Scored, *,
+              reference: Scored | None, n_boot: int, seed: int) -> None:
+    """One model against the baseline: its comparison blocks (per set and over ``summary.overall_sets``),
+    document metrics and where it hurts; and, for a ``<label>~<path>`` twin, its path noise against
+    ``reference``. What is kept of the model's tokens: the KLD per position (the CDF plot)."""
+    base, m, sets, pooled = side.scored, model.label, summary.sets, summary.overall_sets
+    add_document_metrics(summary, model, n_boot=n_boot, seed=seed)
+    summary.statistics["topk"][m] = _k(model, sets)
+    pairs = {}
+    for s in sets:
+        what = f"{m} vs {base.label} on {s}: "
+        try:
+            pairs[s] = comparison.pair(base.tokens[s], model.tokens[s], what, base_topk=side.topk[s],
+                                       context=side.context[s])
+        except ValueError as exc:
+            raise AggregateError(f"{what}{exc}") from None
+        summary.models[m]["sets"][s]["comparison"] = comparison.statistics([pairs[s]], n_boot, seed)
+    summary.models[m]["overall"]["comparison"] = comparison.statistics([pairs[s] for s in pooled], n_boot, seed)
+    extra.kl[m] = np.concatenate([pairs[s].div.kl for s in pooled])
+    summary.where_it_hurts[m], extra.rows_by_model[m] = _where_it_hurts(m, pairs, base, side.decode)
+    if reference is not None:
+        add_path_noise(summary, side, model, reference, n_boot=n_boot, seed=seed)
+
+
+def finish(summary: summary_mod.Summary, extra: Extra) -> None:
+    """The noise-floor runs, and every per-model entry in the order of ``summary.models`` (the models
+    were taken in another order: each twin right after its reference)."""
+    compared = [m for m in summary.models if m != summary.baseline]
+    summary.noise_floor = [m for m in compared if is_noise(m, summary.baseline)]
+    summary.statistics["topk"] = {m: summary.statistics["topk"][m] for m in summary.models}
+    summary.where_it_hurts = {m: summary.where_it_hurts[m] for m in compared}
+    summary.path_noise = {m: summary.path_noise[m] for m in summary.models if m in summary.path_noise}
+    extra.kl = {m: extra.kl[m] for m in compared}
+    extra.worst_rows += [r for m in compared for r in extra.rows_by_model.pop(m)]
+
+
+def add_path_noise(summary: summary_mod.Summary, side: BaselineSide, twin: Scored, reference: Scored, *,
+                   n_boot: int, seed: int) -> None:
+    """A ``<label>~<path>`` twin against its ``<label>`` over the pooled sets: the baseline's twins are
     already paired with it; another model's twin is paired with that model here."""
-    pooled = summary.overall_sets
-    for m in summary.models:
-        ref = summary_mod.twin_of(m, summary.models)
-        if ref is None:
-            continue
-        path = summary_mod.describe_path(meta[(ref, pooled[0])], meta[(m, pooled[0])])
-        if ref == summary.baseline:
-            o = summary.models[m]["overall"]
-            paired, comp = o["paired"], o["comparison"]
-        else:
-            what = f"{m} vs {ref}"
-            try:
-                paired = metrics.paired_stats([data[(ref, s)] for s in pooled], [data[(m, s)] for s in pooled],
-                                              n_boot=n_boot, seed=seed)
-                comp = comparison.statistics([comparison.pair(data[(ref, s)], data[(m, s)], f"{what} on {s}: ",
-                                                              context=ctx[s]) for s in pooled], n_boot, seed)
-            except ValueError as exc:
-                raise AggregateError(f"{what}: {exc}") from None
-        summary.path_noise[m] = summary_mod.path_noise(m, ref, path, paired, comp)
+    pooled, m, ref = summary.overall_sets, twin.label, reference.label
+    path = summary_mod.describe_path(reference.meta[pooled[0]], twin.meta[pooled[0]])
+    if ref == summary.baseline:
+        o = summary.models[m]["overall"]
+        paired, comp = o["paired"], o["comparison"]
+    else:
+        what = f"{m} vs {ref}"
+        a, b = reference.tokens, twin.tokens
+        try:
+            paired = metrics.paired_stats([a[s] for s in pooled], [b[s] for s in pooled], n_boot=n_boot, seed=seed)
+            comp = comparison.statistics([comparison.pair(a[s], b[s], f"{what} on {s}: ", context=side.context[s])
+                                          for s in pooled], n_boot, seed)
+        except ValueError as exc:
+            raise AggregateError(f"{what}: {exc}") from None
+    summary.path_noise[m] = summary_mod.path_noise(m, ref, path, paired, comp)
 
 
-def add_document_metrics(summary: dict, data: dict, meta: dict, *, n_boot: int, seed: int) -> None:
+def add_document_metrics(summary: summary_mod.Summary, model: Scored, *, n_boot: int, seed: int) -> None:
     """lm-eval's word/byte perplexity and bits per byte for every document-level set (``wikitext2_doc``)."""
-    for (label, s), t in data.items():
-        ds = meta[(label, s)].get("dataset", {})
-        if ds.get("kind") != "document" or label not in summary.models:
+    for s, t in model.tokens.items():
+        ds = model.meta[s].get("dataset", {})
+        if ds.get("kind") != "document":
             continue
         units = ds.get("units") or {}
-        summary.models[label]["sets"][s]["document"] = {
+        summary.models[model.label]["sets"][s]["document"] = {
             **docppl.metrics(t.sample_id, t.logprob, units.get("words", []), units.get("bytes", []), n_boot, seed),
             "rolling": ds.get("rolling")}
 
 
-def _k(data, label, sets) -> int:
-    t = data[(label, sets[0])]
+def _k(model: Scored, sets) -> int:
+    t = model.tokens[sets[0]]
     return 1 if t.topk_ids is None else int(t.topk_ids.shape[1])
 
 
-def _decoder(tokenizer: str | None, meta: dict, base: str):
+def _decoder(tokenizer: str | None, base: Scored):
     """A ``tokenizers.Tokenizer`` for the context column: the one asked for (it must load), else the
     baseline's recorded tokenizer when this machine can read it, else None (ids only)."""
     if tokenizer:
         path = Path(tokenizer)
     else:
-        path = next((Path(m["tokenizer"]["path"]) for (label, _), m in meta.items()
-                     if label == base and m.get("tokenizer", {}).get("path")), None)
+        path = next((Path(m["tokenizer"]["path"]) for m in base.meta.values()
+                     if m.get("tokenizer", {}).get("path")), None)
         if path is None:
             return None
     f = path / "tokenizer.json" if path.is_dir() else path
@@ -207,11 +242,11 @@ def _decoder(tokenizer: str | None, meta: dict, base: str):
         return None
 
 
-def _where_it_hurts(model, pairs, data, base, decode) -> tuple[dict, list]:
+def _where_it_hurts(model, pairs, base: Scored, decode) -> tuple[dict, list]:
     texts, rows = [], []
     for s, p in pairs.items():
         texts += [{"dataset": s, **t} for t in comparison.worst_texts(p, WORST_MD)]
-        ids = data[(base, s)].token_id
+        ids = base.tokens[s].token_id
         starts = metrics.text_starts(p.sample_id)
         text_start = starts[np.searchsorted(starts, np.arange(len(p.sample_id)), side="right") - 1]
         for crit, idx in comparison.worst_tokens(p, WORST_PARQUET).items():
