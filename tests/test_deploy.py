@@ -126,6 +126,11 @@ def test_no_table_without_a_choice_and_a_note_without_speed():
     s = _summary()
     s.models = {m: s.models[m] for m in ("bf16", "fp8")}
     assert deploy.compute(s, {}) is None  # one model, no bench: nothing to choose between
+    one_seed = _summary()
+    one_seed.models.pop("nvfp4.s2")
+    assert deploy.compute(one_seed, {}) is None  # several, but no cost and no seeds: the verdicts say it all
+    assert deploy.compute(_summary(), {}) is not None  # seeds: their spread is news
+    assert deploy.compute(_summary(), {"fp8": COSTS["fp8"]}) is not None
     cpu = {"fp8": {"bytes_on_disk": 520, "note": "speed needs a GPU: none here", "gpu": "none"}}
     d = deploy.compute(s, cpu)
     assert d.speed_note == "speed needs a GPU: none here"

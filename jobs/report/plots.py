@@ -10,6 +10,8 @@ import io
 
 import numpy as np
 
+from jobs.stats.histograms import LogHist, abs_quantile, linear
+from jobs.stats.quant import KL_FLOOR
 from jobs.stats.summary import Summary
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -98,29 +100,27 @@ def scores(summary: Summary) -> bytes:
     return save(fig)
 
 
-def delta_nll(summary: Summary, deltas: dict[str, dict[str, np.ndarray]]) -> dict[str, bytes]:
+def delta_nll(summary: Summary, deltas: dict[str, dict[str, LogHist]]) -> dict[str, bytes]:
     """Per set, the per-token Δnll histogram of each model, on one x-range for every set (the 99.5th
     percentile of |Δnll| over all of them); tokens beyond it are counted in the end bins and the plot
-    says how many."""
+    says how many. From the aggregate's histograms (``stats.histograms``), not the tokens."""
     plt = _plt()
     st = styles(summary)
-    every = np.concatenate([d for per in deltas.values() for d in per.values()]) if deltas else np.zeros(1)
-    lim = float(np.quantile(np.abs(every), 0.995)) or 1.0
+    lim = abs_quantile([h for per in deltas.values() for h in per.values()], 0.995) or 1.0
     out = {}
     for name, per in deltas.items():
         fig, ax = plt.subplots(figsize=(6.4, 3.4))
         clipped = 0
-        for m, d in per.items():
-            clipped += int(np.count_nonzero(np.abs(d) > lim))
-            # counted on 80 equal bins (numpy's arithmetic path), drawn as steps: ax.hist sorts every value
-            counts, edges = np.histogram(np.clip(d, -lim, lim), bins=80, range=(-lim, lim))
-            ax.stairs(counts, edges, label=f"{label(summary, m)}, mean {d.mean():+.3g}", **st[m])
+        for m, h in per.items():
+            counts, edges, beyond = linear(h, lim)
+            clipped += beyond
+            ax.stairs(counts, edges, label=f"{label(summary, m)}, mean {h.mean:+.3g}", **st[m])
         ax.set_yscale("log")
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlim(-lim, lim)
         ax.set_xlabel(f"per-token Δnll = logprob({summary.baseline}) − logprob(model)  (> 0: a loss)")
         ax.set_ylabel("tokens")
-        total = sum(len(d) for d in per.values())
+        total = sum(h.n for h in per.values())
         note = (f"; {clipped} of {total} token values beyond ±{lim:.3g} are counted in the end bins"
                 if clipped else "")
         ax.set_title(f"{name}: per-token Δnll{note}", fontsize=9)
@@ -129,32 +129,21 @@ def delta_nll(summary: Summary, deltas: dict[str, dict[str, np.ndarray]]) -> dic
     return out
 
 
-def kld_cdf(summary: Summary, kl: dict[str, np.ndarray]) -> bytes:
+def kld_cdf(summary: Summary, kl: dict[str, tuple]) -> bytes:
     plt = _plt()
     st = styles(summary)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    floor = 1e-7
     for m in summary.compared():
-        x, y = log_cdf(kl[m], floor)
-        ax.plot(x, y, label=f"{label(summary, m)}, mean {max(kl[m].mean(), 0):.3g}", **st[m])
+        x, y, mean = kl[m]
+        ax.plot(x, y, label=f"{label(summary, m)}, mean {max(mean, 0):.3g}", **st[m])
     ax.set_xscale("log")
-    ax.set_xlabel(f"per-position KLD lower bound vs {summary.baseline} (nats; ≤ 1e-7 drawn at 1e-7)")
+    floor = f"1e{round(np.log10(KL_FLOOR))}"
+    ax.set_xlabel(f"per-position KLD lower bound vs {summary.baseline} (nats; ≤ {floor} drawn at {floor})")
     ax.set_ylabel("share of positions ≤ x")
     ax.set_ylim(0, 1.01)
     ax.set_title("KL divergence, cumulative distribution", fontsize=10)
     _legend_outside(ax)
     return save(fig)
-
-
-def log_cdf(values: np.ndarray, floor: float, per_decade: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """The empirical CDF at the upper edges of bins of 1/200 decade (finer than the plot's pixels), values
-    below ``floor`` counted at it (and any above 1e3 nats at 1e3): one binning pass where sorting 10M values
-    took a second per model."""
-    lv = np.log10(np.clip(values, floor, 1e3))
-    lo = np.log10(floor)
-    idx = np.floor((lv - lo) * per_decade).astype(np.int64)
-    counts = np.bincount(idx, minlength=1)
-    return 10 ** (lo + np.arange(1, len(counts) + 1) / per_decade), np.cumsum(counts) / max(len(values), 1)
 
 
 def _intervals(summary: Summary, *, points, xlabel: str, ylabel: str, title: str, zero_line: bool = False,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from jobs.stats import deploy as deploy_stats, metrics, quant as quant_stats, summary as stats_summary
+from jobs.stats import deploy as deploy_stats, histograms, metrics, quant as quant_stats, summary as stats_summary
 from jobs.stats.summary import Summary, pooled_sets
 from jobs.report import outputs, tasks as task_report
 from jobs.archive import bench as bench_archive, logprobs
@@ -141,7 +141,7 @@ def summarize(found: dict[str, dict[str, Path]], baseline: str, *, n_boot: int, 
               tokenizer: str | None = None) -> tuple[Summary, dict, quant_stats.Extra]:
     """Every model against the baseline, one model in memory at a time beside the baseline (and a twin's
     reference): each is read, reduced to its summary entries and its per-token Δnll (the plots), and let go
-    before the next is read. Returns the summary (verdicts still to make), the Δnll per set and model, and
+    before the next is read. Returns the summary (verdicts still to make), the Δnll histogram per set and model, and
     what the outputs need beyond summary.json."""
     base = load_model(baseline, found[baseline])
     summary, labels = frame({m: list(sets) for m, sets in found.items()}, baseline, n_boot, seed,
@@ -179,10 +179,10 @@ def summarize(found: dict[str, dict[str, Path]], baseline: str, *, n_boot: int, 
     return summary, {s: {m: deltas[m][s] for m in compared} for s in summary.sets} if compared else {}, extra
 
 
-def delta_nll(base: quant_stats.Scored, model: quant_stats.Scored, sets: list[str]) -> dict[str, np.ndarray]:
-    """Per set: per-token Δnll = logprob(baseline) − logprob(model) on the shared stream (the tables' sign:
-    positive is a loss)."""
-    return {s: base.tokens[s].logprob - model.tokens[s].logprob for s in sets}
+def delta_nll(base: quant_stats.Scored, model: quant_stats.Scored, sets: list[str]) -> dict[str, histograms.LogHist]:
+    """Per set: the histogram of per-token Δnll = logprob(baseline) − logprob(model) on the shared stream (the
+    tables' sign: positive is a loss); the plots' only need of the tokens, kept as bins, not arrays."""
+    return {s: histograms.log_hist(base.tokens[s].logprob - model.tokens[s].logprob) for s in sets}
 
 
 def warnings(summary: Summary, base: quant_stats.Scored) -> list[str]:

@@ -79,13 +79,13 @@ def _recovery(s: Summary, label: str) -> float | None:
 
 def compute(s: Summary, costs: dict[str, dict]) -> Deploy | None:
     """The deploy table of ``s``'s models (noise twins left out) and the bench rows ``costs`` (by label);
-    None when there is nothing to choose between (one model besides the baseline, and no bench row)."""
+    None when it would add nothing to the verdicts: no bench row and no recipe with several seeds."""
     labels = [m for m in s.models if m != s.baseline and twin_of(m, s.models) is None]
-    if not labels or (len(labels) < 2 and not costs):
-        return None
     groups: dict[str, list[str]] = {}
     for m in labels:
         groups.setdefault(recipe_of(m), []).append(m)
+    if not labels or not (costs or any(len(ms) > 1 for ms in groups.values())):
+        return None
     with_kld = all(s.models[m]["overall"].get("comparison") for m in labels)
     rows = [RecipeRow(recipe=s.baseline, labels=(s.baseline,), delta_nll={"value": 0.0, "lo": 0.0, "hi": 0.0},
                       kld={"value": 0.0, "lo": 0.0, "hi": 0.0} if with_kld else None, spread_delta_nll=None,

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.stats import comparison, docppl, metrics, summary as summary_mod
+from jobs.stats import comparison, docppl, histograms, metrics, summary as summary_mod
 from jobs.archive import logprobs
 from jobs.core.errors import AggregateError, ArchiveError
 
@@ -28,6 +28,7 @@ NOISE_SEP = summary_mod.PATH_SEP  # <baseline>~noise: the baseline through anoth
 WORST_MD = 10  # rows per table in report.md
 WORST_PARQUET = 1000  # rows per (model, criterion) in worst_tokens.parquet
 CONTEXT_TOKENS = 12
+KL_FLOOR = 1e-7  # the KLD CDF draws values at or below it at it (a log axis has no 0)
 
 
 def is_noise(label: str, baseline: str) -> bool:
@@ -96,7 +97,7 @@ class Scored:
 class Extra:
     """What the outputs need beyond summary.json: per-token arrays for plots and the worst-token rows."""
 
-    kl: dict = field(default_factory=dict)  # model -> per-position KLD over the pooled sets (the CDF plot)
+    kl: dict = field(default_factory=dict)  # model -> (x, CDF, mean) of its per-position KLD over the pooled sets
     worst_rows: list = field(default_factory=list)  # rows of worst_tokens.parquet
     decoded: bool = False
     rows_by_model: dict = field(default_factory=dict, repr=False)  # until ``finish`` orders them
@@ -161,7 +162,9 @@ def add_model(summary: summary_mod.Summary, extra: Extra, side: BaselineSide, mo
             raise AggregateError(f"{what}{exc}") from None
         summary.models[m]["sets"][s]["comparison"] = comparison.statistics([pairs[s]], n_boot, seed)
     summary.models[m]["overall"]["comparison"] = comparison.statistics([pairs[s] for s in pooled], n_boot, seed)
-    extra.kl[m] = np.concatenate([pairs[s].div.kl for s in pooled])
+    kl = np.concatenate([pairs[s].div.kl for s in pooled])
+    extra.kl[m] = (*histograms.log_cdf(kl, KL_FLOOR), float(kl.mean()))  # not the array: memory flat in models
+    del kl
     summary.where_it_hurts[m], extra.rows_by_model[m] = _where_it_hurts(m, pairs, base, side.decode)
     if reference is not None:
         add_path_noise(summary, side, model, reference, n_boot=n_boot, seed=seed)
