@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import cli
+from conftest import ROOT, cli
 from jobs.runs import executors, plan, slots
 from jobs.archive import logprobs
 import re
@@ -266,3 +266,9 @@ def test_unknown_engine_options_are_refused():
         EngineOptions.from_mapping({"max_model_len": 64, "enforce_eger": True})
     with pytest.raises(SettingsError, match="--nvfp4-compute must be one of declared, weight-only"):
         EngineOptions(nvfp4_compute="w4a4")
+
+
+def test_plan_piped_into_a_reader_that_stops_early_is_quiet():
+    r = subprocess.run(f"{shlex.quote(sys.executable)} -m jobs plan | head -c 10", shell=True, cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "SHARDS": "50", "GPUS": ""})
+    assert r.returncode == 0 and r.stdout.startswith('{"index"') and "Traceback" not in r.stderr, r.stderr

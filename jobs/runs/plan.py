@@ -739,6 +739,8 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     except QscoreError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # a reader that stopped early (`| head`): nothing went wrong with the plan
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
     return 0
 
 
