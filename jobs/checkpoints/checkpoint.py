@@ -152,12 +152,18 @@ def content_hash(path: Path, files: list[Path], headers: list[dict]) -> str:
     return h.hexdigest()
 
 
-def inspect(path: Path) -> Checkpoint:
+def check_dir(path: Path) -> Path:
+    """A Hugging Face checkpoint's directory, or a one-line error: before anything slow looks at it."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json: not a Hugging Face checkpoint")
+    return path
+
+
+def inspect(path: Path) -> Checkpoint:
+    path = check_dir(path)
     config = read_json(path / "config.json")
     hf_quant = read_json(path / "hf_quant_config.json") if (path / "hf_quant_config.json").exists() else None
     files = weight_files(path)
