@@ -169,3 +169,18 @@ def test_a_sweep_on_a_cluster_quantizes_first(tmp_path):
     script = executors.render("slurm", jobs, v)
     assert ".venv/bin/python -m jobs quantize --model-id models/base" in script
     assert shlex.join([".venv-vllm/bin/python", "-m", "jobs", "bench", *jobs[-1].args]) in script
+
+
+@pytest.mark.parametrize("sweep, seeds, says", [("NVFP5", "", "unknown scheme 'NVFP5'"),
+                                                ("NVFP4", "1 x", "SWEEP_SEEDS: 'x' is not a whole number")])
+def test_a_bad_sweep_is_one_line_and_exit_1(sweep, seeds, says):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "jobs", "plan"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "SWEEP": sweep, "SWEEP_SEEDS": seeds, "GPUS": ""})
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr

@@ -179,7 +179,7 @@ def slurm(jobs: list, v) -> str:
     runner = v.get("SLURM_PYTHON") or ".venv-vllm/bin/python"
     prefix = shlex.split(v.get("SLURM_PREFIX")) + [runner, "-m", "jobs"]
     # quantize needs llm-compressor, which is not in vLLM's environment: the venv make setup creates
-    quantize = shlex.split(v.get("SLURM_QUANTIZE_PREFIX")) + [v.get("SLURM_AGGREGATE_PYTHON") or ".venv/bin/python", "-m", "jobs"]
+    quantize = shlex.split(v.get("SLURM_QUANTIZE_PREFIX")) + [f"{v.get('VENV') or '.venv'}/bin/python", "-m", "jobs"]
     extra = "\n".join(f"#SBATCH {line.strip()}" for line in v.get("SLURM_SBATCH").split(";") if line.strip())
     return f"""#!/bin/bash
 # qscore on Slurm, rendered by `make slurm` from the job plan (`make plan`): {len(jobs)} jobs,
@@ -189,7 +189,7 @@ def slurm(jobs: list, v) -> str:
 #   {submit(jobs, v, "qscore.sbatch")}
 # Containers: set SLURM_PREFIX to the site's launcher, e.g. "srun --container-image=qscore-vllm.sqsh"
 # (pyxis) or "apptainer exec --nv qscore-vllm.sif"; by default the local venv {runner} runs the jobs
-# (a sweep's quantize jobs: SLURM_QUANTIZE_PREFIX and .venv).
+# (a sweep's quantize jobs: SLURM_QUANTIZE_PREFIX and VENV's python).
 #SBATCH --job-name=qscore-score
 #SBATCH --array=0-{len(jobs) - 1}
 #SBATCH --gpus-per-task={gpus}

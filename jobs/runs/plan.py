@@ -179,9 +179,8 @@ def resolve(env: dict[str, str]) -> Variables:
     lc = scheme.lower()
     sweep = recipes.parse_sweep(g("SWEEP"), g("SWEEP_SEEDS"))
     if sweep:  # the base model and every checkpoint of the sweep (MODELS adds others)
-        made = [(e.label, e.path or sweep_output(model_id, e.label, quant_output)) for e in sweep]
-        models = parse_models(" ".join(f"{a}={b}" for a, b in
-                                       parse_models(g("MODELS") or f"bf16={model_id}") + made))
+        made = [f"{e.label}={e.path or sweep_output(model_id, e.label, quant_output)}" for e in sweep]
+        models = parse_models(" ".join([g("MODELS") or f"bf16={model_id}", *made]))
     else:
         models = parse_models(g("MODELS") or f"bf16={model_id} llmc-{lc}={quant_output} "
                                              f"nvidia-{lc}={g('NVIDIA_MODEL') or DEFAULT_NVIDIA_MODEL}")
@@ -461,8 +460,7 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
                         list(outputs), stamp, list(needs), gpus, overwritable))
 
     def needs(*models: str) -> list[str]:
-        made = {stamp: j.id for j in jobs if j.stage == "quantize" for stamp in [j.stamp]}
-        return sorted({made[produced[os.path.normpath(m)]] for m in models if m and os.path.normpath(m) in produced})
+        return sorted({producer[os.path.normpath(m)] for m in models if m and os.path.normpath(m) in producer})
 
     def hub(*paths) -> bool:
         return any(p is None or not is_local(p) for p in paths)
@@ -471,9 +469,10 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
     # One job, or with SWEEP one per recipe and seed (quantize.<label>).
     model_id = g("MODEL_ID") or DEFAULT_MODEL_ID
     calib = g("CALIBRATION_DATASET")
-    produced: dict[str, str] = {}
+    produced: dict[str, str] = {}  # a quantize job's output -> its stamp
+    producer: dict[str, str] = {}  # ... -> its job id
 
-    def quantize(jid: str, scheme: str, output: str, extra: list[str]) -> str:
+    def quantize(jid: str, scheme: str, output: str, extra: list[str]) -> None:
         qargs = ["--model-id", model_id, "--quant-output", output, "--scheme", scheme]
         if calib:
             qargs += ["--calibration-dataset", calib]
@@ -482,14 +481,13 @@ def build(env: dict[str, str], uid: int | None = None) -> list[Job]:
         for flag, name in (("--num-calibration-samples", "NUM_CALIBRATION_SAMPLES"),
                            ("--max-sequence-length", "MAX_SEQUENCE_LENGTH"),
                            ("--calibration-batch-size", "CALIBRATION_BATCH_SIZE")):
-            if g(name) and not (flag in extra):
+            if g(name) and flag not in extra:
                 qargs += [flag, g(name)]
         stamp = os.path.normpath(f"{output}/qscore.json")
         add(jid, "quantize", "quantize", qargs + extra + shlex.split(g("QUANTIZE_ARGS")) + overwrite,
             hub(model_id, calib or None), inputs=_model_input(model_id, {}) + _file_input(calib),
             outputs=[output], stamp=stamp)
-        produced[os.path.normpath(output)] = stamp
-        return stamp
+        produced[os.path.normpath(output)], producer[os.path.normpath(output)] = stamp, jid
 
     quantized = []  # (job id suffix, output, scheme): what validate checks
     for e in v.sweep:

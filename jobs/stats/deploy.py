@@ -11,7 +11,7 @@ noise floor (the verdict's Δnll check against it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def compute(s: Summary, costs: dict[str, dict]) -> Deploy | None:
     with_kld = all(s.models[m]["overall"].get("comparison") for m in labels)
     rows = [RecipeRow(recipe=s.baseline, labels=(s.baseline,), delta_nll={"value": 0.0, "lo": 0.0, "hi": 0.0},
                       kld={"value": 0.0, "lo": 0.0, "hi": 0.0} if with_kld else None, spread_delta_nll=None,
-                      spread_kld=None, task_recovery=1.0 if _recovery(s, labels[0]) is not None else None,
+                      spread_kld=None, task_recovery=1.0 if s.tasks else None,
                       cost=_cost(costs, [s.baseline]), scored_as=_arith(s, s.baseline), baseline=True)]
     for recipe, ms in groups.items():
         paired = [s.models[m]["overall"]["paired"] for m in ms]
@@ -112,8 +112,7 @@ def compute(s: Summary, costs: dict[str, dict]) -> Deploy | None:
         return pareto(pts)
 
     fb, f1, fl = front("bytes_on_disk", 1.0), front("decode_tokens_per_s_b1", -1.0), front("decode_tokens_per_s_loaded", -1.0)
-    rows = [RecipeRow(**{**r.__dict__, "pareto_bytes": a, "pareto_speed_b1": b, "pareto_speed_loaded": c})
-            for r, a, b, c in zip(rows, fb, f1, fl)]
+    rows = [replace(r, pareto_bytes=a, pareto_speed_b1=b, pareto_speed_loaded=c) for r, a, b, c in zip(rows, fb, f1, fl)]
     speed = None
     if costs and not any(c.get("decode_tokens_per_s_b1") is not None for c in costs.values()):
         speed = next((c.get("note") for c in costs.values() if c.get("note")), None) or "speed needs a GPU"
