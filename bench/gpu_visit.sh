@@ -14,7 +14,8 @@
 # The test GPU is GPU 1 where there are two (GPU 0 may still be quantizing), else GPU 0, shared with the
 # background's quantize: the tests' tiny models need little of it, but its timings are then not alone.
 #   bash bench/gpu_visit.sh sweep      in the background: the 14B base (in BASE_DIR, /dev/shm where it fits) and a
-#                                      recipe sweep on GPU 0 (bench/rehearsal.sh sweep); status shows it
+#                                      recipe sweep on GPU 0 (bench/rehearsal.sh sweep); status shows it. With
+#                                      SWEEP_WAIT=FILE its eval waits for FILE (the serving tests' end, below)
 #   bash bench/gpu_visit.sh multigpu   bench/multi_gpu.sh 8B on both GPUs, then the 8B emulation bench
 # Results under $OUT (the device tool's output folder) and /tmp/rehearsal/out.
 set -uo pipefail
@@ -48,7 +49,7 @@ case ${1:-status} in
     [ -n "$q" ] && [ -n "$v" ] || { echo "a runtime is missing"; exit 3; }
     shm=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1); bd=$W; [ "${shm:-0}" -gt 40 ] && bd=/dev/shm
     setsid nohup bash -c "export BASE_DIR=$bd; GPU=0 OUT=$W/out bash bench/rehearsal.sh prep 14B && \
-      GPU=0 OUT=$W/out bash bench/rehearsal.sh sweep 14B; echo BACKGROUND-DONE" > "$W/bg.log" 2>&1 < /dev/null &
+      SWEEP_WAIT=\${SWEEP_WAIT:-} GPU=0 OUT=$W/out bash bench/rehearsal.sh sweep 14B; echo BACKGROUND-DONE" > "$W/bg.log" 2>&1 < /dev/null &
     sleep 5; tail -3 "$W/bg.log";;
   status) tail -5 "$W/bg.log"; grep -h "^REHEARSAL" "$W/bg.log" | tail -4; grep -h "^BENCH\|QB-DONE\|rror" "$W/qb.log" 2>/dev/null; cp "$W/qb.log" "$OUT/" 2>/dev/null
     copy_out;;
@@ -63,9 +64,10 @@ case ${1:-status} in
     CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
       bash tests/gpu_session.sh tests "${@:2}"
     tail -3 "$W/bg.log"; copy_out;;
-  tasks|serving)  # the tasks stage's or the bench stage's gpu tests (ARGS: pytest's)
+  tasks|serving)  # the tasks stage's or the bench stage's gpu tests (ARGS: pytest's); DONE_FILE touched after
     CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout "${LIMIT_S:-540}" \
       bash tests/gpu_session.sh "$1" "${@:2}"
+    [ -z "${DONE_FILE:-}" ] || touch "$DONE_FILE"
     tail -3 "$W/bg.log"; copy_out;;
   rehearsal)
     until grep -q "BACKGROUND-DONE\|FAILED" "$W/bg.log"; do sleep 5; done; grep FAILED -A 20 "$W/bg.log" && exit 1

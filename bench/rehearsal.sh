@@ -10,8 +10,9 @@
 #   bash bench/rehearsal.sh eval 14B cold   make validate eval report (3 models x 2 sets), cold
 #   bash bench/rehearsal.sh eval 14B warm   the same again, warm
 #   bash bench/rehearsal.sh restart 1.7B    one scoring job twice, fresh HOME each time, one cache dir
-#   bash bench/rehearsal.sh sweep 14B       a recipe sweep (SWEEP, SWEEP_SEEDS below): make quantize eval bench
-#                                           report, warm; the deploy table in $OUT/sweep-report.md
+#   bash bench/rehearsal.sh sweep 14B       a recipe sweep (SWEEP, SWEEP_SEEDS below): make -k quantize, then
+#                                           make -k sweep (eval, tasks, bench, report); the deploy table in
+#                                           $OUT/sweep-report.md
 #
 # Environment: PY_VLLM / PY_QUANT, the interpreters with vLLM and with llm-compressor (each may be a
 # wrapper that sets PYTHONPATH); W, the work directory (default /tmp/rehearsal); GPU, the device (0).
@@ -54,10 +55,10 @@ for part in sorted(glob.glob(f"{results}/logprobs/model=*/dataset=*/part-00000.p
                       "rows": m["counts"]["rows_total"]}))
 PY
   # each job's phases (jobs.core.phases: its last log line), as one record per job
-  grep -ho "phases [A-Za-z0-9._+~-]* {.*}" "$OUT"/eval-*"$2"*.log 2>/dev/null | while read -r _ label json; do
+  grep -ho "phases [A-Za-z0-9._+~-]* {.*}" "$OUT"/eval-*"$2"*.log "$OUT/$2"-*.log 2>/dev/null | while read -r _ label json; do
     record "{\"step\": \"phases-$2\", \"model\": \"$label\", \"phases\": $json}"; done || true
   grep -ho "dataset=[a-z0-9_]* ([0-9]* parts, [0-9]* rows): [0-9]* tokens scored in [0-9.]* s, [0-9]* tokens/s" \
-    "$OUT"/eval-*"$2"*.log 2>/dev/null | sed 's/^/SPEED /' || true
+    "$OUT"/eval-*"$2"*.log "$OUT/$2"-*.log 2>/dev/null | sed 's/^/SPEED /' || true
 }
 case $step in
   prep)
@@ -93,12 +94,15 @@ case $step in
     venvs
     export CACHE_DIR=$W/cache HOME; HOME=$(mktemp -d)
     SW=(SWEEP="${SWEEP:-NVFP4@256 NVFP4A16 FP8_DYNAMIC W4A16}" SWEEP_SEEDS="${SWEEP_SEEDS:-1 2}" MODELS=
-        WEIGHT_ONLY= RESULTS_DIR="$W/results-sweep" BENCH_ARGS="${BENCH_ARGS:---num-prompts-b1 6 --num-prompts 128}")
-    # tasks left out: lm-eval's bundled tasks say nothing on random weights, and each job pays an engine start
+        WEIGHT_ONLY= RESULTS_DIR="$W/results-sweep" BENCH_ARGS="${BENCH_ARGS:---num-prompts-b1 6 --num-prompts 128}"
+        TASKS=qscore_local LIMIT="${LIMIT:-16}" TASKS_ARGS=--enforce-eager)
+    # lm-eval's bundled tasks on random weights are plumbing, not accuracy: LIMIT documents each, eager (a
+    # compiled generation engine is a minute of start-up per job here)
     timed "sweep-quantize-$shape" "${MK[@]}" "${SW[@]}" -k quantize || true
-    timed "eval-$shape-sweep" "${MK[@]}" "${SW[@]}" -k eval || true
-    timed "sweep-bench-$shape" "${MK[@]}" "${SW[@]}" -k bench || true
-    timed "sweep-report-$shape" "${MK[@]}" "${SW[@]}" aggregate
+    # SWEEP_WAIT: a file whose existence lets the rest go on (a GPU test sharing this GPU has finished; at
+    # most 10 min); not timed
+    for _ in $(seq 300); do [ -z "${SWEEP_WAIT:-}" ] || [ -e "$SWEEP_WAIT" ] && break; sleep 2; done
+    timed "sweep-rest-$shape" "${MK[@]}" "${SW[@]}" -k sweep || true
     for m in "$W"/qwen3-"$shape"-*/qscore.json; do
       "$PY_QUANT" -c "import json,sys; m=json.load(open('$m')); print(json.dumps({'step': 'sweep-quantize-manifest', 'model': '$m', 'scheme': m['scheme'], 'wall_time_s': m['wall_time_s'], 'phases_s': m['phases_s'], 'seed': (m['calibration'] or {}).get('seed')}))" | while read -r line; do record "$line"; done
     done

@@ -281,6 +281,7 @@ def test_labels(mode, cap, label, deploy, words):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(vllm_bench, "VLLM_CLI", [sys.executable, str(ROOT / "tests" / "fixtures" / "fake_vllm.py")])
+    monkeypatch.setattr(vllm_bench, "client", fake_vllm.client)
     monkeypatch.setattr(stage, "device", lambda: stage.Device("NVIDIA H200", 9.0, "0.26.0"))
 
 
@@ -306,3 +307,16 @@ def test_server_that_dies_is_one_line_and_leaves_its_log(tiny, tmp_path, fake_gp
     work = bench_archive.bench_path(tmp_path, "tiny").parent / ".bench-work"
     assert (work / "server.log").read_text().strip() == "boom"
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_benchmark_run_that_fails_is_one_line(tiny, tmp_path, fake_gpu, monkeypatch):
+    """vLLM's client runs in the stage's process: what it raises is the stage's one-line error, not a traceback."""
+    parse, _ = fake_vllm.client()
+
+    async def refused(args):
+        raise ConnectionRefusedError("Connect call failed")
+
+    monkeypatch.setattr(vllm_bench, "client", lambda: (parse, refused))
+    r = bench(tiny, tmp_path, "--timeout", "60")
+    assert r.exit_code == 1 and "vLLM's benchmark (b1) failed: ConnectionRefusedError" in r.stderr
+    assert len(error_lines(r)) == 1 and not list(tmp_path.rglob("*.parquet"))

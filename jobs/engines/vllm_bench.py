@@ -9,11 +9,15 @@ the random dataset with ``--ignore-eos`` (every request decodes exactly its outp
 - ``loaded``: ``loaded_concurrency`` requests in flight: decode throughput and latencies under load;
 - ``prefill``: output length 1 at the loaded concurrency: prompt tokens per second.
 
-Each run's JSON (``--save-result``) is read back; the weights' GPU memory and the KV cache's capacity come
+The three runs are ``vllm bench serve``'s own code called in this process (its ``add_cli_args`` and
+``main_async`` on the command line below), imported while the server starts: as three ``vllm bench serve``
+processes each paid vLLM's import again (about 20 s apiece on the H200). Each run's JSON (``--save-result``)
+is read back; the weights' GPU memory and the KV cache's capacity come
 from the server's own log lines. The parsing and the command lines are pure and tested on the CPU.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,7 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from jobs.core.errors import BenchError
 
@@ -159,9 +163,11 @@ def log_tail(path: Path, n: int = 40) -> str:
 
 # -- the server and the runs ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def server(kwargs: dict, env: dict, *, log_path: Path, timeout_s: float) -> Iterator[int]:
-    """``vllm serve`` on a free port, its output to ``log_path``; yields the port once /health answers.
-    Stopped on the way out: SIGTERM to its process group (the engine core is its child), then SIGKILL."""
+def server(kwargs: dict, env: dict, *, log_path: Path, timeout_s: float,
+           while_starting: Callable[[], Any] = lambda: None) -> Iterator[tuple[int, Any]]:
+    """``vllm serve`` on a free port, its output to ``log_path``; yields (the port, what ``while_starting``
+    returned, called while the server starts) once /health answers. Stopped on the way out: SIGTERM to its
+    process group (the engine core is its child), then SIGKILL."""
     port = free_port()
     cmd = serve_command(kwargs, port=port)
     log.info("starting vLLM's server (log: %s): %s", log_path, " ".join(cmd))
@@ -169,8 +175,9 @@ def server(kwargs: dict, env: dict, *, log_path: Path, timeout_s: float) -> Iter
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
+        meanwhile = while_starting()
         wait_healthy(proc, port, log_path=log_path, timeout_s=timeout_s)
-        yield port
+        yield port, meanwhile
     finally:
         stop(proc)
 
@@ -206,20 +213,38 @@ def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
         proc.wait()
 
 
-def run_load(load: Load, *, model: str, port: int, work: Path, env: dict, timeout_s: float) -> dict:
-    """One ``vllm bench serve`` run; its saved result JSON, checked."""
+def client() -> tuple[Callable, Callable]:
+    """vLLM's benchmark client (vllm/benchmarks/serve.py), as ``vllm bench serve`` runs it: (its argument
+    parser's ``parse_args``, its ``main_async``)."""
+    from vllm.benchmarks import serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    serve.add_cli_args(parser)
+    return parser.parse_args, serve.main_async
+
+
+def run_load(load: Load, *, bench: tuple[Callable, Callable], model: str, port: int, work: Path,
+             timeout_s: float) -> dict:
+    """One run of vLLM's benchmark (``bench``: ``client()``); its saved result JSON, checked. What it prints
+    goes to ``work/<run>.log``."""
+    parse, main_async = bench
     cmd = bench_command(load, model=model, port=port, result_dir=work)
-    log.info("vLLM's benchmark, %s: %s", load.name, " ".join(cmd))
+    log.info("vLLM's benchmark, %s: %s", load.name, " ".join(["vllm", *cmd[len(VLLM_CLI):]]))
+    args = parse(cmd[len(VLLM_CLI) + 2:])  # what follows "bench serve", as vLLM's CLI hands it over
     log_path = work / f"{load.name}.log"
-    with open(log_path, "wb") as out:
+    with open(log_path, "w") as out, contextlib.redirect_stdout(out):  # stdout carries the stage's result
         try:
-            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
+            asyncio.run(asyncio.wait_for(main_async(args), timeout_s))
+        except (asyncio.TimeoutError, TimeoutError):
             raise BenchError(f"vLLM's benchmark ({load.name}) ran past {timeout_s:.0f} s (--timeout); "
                              f"log: {log_path}") from None
+        except Exception as e:  # vLLM's client raises what aiohttp or its dataset code raise
+            raise BenchError(f"vLLM's benchmark ({load.name}) failed: {type(e).__name__}: {e}; "
+                             f"log: {log_path}") from e
     result_path = work / f"{load.name}.json"
-    if rc != 0 or not result_path.exists():
-        raise BenchError(f"vLLM's benchmark ({load.name}) failed (exit {rc}); its log {log_path} ends: "
+    if not result_path.exists():
+        raise BenchError(f"vLLM's benchmark ({load.name}) saved no result; its log {log_path} ends: "
                          f"{log_tail(log_path, 5)!r}")
     result = json.loads(result_path.read_text())
     check_result(load, result)
@@ -231,10 +256,10 @@ def measure(kwargs: dict, env: dict, loads: Sequence[Load], *, work: Path, timeo
     log_path = work / "server.log"
     t0 = time.perf_counter()
     results = {}
-    with server(kwargs, env, log_path=log_path, timeout_s=timeout_s) as port:
+    with server(kwargs, env, log_path=log_path, timeout_s=timeout_s, while_starting=client) as (port, bench):
         start_s = time.perf_counter() - t0
         for load in loads:
-            results[load.name] = run_load(load, model=str(kwargs["model"]), port=port, work=work, env=env,
+            results[load.name] = run_load(load, bench=bench, model=str(kwargs["model"]), port=port, work=work,
                                           timeout_s=timeout_s)
     lines = log_path.read_text(errors="replace").splitlines()
     return {"results": results,
