@@ -103,6 +103,8 @@ case $step in
     # most 10 min); not timed
     for _ in $(seq 300); do [ -z "${SWEEP_WAIT:-}" ] || [ -e "$SWEEP_WAIT" ] && break; sleep 2; done
     timed "sweep-rest-$shape" "${MK[@]}" "${SW[@]}" -k sweep || true
+    # a failed job leaves the report unmade: aggregate what is there
+    [ -f "$W/results-sweep/report/report.md" ] || timed "sweep-aggregate-$shape" "${MK[@]}" "${SW[@]}" aggregate
     for m in "$W"/qwen3-"$shape"-*/qscore.json; do
       "$PY_QUANT" -c "import json,sys; m=json.load(open('$m')); print(json.dumps({'step': 'sweep-quantize-manifest', 'model': '$m', 'scheme': m['scheme'], 'wall_time_s': m['wall_time_s'], 'phases_s': m['phases_s'], 'seed': (m['calibration'] or {}).get('seed')}))" | while read -r line; do record "$line"; done
     done
