@@ -1,6 +1,8 @@
 """Which recipe to deploy: the sweep's grammar, the plan's jobs for it, and the deploy table's numbers and
 Pareto marks against values worked out by hand."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +59,25 @@ def test_plan_makes_one_quantize_per_recipe_and_seed_and_benches_each_recipe_onc
     assert jobs["validate.nvfp4.s1"].needs == ["quantize.nvfp4.s1"]
     with pytest.raises(SettingsError, match="MODELS labels repeat"):
         plan.build({**env, "MODELS": "bf16=models/base w4a16=models/other"})
+
+
+def test_in_a_sweep_each_models_scoring_goes_before_its_tasks_and_bench(tmp_path, capsys):
+    """Tasks and bench take whole GPUs: queued beside the scoring jobs (which share one) they took the GPU first
+    on the H200 (bench/RESULTS.md, seventh session). Under `make sweep` a model's scoring is their order-only
+    prerequisite; `make tasks` or `make bench` alone does not score."""
+    env = {"SWEEP": "NVFP4 W4A16", "SWEEP_SEEDS": "1 2", "MODEL_ID": "models/base", "GPUS": "",
+           "RESULTS_DIR": str(tmp_path / "results")}
+    jobs = {j.id: j for j in plan.build(env)}
+    assert plan.main(["--format", "make"], env) == 0
+    text = Path(capsys.readouterr().out.strip()).read_text()
+    for jid in ("tasks.nvfp4.s2", "bench.w4a16", "bench.bf16"):
+        before = text[:text.index(f"\n{jobs[jid].stamp}:")]
+        n, stamps = re.findall(r"^QS_FIRST_(\d+) := (.*)$", before, re.M)[-1]
+        assert stamps == jobs[f"score.{jid.split('.', 1)[1]}"].stamp
+        rule = next(ln for ln in text.splitlines() if ln.startswith(f"{jobs[jid].stamp}:"))
+        assert " | " in rule and rule.endswith(f" $(if $(filter sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
+    score_rule = next(ln for ln in text.splitlines() if ln.startswith(f"{jobs['score.w4a16'].stamp}:"))
+    assert "QS_FIRST" not in score_rule
 
 
 # -- the table, by hand -------------------------------------------------------------------------------------

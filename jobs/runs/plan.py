@@ -637,6 +637,12 @@ def as_make(jobs: list[Job], v: Variables) -> str:
 
     lines += [f"QS_{group} := {' '.join(stamps)}" for group, stamps in groups.items()]
     lines.append("")
+    # In a sweep a model's tasks and bench jobs wait for its scoring: they take whole GPUs, and queued in
+    # slots beside the scoring jobs they would take the GPU first while the jobs that share it wait.
+    scored: dict[str, list[str]] = {}
+    for j in jobs:
+        if j.group == "eval" and j.stamp:
+            scored.setdefault(j.id.removeprefix("score.").split(".shard-")[0], []).append(j.stamp)
     venv_python = f"{v.get('VENV') or '.venv'}/bin/python"
     for n, j in enumerate(jobs):
         cmd = j.commands[runner].replace("$", "$$")
@@ -650,8 +656,13 @@ def as_make(jobs: list[Job], v: Variables) -> str:
                                                  "$(if $(filter bench sweep,$(MAKECMDGOALS)),$(QS_bench))"]
         if any(not os.path.exists(o) for o in j.outputs):
             prereqs.append("FORCE")  # an output is gone: run (the stage resumes or skips what it has)
-        order = " | $(SETUP_STAMP)" if runner == "local" and venv_python in j.commands["local"] else ""
-        lines += [f"QS_IN_{n} := {' '.join(prereqs)}", f"{j.stamp}: $(QS_IN_{n}){order}"]
+        order = ["$(SETUP_STAMP)"] if runner == "local" and venv_python in j.commands["local"] else []
+        first = scored.get(j.id.removeprefix(f"{j.group}."), []) if j.group in ("tasks", "bench") else []
+        if first:
+            lines.append(f"QS_FIRST_{n} := {' '.join(first)}")
+            order.append(f"$(if $(filter sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
+        lines += [f"QS_IN_{n} := {' '.join(prereqs)}",
+                  f"{j.stamp}: $(QS_IN_{n})" + (f" | {' '.join(order)}" if order else "")]
         if j.stage != "quantize":  # (quantize makes its output directory itself, and refuses one that is there)
             lines.append("\t@mkdir -p $(@D)")
         if j.stage == "validate":  # its stamp is what it printed
