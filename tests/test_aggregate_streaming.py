@@ -1,5 +1,6 @@
 """The aggregate stage reads one model at a time beside the baseline (issue #24): memory follows the
 models in flight, not the models in the archive, and the report is the one each model gets on its own."""
+import gc
 import json
 import weakref
 
@@ -45,6 +46,7 @@ def streamed(archive):
             key = (label, id(mat))
             alive.add(key)
             weakref.finalize(mat, alive.discard, key)
+        gc.collect()  # reachable, not merely not yet collected: a cycle's matrices wait for the collector's turn
         seen.append(len({k[0] for k in alive}))
         return out
 
