@@ -63,8 +63,8 @@ def test_plan_makes_one_quantize_per_recipe_and_seed_and_benches_each_recipe_onc
 
 def test_in_a_sweep_each_models_scoring_goes_before_its_tasks_and_bench(tmp_path, capsys):
     """Tasks and bench take whole GPUs: queued beside the scoring jobs (which share one) they took the GPU first
-    on the H200 (bench/RESULTS.md, seventh session). Under `make sweep` a model's scoring is their order-only
-    prerequisite; `make tasks` or `make bench` alone does not score."""
+    on the H200 (bench/RESULTS.md, seventh session). Where the goals score (eval, report, sweep) a model's
+    scoring is their order-only prerequisite; `make tasks` or `make bench` alone does not score."""
     env = {"SWEEP": "NVFP4 W4A16", "SWEEP_SEEDS": "1 2", "MODEL_ID": "models/base", "GPUS": "",
            "RESULTS_DIR": str(tmp_path / "results")}
     jobs = {j.id: j for j in plan.build(env)}
@@ -75,7 +75,7 @@ def test_in_a_sweep_each_models_scoring_goes_before_its_tasks_and_bench(tmp_path
         n, stamps = re.findall(r"^QS_FIRST_(\d+) := (.*)$", before, re.M)[-1]
         assert stamps == jobs[f"score.{jid.split('.', 1)[1]}"].stamp
         rule = next(ln for ln in text.splitlines() if ln.startswith(f"{jobs[jid].stamp}:"))
-        assert " | " in rule and rule.endswith(f" $(if $(filter sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
+        assert " | " in rule and rule.endswith(f" $(if $(filter eval report sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
     score_rule = next(ln for ln in text.splitlines() if ln.startswith(f"{jobs['score.w4a16'].stamp}:"))
     assert "QS_FIRST" not in score_rule
 

@@ -637,8 +637,9 @@ def as_make(jobs: list[Job], v: Variables) -> str:
 
     lines += [f"QS_{group} := {' '.join(stamps)}" for group, stamps in groups.items()]
     lines.append("")
-    # In a sweep a model's tasks and bench jobs wait for its scoring: they take whole GPUs, and queued in
-    # slots beside the scoring jobs they would take the GPU first while the jobs that share it wait.
+    # Where the goals score (eval, report, sweep), a model's tasks and bench jobs wait for its scoring: they
+    # take whole GPUs, and queued in slots beside the scoring jobs they took the GPU first while the jobs that
+    # share it waited (bench/RESULTS.md, seventh session). `make tasks` or `make bench` alone scores nothing.
     scored: dict[str, list[str]] = {}
     for j in jobs:
         if j.group == "eval" and j.stamp:
@@ -660,7 +661,7 @@ def as_make(jobs: list[Job], v: Variables) -> str:
         first = scored.get(j.id.removeprefix(f"{j.group}."), []) if j.group in ("tasks", "bench") else []
         if first:
             lines.append(f"QS_FIRST_{n} := {' '.join(first)}")
-            order.append(f"$(if $(filter sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
+            order.append(f"$(if $(filter eval report sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
         lines += [f"QS_IN_{n} := {' '.join(prereqs)}",
                   f"{j.stamp}: $(QS_IN_{n})" + (f" | {' '.join(order)}" if order else "")]
         if j.stage != "quantize":  # (quantize makes its output directory itself, and refuses one that is there)
