@@ -12,7 +12,8 @@ the random dataset with ``--ignore-eos`` (every request decodes exactly its outp
 The three runs are ``vllm bench serve``'s own code called in this process (its ``add_cli_args`` and
 ``main_async`` on the command line below), imported while the server starts: three ``vllm bench serve``
 processes would each import vLLM again (bench/RESULTS.md). Each run's JSON (``--save-result``) is read back;
-the weights' GPU memory and the KV cache's capacity come from the server's own log lines. The parsing and the command lines are pure and tested on the CPU.
+the weights' GPU memory and the KV cache's capacity come from the server's own log lines. The parsing and
+the command lines are pure and tested on the CPU.
 """
 from __future__ import annotations
 
