@@ -3,6 +3,7 @@ parsing of vLLM 0.26's benchmark results and log lines, the server's and the ben
 driver's plumbing against a stand-in for vLLM's command line (tests/fixtures/fake_vllm.py)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sys
@@ -319,4 +320,16 @@ def test_benchmark_run_that_fails_is_one_line(tiny, tmp_path, fake_gpu, monkeypa
     monkeypatch.setattr(vllm_bench, "client", lambda: (parse, refused))
     r = bench(tiny, tmp_path, "--timeout", "60")
     assert r.exit_code == 1 and "vLLM's benchmark (b1) failed: ConnectionRefusedError" in r.stderr
+    assert len(error_lines(r)) == 1 and not list(tmp_path.rglob("*.parquet"))
+
+
+def test_benchmark_run_past_its_timeout_is_one_line(tiny, tmp_path, fake_gpu, monkeypatch):
+    parse, _ = fake_vllm.client()
+
+    async def hangs(args):
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(vllm_bench, "client", lambda: (parse, hangs))
+    r = bench(tiny, tmp_path, "--timeout", "2")
+    assert r.exit_code == 1 and "vLLM's benchmark (b1) ran past 2 s (--timeout)" in r.stderr
     assert len(error_lines(r)) == 1 and not list(tmp_path.rglob("*.parquet"))

@@ -236,7 +236,7 @@ def run_load(load: Load, *, bench: tuple[Callable, Callable], model: str, port: 
     with open(log_path, "w") as out, contextlib.redirect_stdout(out):  # stdout carries the stage's result
         try:
             asyncio.run(asyncio.wait_for(main_async(args), timeout_s))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:  # asyncio's too, since Python 3.11
             raise BenchError(f"vLLM's benchmark ({load.name}) ran past {timeout_s:.0f} s (--timeout); "
                              f"log: {log_path}") from None
         except Exception as e:  # vLLM's client raises what aiohttp or its dataset code raise

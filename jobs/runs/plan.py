@@ -640,10 +640,13 @@ def as_make(jobs: list[Job], v: Variables) -> str:
     # Where the goals score (eval, report, sweep), a model's tasks and bench jobs wait for its scoring: they
     # take whole GPUs, and queued in slots beside the scoring jobs they took the GPU first while the jobs that
     # share it waited (bench/RESULTS.md, seventh session). `make tasks` or `make bench` alone scores nothing.
+    def label(j: Job) -> str | None:
+        return dict(zip(j.args, j.args[1:])).get("--label")
+
     scored: dict[str, list[str]] = {}
     for j in jobs:
         if j.group == "eval" and j.stamp:
-            scored.setdefault(j.id.removeprefix("score.").split(".shard-")[0], []).append(j.stamp)
+            scored.setdefault(label(j), []).append(j.stamp)
     venv_python = f"{v.get('VENV') or '.venv'}/bin/python"
     for n, j in enumerate(jobs):
         cmd = j.commands[runner].replace("$", "$$")
@@ -658,7 +661,7 @@ def as_make(jobs: list[Job], v: Variables) -> str:
         if any(not os.path.exists(o) for o in j.outputs):
             prereqs.append("FORCE")  # an output is gone: run (the stage resumes or skips what it has)
         order = ["$(SETUP_STAMP)"] if runner == "local" and venv_python in j.commands["local"] else []
-        first = scored.get(j.id.removeprefix(f"{j.group}."), []) if j.group in ("tasks", "bench") else []
+        first = scored.get(label(j), []) if j.group in ("tasks", "bench") else []
         if first:
             lines.append(f"QS_FIRST_{n} := {' '.join(first)}")
             order.append(f"$(if $(filter eval report sweep,$(MAKECMDGOALS)),$(QS_FIRST_{n}))")
