@@ -166,3 +166,19 @@ def test_padding_that_would_reach_the_observers_stops_the_stage(monkeypatch):
         model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
         model(x)
     assert seen[0][1, 2].abs().sum() == 0 and seen[0][0].abs().sum() == 12  # the padded position zeroed
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_basic_pipeline_calibrates_with_the_models_own_attention(tiny_model, keep):
+    """llm-compressor's calibration context switches the model to eager attention; qscore keeps the model's
+    own (SDPA) where nothing is traced, and leaves llm-compressor's choice alone otherwise."""
+    from llmcompressor.utils import calibration_forward_context
+    from transformers import AutoModelForCausalLM
+
+    from jobs.checkpoints import batching
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    with batching.model_attention(keep), calibration_forward_context(model):
+        during = model.config._attn_implementation
+    assert during == ("sdpa" if keep else "eager")
+    assert model.config._attn_implementation == "sdpa"

@@ -93,6 +93,33 @@ def padding_hidden(model, lengths: list[list[int]]):
                             "use --calibration-batch-size 1")
 
 
+@contextmanager
+def model_attention(enabled: bool):
+    """Keep the model's own attention (SDPA) in llm-compressor's calibration forwards when ``enabled``.
+
+    llm-compressor 0.14 switches every calibration forward to eager attention
+    (``llmcompressor.utils.helpers.use_eager_attention``) because the sequential pipeline's traced graphs
+    bake in eager's mask. The basic pipeline traces nothing, and eager attention writes every head's
+    L x L scores to memory and runs softmax over them apart: most of calibration's time beyond the
+    Linear layers on a GPU (bench/RESULTS.md). The observers watch Linear inputs; only ``o_proj``'s is
+    attention's output, the same values up to the two kernels' rounding (docs/quantize.md). Patched with
+    compressed-tensors' ``patch_attr``, the helper llm-compressor patches models with: the version has no
+    option for it.
+    """
+    if not enabled:
+        yield
+        return
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.utils import helpers
+
+    @contextmanager
+    def unchanged(model):
+        yield
+
+    with patch_attr(helpers, "use_eager_attention", unchanged):
+        yield
+
+
 def drift(a, b) -> dict[str, float]:
     """How far checkpoint ``b``'s tensors are from ``a``'s, per kind (the name's last part, e.g.
     ``input_global_scale``): the largest relative difference of any element for floating tensors, the

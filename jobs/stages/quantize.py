@@ -154,9 +154,12 @@ def _run(s: QuantizeSettings) -> Path:
             kwargs.update(sequential_offload_device=offload, propagate_error=False)
         log.info("calibration: %s pipeline (%s), activations offloaded to %s, batch size %d", pipeline, why,
                  offload if pipeline == "sequential" else "-", s.calibration_batch_size)
+    # what the calibration forwards run: the model's own attention in the basic pipeline, else llm-compressor's eager
+    attention = (model.config._attn_implementation if pipeline == "basic" else "eager") if calibrate else None
     t_data = time.time()
     try:
-        with batching.padding_hidden(model, lengths):
+        # the sequential pipeline traces each layer and needs llm-compressor's eager attention
+        with batching.padding_hidden(model, lengths), batching.model_attention(calibrate and pipeline == "basic"):
             oneshot(model=model, recipe=recipe, **kwargs)
     except ValueError as exc:  # llm-compressor's own checks of the model against the scheme
         # The whole message in the log (a group-size error lists the layers after its first line), the
@@ -182,7 +185,8 @@ def _run(s: QuantizeSettings) -> Path:
                             "split": None if Path(s.calibration_dataset).expanduser().exists() else s.calibration_split,
                             "samples_requested": s.num_calibration_samples, "seed": s.calibration_seed,
                             "max_sequence_length": s.max_sequence_length, "rendering": "chat template",
-                            "pipeline": pipeline, "pipeline_reason": why, "batch_size": s.calibration_batch_size,
+                            "pipeline": pipeline, "pipeline_reason": why, "attention": attention,
+                            "batch_size": s.calibration_batch_size,
                             "batches": len(lengths), "padding_tokens": sum(max(b) - x for b in lengths for x in b),
                             "sequential_offload_device": offload if pipeline == "sequential" else None}
             if calibrate else None,
