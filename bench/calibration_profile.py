@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -58,11 +59,11 @@ def linear_flops(model, tokens: int) -> float:
     return 2.0 * n * tokens
 
 
-def dataset(samples: int, seq_len: int, vocab: int):
+def dataset(samples: int, seq_len: int, vocab: int, seed: int = 1):
     import torch
     from datasets import Dataset
 
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (samples, seq_len), generator=g).tolist()
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len] * samples})
 
@@ -135,7 +136,11 @@ def calibrate(shape, layers, data, bs: int, attention: str, profile: bool, token
               if hasattr(m, "input_global_scale")}
     if prof is not None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    from llmcompressor.core import active_session
+
+    active_session().reset()  # the session holds the model: without this the next run's model would not fit
     del model
+    gc.collect()
     torch.cuda.empty_cache()
     return seconds, table, scales
 
@@ -154,6 +159,9 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--tokenizer", default=os.environ.get("TOKENIZER_DIR", ".gpu-fixtures/tiny-bf16"),
                     help="any tokenizer directory: oneshot wants a processor beside a dataset, and uses none of it here")
+    ap.add_argument("--no-forward", action="store_true", help="skip the plain forwards")
+    ap.add_argument("--seed-spread", action="store_true",
+                    help="one more SDPA calibration on other samples: how far the scales move with the data")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top kernels of the last oneshot run")
     a = ap.parse_args()
     import torch
@@ -182,7 +190,7 @@ def main() -> int:
         print("BENCH " + json.dumps(row), flush=True)
 
     sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
-    for bs in sizes:
+    for bs in [] if a.no_forward else sizes:
         for attention in ("sdpa", "eager"):
             emit(f"forward-{attention}", bs, plain(probe, data, bs, attention))
     del probe
@@ -196,6 +204,10 @@ def main() -> int:
             first = first or scales  # the reference: the first batch size, llm-compressor's eager attention
             emit(f"oneshot-{attention}", bs, seconds, peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                  input_global_scale_drift=drift(first, scales))
+    if a.seed_spread:  # the same batch size and attention on other random samples: the data's own effect
+        seconds, _, other = calibrate(a.shape, a.layers, dataset(a.samples, a.seq_len, vocab, seed=2), sizes[-1], "sdpa",
+                                      False, tokenizer)
+        emit("oneshot-sdpa-other-samples", sizes[-1], seconds, input_global_scale_drift=drift(scales, other))
     if table:
         print(table, flush=True)
     return 0

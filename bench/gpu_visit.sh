@@ -13,6 +13,8 @@
 #                                      idle GPU 0, in the background (bench/quantize_batch.py; status shows it)
 # The test GPU is GPU 1 where there are two (GPU 0 may still be quantizing), else GPU 0, shared with the
 # background's quantize: the tests' tiny models need little of it, but its timings are then not alone.
+#   bash bench/gpu_visit.sh calibration where calibration's time goes (bench/calibration_profile.py on GPU 0; ARGS
+#                                      its own, default the 14B shape's 40 layers, batch 1 and 16)
 #   bash bench/gpu_visit.sh sweep      in the background: the 14B base (in BASE_DIR, /dev/shm where it fits) and a
 #                                      recipe sweep on GPU 0 (bench/rehearsal.sh sweep); status shows it. With
 #                                      SWEEP_WAIT=FILE its eval waits for FILE (the serving tests' end, below)
@@ -59,6 +61,11 @@ case ${1:-status} in
       --batch-sizes 1,16 --calibration-dataset $W/sets/calib.jsonl --num-calibration-samples 1024 \
       --max-sequence-length 2048; echo QB-DONE" > "$W/qb.log" 2>&1 < /dev/null &
     sleep 5; tail -3 "$W/qb.log";;
+  calibration)
+    [ -n "$q" ] || { echo "quantize runtime missing"; exit 3; }
+    [ $# -gt 1 ] || set -- "$1" --layers 40 --samples 128 --batch-sizes 1,16 --no-forward --seed-spread
+    CUDA_VISIBLE_DEVICES=0 $PY_QUANT bench/calibration_profile.py --shape 14B --tokenizer "$TOKENIZER_DIR" "${@:2}" \
+      > "$OUT/calibration-profile.log" 2>&1; grep "^BENCH\|Error" "$OUT/calibration-profile.log";;
   tests)
     [ -n "$v" ] || { echo "vLLM runtime missing"; exit 3; }
     CUDA_VISIBLE_DEVICES=$TEST_GPU QSCORE_GPU_FIXTURES=$PWD/.gpu-fixtures OUT=$OUT timeout 540 \
