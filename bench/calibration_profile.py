@@ -6,8 +6,8 @@
 Random weights on the GPU (no disk), random token ids of full length (no padding). For each batch size it
 times, in one process: the model's plain forward with SDPA and with eager attention (what llm-compressor's
 `calibration_forward_context` forces), and `oneshot` with qscore's NVFP4 recipe, DataLoader and padding
-hook on the basic pipeline, as `python -m jobs quantize` runs it — once as llm-compressor ships it and once
-with its calibration context keeping the model's own attention (`--attention sdpa`, patched here only).
+hook on the basic pipeline, as `python -m jobs quantize` runs it — once as llm-compressor ships it (eager
+attention) and once keeping the model's own (SDPA), as the stage does (`jobs.checkpoints.batching.model_attention`).
 Each run prints a `BENCH ` JSON line (seconds, tokens/s, TFLOP/s of the Linear layers, and for `oneshot` the
 largest relative difference of an input_global_scale from the first batch size's eager run); `--profile` adds
 torch.profiler's top CUDA kernels of one `oneshot` run. Per-layer work is uniform, so the whole model's
@@ -84,31 +84,6 @@ def plain(model, data, bs: int, attention: str) -> float:
     return time.perf_counter() - t0
 
 
-@contextlib.contextmanager
-def keep_attention():
-    """llm-compressor's calibration context without its `use_eager_attention` (measurement only)."""
-    from llmcompressor.pipelines.basic import pipeline as basic
-    from llmcompressor.utils import helpers
-
-    @contextlib.contextmanager
-    def ctx(model):
-        with contextlib.ExitStack() as stack:
-            import torch
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(helpers.disable_cache(model))
-            stack.enter_context(helpers.eval_context(model))
-            stack.enter_context(helpers.disable_hf_kernels(model))
-            stack.enter_context(helpers.disable_lm_head(model))
-            yield
-
-    original = basic.calibration_forward_context
-    basic.calibration_forward_context = ctx
-    try:
-        yield
-    finally:
-        basic.calibration_forward_context = original
-
-
 def calibrate(shape, layers, data, bs: int, attention: str, profile: bool, tokenizer) -> tuple[float, str | None]:
     import torch
     from llmcompressor import oneshot
@@ -121,8 +96,7 @@ def calibrate(shape, layers, data, bs: int, attention: str, profile: bool, token
     table = None
     torch.cuda.synchronize()
     with contextlib.ExitStack() as stack:
-        if attention == "sdpa":
-            stack.enter_context(keep_attention())
+        stack.enter_context(batching.model_attention(attention == "sdpa"))
         prof = None
         if profile:
             from torch.profiler import ProfilerActivity, profile as torch_profile
